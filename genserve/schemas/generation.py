@@ -1,0 +1,76 @@
+"""Generation parameters: one typed definition used by the API, the CLI, the store and the engine."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from genserve.config import Limits
+
+SamplerName = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
+SAMPLER_NAMES: tuple[str, ...] = SamplerName.__args__  # type: ignore[attr-defined]
+
+MAX_SEED = 2**32 - 1
+
+
+class GenerationParams(BaseModel):
+    """What to generate. Structural rules live here; configurable limits live in `check_limits`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    prompt: str = Field(..., min_length=1, description="What to draw.")
+    negative_prompt: str = Field("", description="What to steer away from.")
+    model: str | None = Field(None, description="Model name from GET /v1/models; default model if omitted.")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Image i uses seed+i. Random (and recorded) if omitted."
+    )
+    steps: int = Field(20, ge=1, description="Denoising steps.")
+    cfg_scale: float = Field(7.0, description="Classifier-free guidance scale.")
+    width: int | None = Field(None, ge=8, multiple_of=8, description="Pixels; model native width if omitted.")
+    height: int | None = Field(None, ge=8, multiple_of=8, description="Pixels; model native height if omitted.")
+    sampler: SamplerName = Field("euler", description="Sampler name.")
+    num_images: int = Field(1, ge=1, description="Images generated with seeds seed, seed+1, ...")
+
+
+class LimitError(ValueError):
+    """A request exceeds a configured limit. `field` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def check_limits(params: GenerationParams, limits: Limits, known_models: set[str] | None = None) -> None:
+    """Raise LimitError for the first violated limit; width/height must be resolved already."""
+    if len(params.prompt) > limits.max_prompt_chars:
+        raise LimitError("prompt", f"prompt is {len(params.prompt)} characters; the limit is {limits.max_prompt_chars}")
+    if len(params.negative_prompt) > limits.max_prompt_chars:
+        raise LimitError(
+            "negative_prompt",
+            f"negative_prompt is {len(params.negative_prompt)} characters; the limit is {limits.max_prompt_chars}",
+        )
+    if params.model is not None:
+        if known_models is not None and params.model not in known_models:
+            raise LimitError("model", f"model '{params.model}' is not registered; see GET /v1/models")
+        if limits.allowed_models is not None and params.model not in limits.allowed_models:
+            raise LimitError("model", f"model '{params.model}' is not in the allowed list {limits.allowed_models}")
+    if params.steps > limits.max_steps:
+        raise LimitError("steps", f"steps must be between 1 and {limits.max_steps} (max_steps)")
+    if not limits.min_cfg_scale <= params.cfg_scale <= limits.max_cfg_scale:
+        raise LimitError(
+            "cfg_scale", f"cfg_scale must be between {limits.min_cfg_scale} and {limits.max_cfg_scale}"
+        )
+    if params.num_images > limits.max_num_images:
+        raise LimitError("num_images", f"num_images must be at most {limits.max_num_images} (max_num_images)")
+    if params.width is not None and params.width > limits.max_width:
+        raise LimitError("width", f"width must be at most {limits.max_width} (max_width)")
+    if params.height is not None and params.height > limits.max_height:
+        raise LimitError("height", f"height must be at most {limits.max_height} (max_height)")
+    if params.width is not None and params.height is not None and params.width * params.height > limits.max_pixels:
+        raise LimitError(
+            "width",
+            f"width*height = {params.width * params.height} pixels exceeds max_pixels {limits.max_pixels}",
+        )

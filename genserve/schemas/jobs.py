@@ -1,0 +1,74 @@
+"""Job resource schemas: create / public / list, plus the public event shape."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from genserve.schemas.generation import GenerationParams
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.canceled)
+
+
+class JobCreate(GenerationParams):
+    """POST /v1/jobs body: generation parameters plus delivery options."""
+
+    request_id: str | None = Field(
+        None,
+        max_length=200,
+        description="Idempotency key (the Idempotency-Key header works too). "
+        "Resubmitting returns the existing job; different parameters get 409.",
+    )
+    priority: int = Field(0, ge=-10, le=10, description="Higher runs first.")
+
+
+class ImageRef(BaseModel):
+    id: str
+    url: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    request_id: str | None
+    state: JobState
+    params: GenerationParams
+    priority: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    max_attempts: int
+    error: str | None
+    images: list[ImageRef]
+    queue_position: int | None = Field(None, description="0 = next to run; only while queued.")
+    events_url: str
+
+
+class JobList(BaseModel):
+    items: list[JobPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class EventPublic(BaseModel):
+    """One SSE event. `id` is a per-job sequence number, usable as Last-Event-ID."""
+
+    id: int
+    job_id: str
+    type: str
+    data: dict[str, Any]
+    created_at: datetime
