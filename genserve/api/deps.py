@@ -1,0 +1,52 @@
+"""What the routes depend on, held once per app in `app.state.services`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from genserve.artifacts.images import ImageStore
+from genserve.config import Settings
+from genserve.engine.registry import ModelInfo, scan_models
+from genserve.store.jobs import JobStore
+from genserve.worker.supervisor import Supervisor
+
+
+class ModelCatalog:
+    """The models directory as the API sees it: rescanned at most every `ttl` seconds, so new models
+    show up without a restart, and every request does not walk the disk."""
+
+    def __init__(self, models_dir: Path, ttl: float = 5.0) -> None:
+        self.models_dir = models_dir
+        self.ttl = ttl
+        self._models: dict[str, ModelInfo] = {}
+        self._scanned_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def models(self) -> dict[str, ModelInfo]:
+        with self._lock:
+            if time.monotonic() - self._scanned_at > self.ttl:
+                self._models = scan_models(self.models_dir)
+                self._scanned_at = time.monotonic()
+            return self._models
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    images: ImageStore
+    catalog: ModelCatalog
+    supervisor: Supervisor | None = None
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -1,0 +1,109 @@
+"""Jobs: submit, read, list, cancel, and follow progress as server-sent events."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi.responses import StreamingResponse
+
+from genserve.api.deps import ServicesDep
+from genserve.api.sse import SSE_HEADERS, job_event_stream, parse_last_event_id
+from genserve.api.submission import submit, to_public
+from genserve.schemas import JobCreate, JobList, JobPublic, JobState, LimitError
+
+router = APIRouter(tags=["jobs"])
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+ClientId = Annotated[str | None, Header(alias="X-Client-Id", max_length=200)]
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
+
+
+def _with_key(body: JobCreate, idempotency_key: str | None) -> JobCreate:
+    if idempotency_key is None:
+        return body
+    if body.request_id is not None and body.request_id != idempotency_key:
+        raise LimitError("request_id", "request_id and the Idempotency-Key header differ")
+    return body.model_copy(update={"request_id": idempotency_key})
+
+
+@router.post("/v1/jobs", status_code=202, response_model=JobPublic, operation_id="create_job")
+def create_job(
+    body: JobCreate,
+    services: ServicesDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+    client_id: ClientId = None,
+) -> JobPublic:
+    """Queue a generation job. With a request_id (or Idempotency-Key), a resubmit returns the same job."""
+    body = _with_key(body, idempotency_key)
+    job, created = submit(body, services.catalog.models(), services.settings, services.store, client_id)
+    if not created:
+        response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return to_public(job, services.store)
+
+
+@router.get("/v1/jobs", response_model=JobList, operation_id="list_jobs")
+def list_jobs(
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    state: JobState | None = None,
+) -> JobList:
+    """Jobs, newest first."""
+    jobs, total = services.store.list_jobs(limit=limit, offset=offset, state=state)
+    return JobList(items=[to_public(job, services.store) for job in jobs], total=total, limit=limit, offset=offset)
+
+
+def _get_job_or_404(services: ServicesDep, job_id: str):  # noqa: ANN202 - JobRecord
+    job = services.store.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"job {job_id} not found")
+    return job
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobPublic, operation_id="get_job")
+def get_job(job_id: str, services: ServicesDep) -> JobPublic:
+    return to_public(_get_job_or_404(services, job_id), services.store)
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=JobPublic, operation_id="cancel_job")
+def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
+    """Cancel: a queued job at once, a running one at its next denoising step."""
+    _get_job_or_404(services, job_id)
+    job = services.store.request_cancel(job_id)
+    return to_public(job, services.store)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    operation_id="job_events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "SSE stream of job events"}},
+)
+def job_events(job_id: str, services: ServicesDep, last_event_id: LastEventId = None) -> StreamingResponse:
+    """Events: queued, started, progress, requeued, succeeded, failed, canceled. Resumable via Last-Event-ID."""
+    _get_job_or_404(services, job_id)
+    stream = job_event_stream(services.store, job_id, parse_last_event_id(last_event_id))
+    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.post(
+    "/v1/generate_stream",
+    operation_id="generate_stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "SSE stream of job events"}},
+)
+def generate_stream(
+    body: JobCreate,
+    services: ServicesDep,
+    idempotency_key: IdempotencyKey = None,
+    client_id: ClientId = None,
+) -> StreamingResponse:
+    """Submit a job and stream its events in one call (`curl -N`)."""
+    body = _with_key(body, idempotency_key)
+    job, _ = submit(body, services.catalog.models(), services.settings, services.store, client_id)
+    headers = {**SSE_HEADERS, "X-Job-Id": job.id, "Location": f"/v1/jobs/{job.id}"}
+    stream = job_event_stream(services.store, job.id)
+    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)

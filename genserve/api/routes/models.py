@@ -1,0 +1,53 @@
+"""Models found in the models directory, and whether any live worker has them loaded."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from fastapi import APIRouter
+
+from genserve.api.deps import ServicesDep
+
+router = APIRouter(tags=["models"])
+
+# A worker that has not reported for this long is not counted as having anything loaded.
+WORKER_FRESH_SECONDS = 10.0
+
+
+class ModelPublic(BaseModel):
+    name: str
+    family: str
+    format: str
+    native_width: int
+    native_height: int
+    dtype: str
+    loaded: bool
+    default: bool
+
+
+class ModelList(BaseModel):
+    data: list[ModelPublic]
+
+
+@router.get("/v1/models", response_model=ModelList, operation_id="list_models")
+def list_models(services: ServicesDep) -> ModelList:
+    loaded = {
+        name
+        for worker in services.store.live_workers(max_age_seconds=WORKER_FRESH_SECONDS)
+        for name in worker.models_loaded
+    }
+    return ModelList(
+        data=[
+            ModelPublic(
+                name=info.name,
+                family=info.family,
+                format=info.format,
+                native_width=info.native_width,
+                native_height=info.native_height,
+                dtype=info.dtype,
+                loaded=info.name in loaded,
+                default=info.name == services.settings.default_model,
+            )
+            for info in sorted(services.catalog.models().values(), key=lambda m: m.name)
+        ]
+    )

@@ -1,0 +1,77 @@
+"""Turning a client's request into a stored job, and a stored job into its public shape."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+
+from genserve.config import Settings
+from genserve.engine.registry import ModelInfo, sampler_supported
+from genserve.schemas import GenerationParams, ImageRef, JobCreate, JobPublic, JobState, LimitError, check_limits
+from genserve.schemas.generation import MAX_SEED
+from genserve.store.jobs import JobRecord, JobStore
+
+
+def resolve_params(params: GenerationParams, models: dict[str, ModelInfo], settings: Settings) -> GenerationParams:
+    """Fill in the model, its native size and a random seed, then check every limit.
+
+    The stored job holds the resolved values, so a job always says exactly what ran and can be
+    reproduced. Raises LimitError naming the field.
+    """
+    model_name = params.model or settings.default_model
+    check_limits(params.model_copy(update={"model": model_name}), settings.limits, known_models=set(models))
+    info = models[model_name]
+    if not sampler_supported(info.family, params.sampler):
+        raise LimitError("sampler", f"sampler '{params.sampler}' is not supported for {info.family} models")
+    resolved = params.model_copy(
+        update={
+            "model": model_name,
+            "width": params.width or info.native_width,
+            "height": params.height or info.native_height,
+            "seed": params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1),
+        }
+    )
+    check_limits(resolved, settings.limits)
+    return GenerationParams.model_validate(resolved.model_dump())
+
+
+def request_hash(body: JobCreate) -> str:
+    """Hash of what the client asked for (before defaults are resolved), for idempotency checks."""
+    canonical = json.dumps(body.model_dump(exclude={"request_id"}), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit(
+    body: JobCreate, models: dict[str, ModelInfo], settings: Settings, store: JobStore, client_id: str | None
+) -> tuple[JobRecord, bool]:
+    """Validate and store a job. Returns (job, created); an idempotent resubmit returns created=False."""
+    generation = GenerationParams.model_validate(body.model_dump(exclude={"request_id", "priority"}))
+    resolved = resolve_params(generation, models, settings)
+    return store.submit(
+        resolved.model_dump(),
+        request_id=body.request_id,
+        request_hash=request_hash(body),
+        priority=body.priority,
+        max_attempts=settings.max_attempts,
+        client_id=client_id,
+    )
+
+
+def to_public(job: JobRecord, store: JobStore) -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        request_id=job.request_id,
+        state=job.state,
+        params=GenerationParams.model_validate(job.params),
+        priority=job.priority,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        attempts=job.attempt,
+        max_attempts=job.max_attempts,
+        error=job.error,
+        images=[ImageRef(id=image_id, url=f"/v1/images/{image_id}") for image_id in job.image_ids],
+        queue_position=store.queue_position(job.id) if job.state == JobState.queued else None,
+        events_url=f"/v1/jobs/{job.id}/events",
+    )

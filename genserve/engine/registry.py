@@ -1,0 +1,242 @@
+"""The model registry: what is in the models directory, read from file headers only.
+
+This module imports neither torch nor diffusers, so the API server can list models and validate
+requests without loading an ML stack.
+
+Two on-disk formats are recognised:
+
+- **diffusers folders** (`model_index.json` plus one subfolder per component). The family comes
+  from the pipeline class in `model_index.json`; the native size is the denoiser's `sample_size`
+  times the VAE scale factor, `2 ** (len(vae.block_out_channels) - 1)`.
+- **single-file checkpoints** (`<name>.safetensors`, the original Stability/A1111 layout). The
+  family comes from the tensor names in the safetensors header; the native size is the family's
+  default (SD2 checkpoints are recognised by their OpenCLIP text encoder and get 768).
+
+Loading a single file offline: the file holds weights only, so the model configs, tokenizers and
+scheduler config must come from somewhere without a hub. The engine loads it with
+`<FamilyPipeline>.from_single_file(path, config=<folder>, local_files_only=True)`, where `<folder>`
+is a diffusers-format folder of the same family in the models directory (the first by name). Its
+component configs must describe the same architecture as the checkpoint (an SD1.5 folder for an
+SD1.5 checkpoint, not for SD2), and components missing from the file (SD3's T5, for instance) are
+taken from that folder. Without such a folder, loading fails with a `ModelLoadError` saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Literal
+
+from genserve.schemas.generation import SAMPLER_NAMES
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["sd15", "sdxl", "sd3"]
+ModelFormat = Literal["diffusers", "single_file"]
+
+# Which samplers each family supports. SD3 is a flow-matching model: DPM++ and UniPC have flow
+# variants in diffusers; "euler_a" is left out because SD3's pipeline does not pass the seeded
+# generator to the scheduler (the noise would not follow the seed), and DDIM and Karras sigmas
+# assume a variance-preserving noise schedule.
+SUPPORTED_SAMPLERS: dict[Family, tuple[str, ...]] = {
+    "sd15": SAMPLER_NAMES,
+    "sdxl": SAMPLER_NAMES,
+    "sd3": ("euler", "dpmpp_2m", "unipc"),
+}
+
+PIPELINE_FAMILIES: dict[str, Family] = {
+    "StableDiffusionPipeline": "sd15",  # SD1.x and SD2.x
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+}
+
+DEFAULT_NATIVE_SIZE: dict[Family, int] = {"sd15": 512, "sdxl": 1024, "sd3": 1024}
+SD2_NATIVE_SIZE = 768
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # real headers are a few MB; anything larger is not safetensors
+
+
+class UnknownModelFormat(ValueError):
+    """A models-directory entry that is not a recognised Stable Diffusion checkpoint."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: Path
+    family: Family
+    format: ModelFormat
+    native_width: int
+    native_height: int
+    dtype: str  # dtype of the stored denoiser weights ("float16", "float32", ...), or "unknown"
+
+
+def scan_models(models_dir: Path) -> dict[str, ModelInfo]:
+    """Every readable model in `models_dir`, by name (folder name or file stem).
+
+    Entries that are not models, or cannot be read, are skipped with a logged warning.
+    """
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        logger.warning("models directory %s does not exist; no models registered", models_dir)
+        return {}
+    models: dict[str, ModelInfo] = {}
+    for entry in sorted(models_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        try:
+            info = read_model_info(entry)
+        except Exception as error:  # one bad entry must never stop the scan
+            logger.warning("skipping %s: %s", entry, error)
+            continue
+        if info.name in models:
+            logger.warning("skipping %s: model name '%s' is already taken by %s", entry, info.name, models[info.name].path)
+            continue
+        models[info.name] = info
+    return models
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    """Describe one models-directory entry; raises UnknownModelFormat if it is not a model."""
+    path = Path(path)
+    family = detect_family(path)
+    if path.is_dir():
+        width, height = _diffusers_native_size(path, family)
+        return ModelInfo(path.name, path, family, "diffusers", width, height, _diffusers_dtype(path))
+    keys_and_dtypes = _safetensors_header(path)
+    size = SD2_NATIVE_SIZE if family == "sd15" and _is_sd2(keys_and_dtypes) else DEFAULT_NATIVE_SIZE[family]
+    return ModelInfo(path.stem, path, family, "single_file", size, size, _majority_dtype(keys_and_dtypes))
+
+
+def detect_family(path: Path) -> Family:
+    """The model family of a diffusers folder or a single-file `.safetensors` checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        return _diffusers_family(path)
+    if path.suffix == ".safetensors":
+        return _single_file_family(_safetensors_header(path), path)
+    raise UnknownModelFormat(
+        f"{path.name}: not a model (expected a diffusers folder with model_index.json or a .safetensors file)"
+    )
+
+
+def sampler_supported(family: Family, sampler: str) -> bool:
+    return sampler in SUPPORTED_SAMPLERS.get(family, ())
+
+
+# 1. Diffusers folders
+
+
+def _diffusers_family(folder: Path) -> Family:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise UnknownModelFormat(f"{folder.name}: folder has no model_index.json, so it is not a diffusers model")
+    class_name = _read_json(index_file).get("_class_name")
+    if class_name not in PIPELINE_FAMILIES:
+        raise UnknownModelFormat(
+            f"{folder.name}: pipeline class {class_name!r} is not supported "
+            f"(supported: {', '.join(sorted(PIPELINE_FAMILIES))})"
+        )
+    return PIPELINE_FAMILIES[class_name]
+
+
+def _diffusers_native_size(folder: Path, family: Family) -> tuple[int, int]:
+    denoiser = "transformer" if family == "sd3" else "unet"
+    try:
+        sample_size = _read_json(folder / denoiser / "config.json")["sample_size"]
+        vae_blocks = _read_json(folder / "vae" / "config.json")["block_out_channels"]
+    except (OSError, KeyError, ValueError) as error:
+        default = DEFAULT_NATIVE_SIZE[family]
+        logger.warning("%s: cannot read the native size (%s); assuming %dx%d", folder.name, error, default, default)
+        return default, default
+    scale = 2 ** (len(vae_blocks) - 1)
+    # sample_size is the latent size: one int, or [height, width] for non-square models.
+    height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+    return width * scale, height * scale
+
+
+def _diffusers_dtype(folder: Path) -> str:
+    # The denoiser holds most of the weights; without a variant suffix it is what from_pretrained loads.
+    for denoiser in ("unet", "transformer"):
+        files = sorted((folder / denoiser).glob("*.safetensors"), key=lambda f: (f.name.count("."), f.name))
+        if files:
+            try:
+                return _majority_dtype(_safetensors_header(files[0]))
+            except (OSError, UnknownModelFormat):
+                return "unknown"
+    return "unknown"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UnknownModelFormat(f"{path}: invalid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise UnknownModelFormat(f"{path}: expected a JSON object")
+    return data
+
+
+# 2. Single-file checkpoints
+
+
+def _single_file_family(keys_and_dtypes: dict[str, tuple[str, list[int]]], path: Path) -> Family:
+    keys = keys_and_dtypes.keys()
+    if any("joint_blocks." in key for key in keys):
+        return "sd3"
+    if any(key.startswith(("conditioner.embedders.1.", "model.diffusion_model.label_emb.")) for key in keys):
+        return "sdxl"  # OpenCLIP-bigG second encoder, or the UNet's size/crop conditioning embedding
+    if any(key.startswith(("cond_stage_model.", "model.diffusion_model.input_blocks.")) for key in keys):
+        return "sd15"
+    raise UnknownModelFormat(
+        f"{path.name}: tensor names match no supported family (SD1.x/2.x, SDXL, SD3); "
+        f"first keys: {sorted(keys)[:3]}"
+    )
+
+
+def _is_sd2(keys_and_dtypes: dict[str, tuple[str, list[int]]]) -> bool:
+    # SD1 uses OpenAI CLIP ("cond_stage_model.transformer."), SD2 OpenCLIP ("cond_stage_model.model.").
+    return any(key.startswith("cond_stage_model.model.") for key in keys_and_dtypes)
+
+
+def _safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (safetensors dtype, shape), read from the header without loading any tensor.
+
+    The format is an 8-byte little-endian header length, then that many bytes of JSON.
+    """
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise UnknownModelFormat(f"{path.name}: too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > _MAX_HEADER_BYTES:
+            raise UnknownModelFormat(f"{path.name}: not a safetensors file (header length {length})")
+        raw = file.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnknownModelFormat(f"{path.name}: unreadable safetensors header ({error})") from error
+    if not isinstance(header, dict):
+        raise UnknownModelFormat(f"{path.name}: unreadable safetensors header (not a JSON object)")
+    return {
+        name: (entry.get("dtype", "?"), entry.get("shape", []))
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict)
+    }
+
+
+def _majority_dtype(keys_and_dtypes: dict[str, tuple[str, list[int]]]) -> str:
+    """The dtype holding the most elements (checkpoints often keep a few small tensors in float32)."""
+    elements: Counter[str] = Counter()
+    for dtype, shape in keys_and_dtypes.values():
+        elements[dtype] += prod(shape)
+    if not elements:
+        return "unknown"
+    dtype = elements.most_common(1)[0][0]
+    return _SAFETENSORS_DTYPES.get(dtype, dtype.lower())

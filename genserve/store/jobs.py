@@ -1,0 +1,440 @@
+"""The job store: every job state transition, each with its event in the same transaction.
+
+Safe for many worker processes on many machines sharing one database:
+
+- A claimed job is leased to one worker until `lease_until`; the worker renews it by heartbeat.
+- Every write a worker makes about its job is fenced by (lease_owner, attempt). Once a job has been
+  reaped or claimed again, the old worker's writes match no row and return False.
+- Every transition is a conditional UPDATE, so two processes racing for one job cannot both win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import uuid4
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from genserve.events.log import EventLog, append_event
+from genserve.schemas.jobs import JobState
+from genserve.store.db import create_db_engine, db_now, jobs, workers, write_transaction
+
+QUEUED, RUNNING = JobState.queued.value, JobState.running.value
+# The claim order. `_ahead_of` below must agree with it.
+_QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+# Claims lost to other workers before claim_next gives up for this poll.
+_MAX_CLAIM_TRIES = 20
+
+
+class IdempotencyConflict(Exception):
+    """A request_id was reused with different parameters. `job_id` is the job it already names."""
+
+    def __init__(self, job_id: str, request_id: str) -> None:
+        super().__init__(f"request_id {request_id!r} was already used for job {job_id} with other parameters")
+        self.job_id = job_id
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    request_id: str | None
+    request_hash: str | None
+    params: dict[str, Any]
+    state: JobState
+    priority: int
+    client_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    attempt: int  # claims so far
+    max_attempts: int
+    lease_owner: str | None
+    lease_until: datetime | None
+    cancel_requested: bool
+    error: str | None
+    image_ids: list[str]
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    owned: bool  # False: the lease is lost; the worker must stop and write no results
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    id: str
+    host: str
+    pid: int
+    state: str  # starting | ready | stopping
+    models_loaded: list[str]
+    last_seen: datetime
+
+
+def _record(row: sa.Row) -> JobRecord:
+    return JobRecord(**{**row._mapping, "state": JobState(row.state), "image_ids": list(row.image_ids)})
+
+
+def _owned(job_id: str, worker_id: str, attempt: int) -> sa.ColumnElement[bool]:
+    """The fence: the job is running under this worker's lease for this attempt."""
+    return sa.and_(
+        jobs.c.id == job_id,
+        jobs.c.state == RUNNING,
+        jobs.c.lease_owner == worker_id,
+        jobs.c.attempt == attempt,
+    )
+
+
+def _ahead_of(job: sa.Row) -> sa.ColumnElement[bool]:
+    """Rows that `_QUEUE_ORDER` puts before `job`."""
+    same_priority_earlier = sa.or_(
+        jobs.c.created_at < job.created_at,
+        sa.and_(jobs.c.created_at == job.created_at, jobs.c.id < job.id),
+    )
+    return sa.or_(
+        jobs.c.priority > job.priority,
+        sa.and_(jobs.c.priority == job.priority, same_priority_earlier),
+    )
+
+
+class JobStore:
+    """The single source of truth for jobs and workers. `events` is the event log on the same database."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.events = EventLog(engine)
+
+    @classmethod
+    def from_url(cls, url: str) -> JobStore:
+        return cls(create_db_engine(url))
+
+    def close(self) -> None:
+        """Close pooled connections (the process is stopping, or a test is done)."""
+        self.engine.dispose()
+
+    # -- submitting and reading ------------------------------------------------------------------
+
+    def submit(
+        self,
+        params: dict[str, Any],
+        *,
+        request_id: str | None = None,
+        request_hash: str | None = None,
+        priority: int = 0,
+        max_attempts: int = 3,
+        client_id: str | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Queue a job; returns (job, created). A known request_id returns its job instead.
+
+        Raises IdempotencyConflict when the request_id is known with a different request_hash.
+        """
+        try:
+            with write_transaction(self.engine) as conn:
+                existing = self._find_request(conn, request_id)
+                if existing is None:
+                    now = db_now(conn)
+                    row = conn.execute(
+                        jobs.insert()
+                        .values(
+                            id=uuid4().hex,
+                            request_id=request_id,
+                            request_hash=request_hash,
+                            params=params,
+                            state=QUEUED,
+                            priority=priority,
+                            client_id=client_id,
+                            created_at=now,
+                            updated_at=now,
+                            attempt=0,
+                            max_attempts=max_attempts,
+                            cancel_requested=False,
+                            image_ids=[],
+                        )
+                        .returning(*jobs.c)
+                    ).one()
+                    append_event(conn, row.id, "queued", {})
+                    return _record(row), True
+        except sa.exc.IntegrityError:
+            if request_id is None:
+                raise
+            # A concurrent submit of the same key committed first (PostgreSQL): that job wins.
+            with self.engine.connect() as conn:
+                existing = self._find_request(conn, request_id)
+            if existing is None:
+                raise
+        if request_hash is not None and existing.request_hash not in (None, request_hash):
+            raise IdempotencyConflict(existing.id, existing.request_id or "")
+        return existing, False
+
+    @staticmethod
+    def _find_request(conn: sa.Connection, request_id: str | None) -> JobRecord | None:
+        if request_id is None:
+            return None
+        row = conn.execute(sa.select(jobs).where(jobs.c.request_id == request_id)).first()
+        return _record(row) if row else None
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return _record(row) if row else None
+
+    def list_jobs(
+        self,
+        *,
+        limit: int = 50,
+        offset: int = 0,
+        state: JobState | None = None,
+        client_id: str | None = None,
+    ) -> tuple[list[JobRecord], int]:
+        """One page of jobs, newest first, and the total that match the filters."""
+        filters = []
+        if state is not None:
+            filters.append(jobs.c.state == JobState(state).value)
+        if client_id is not None:
+            filters.append(jobs.c.client_id == client_id)
+        page_query = (
+            sa.select(jobs)
+            .where(*filters)
+            .order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(page_query).all()
+            total = conn.execute(sa.select(sa.func.count()).select_from(jobs).where(*filters)).scalar_one()
+        return [_record(r) for r in rows], total
+
+    def queue_position(self, job_id: str) -> int | None:
+        """How many queued jobs will be claimed before this one (0 = next); None unless queued."""
+        with self.engine.connect() as conn:
+            job = conn.execute(
+                sa.select(jobs.c.id, jobs.c.priority, jobs.c.created_at).where(
+                    jobs.c.id == job_id, jobs.c.state == QUEUED
+                )
+            ).first()
+            if job is None:
+                return None
+            ahead = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == QUEUED, _ahead_of(job))
+            return conn.execute(ahead).scalar_one()
+
+    def counts_by_state(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in JobState}
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all()
+        counts.update({state: n for state, n in rows})
+        return counts
+
+    # -- a worker's side of a job ----------------------------------------------------------------
+
+    def claim_next(self, worker_id: str, lease_seconds: float) -> JobRecord | None:
+        """Lease the next queued job to this worker; None when nothing is queued."""
+        # SKIP LOCKED lets workers on PostgreSQL pass over a job another worker is claiming right
+        # now; SQLite ignores FOR UPDATE and serializes the whole transaction instead.
+        candidate = (
+            sa.select(jobs.c.id)
+            .where(jobs.c.state == QUEUED)
+            .order_by(*_QUEUE_ORDER)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        for _ in range(_MAX_CLAIM_TRIES):
+            with write_transaction(self.engine) as conn:
+                job_id = conn.execute(candidate).scalar_one_or_none()
+                if job_id is None:
+                    return None
+                now = db_now(conn)
+                row = conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
+                    .values(
+                        state=RUNNING,
+                        attempt=jobs.c.attempt + 1,
+                        lease_owner=worker_id,
+                        lease_until=now + timedelta(seconds=lease_seconds),
+                        started_at=now,
+                        updated_at=now,
+                    )
+                    .returning(*jobs.c)
+                ).first()
+                if row is not None:
+                    append_event(conn, job_id, "started", {"attempt": row.attempt, "worker": worker_id})
+                    return _record(row)
+            # Another worker claimed that job between our read and our update; look again.
+        return None
+
+    def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_seconds: float) -> HeartbeatResult:
+        """Renew the lease while this worker still owns the job, and report a pending cancel."""
+        with write_transaction(self.engine) as conn:
+            now = db_now(conn)
+            renewed = conn.execute(
+                jobs.update()
+                .where(_owned(job_id, worker_id, attempt))
+                .values(lease_until=now + timedelta(seconds=lease_seconds))
+                .returning(jobs.c.cancel_requested)
+            ).first()
+            if renewed is not None:
+                return HeartbeatResult(owned=True, cancel_requested=renewed.cancel_requested)
+            cancel = conn.execute(sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar()
+            return HeartbeatResult(owned=False, cancel_requested=bool(cancel))
+
+    def complete(self, job_id: str, worker_id: str, attempt: int, image_ids: list[str]) -> bool:
+        values = {"state": JobState.succeeded.value, "image_ids": list(image_ids)}
+        return self._finish(job_id, worker_id, attempt, values, "succeeded", {"images": list(image_ids)})
+
+    def fail(self, job_id: str, worker_id: str, attempt: int, error: str) -> bool:
+        values = {"state": JobState.failed.value, "error": error}
+        return self._finish(job_id, worker_id, attempt, values, "failed", {"error": error})
+
+    def mark_canceled(self, job_id: str, worker_id: str, attempt: int) -> bool:
+        """The worker stopped the job because cancel was requested."""
+        return self._finish(job_id, worker_id, attempt, {"state": JobState.canceled.value}, "canceled", {})
+
+    def _finish(
+        self,
+        job_id: str,
+        worker_id: str,
+        attempt: int,
+        values: dict[str, Any],
+        event_type: str,
+        event_data: dict[str, Any],
+    ) -> bool:
+        """A fenced move to a terminal state. False (and no change) if the lease is no longer ours."""
+        with write_transaction(self.engine) as conn:
+            now = db_now(conn)
+            result = conn.execute(
+                jobs.update()
+                .where(_owned(job_id, worker_id, attempt))
+                .values(**values, lease_owner=None, lease_until=None, finished_at=now, updated_at=now)
+            )
+            if result.rowcount != 1:
+                return False
+            append_event(conn, job_id, event_type, event_data)
+            return True
+
+    def release(self, job_id: str, worker_id: str, attempt: int, reason: str) -> bool:
+        """Give a job back (graceful shutdown): queued again, keeping its attempt count."""
+        with write_transaction(self.engine) as conn:
+            row = conn.execute(
+                sa.select(jobs).where(_owned(job_id, worker_id, attempt)).with_for_update()
+            ).first()
+            return row is not None and self._take_back(conn, row, reason)
+
+    # -- recovering jobs from dead workers --------------------------------------------------------
+
+    def requeue_owner(self, worker_id: str, reason: str) -> list[str]:
+        """Take back every job leased to a worker whose process died. Returns the job ids."""
+        query = (
+            sa.select(jobs)
+            .where(jobs.c.state == RUNNING, jobs.c.lease_owner == worker_id)
+            .with_for_update(skip_locked=True)
+        )
+        with write_transaction(self.engine) as conn:
+            rows = conn.execute(query).all()
+            return [row.id for row in rows if self._take_back(conn, row, f"worker died ({reason})")]
+
+    def reap_expired(self) -> list[str]:
+        """Take back every running job whose lease ran out. Returns the job ids."""
+        with write_transaction(self.engine) as conn:
+            query = (
+                sa.select(jobs)
+                .where(jobs.c.state == RUNNING, jobs.c.lease_until < db_now(conn))
+                .with_for_update(skip_locked=True)
+            )
+            rows = conn.execute(query).all()
+            return [row.id for row in rows if self._take_back(conn, row, "lease expired")]
+
+    @staticmethod
+    def _take_back(conn: sa.Connection, job: sa.Row, cause: str) -> bool:
+        """Move a running job off its worker: queued again, or failed when it is out of attempts.
+
+        A job whose cancel was requested is canceled instead of being run again. The row is locked
+        by the caller's SELECT ... FOR UPDATE (PostgreSQL) or write transaction (SQLite); the UPDATE
+        is conditional all the same, so a racing reaper or requeue can never apply twice.
+        """
+        if job.cancel_requested:
+            values = {"state": JobState.canceled.value}
+            event: tuple[str, dict[str, Any]] = ("canceled", {"reason": cause})
+        elif job.attempt >= job.max_attempts:
+            error = f"gave up after {job.attempt} attempts: {cause}"
+            values = {"state": JobState.failed.value, "error": error}
+            event = ("failed", {"error": error})
+        else:
+            values = {"state": QUEUED}
+            event = ("requeued", {"reason": cause, "attempt": job.attempt})
+        now = db_now(conn)
+        if values["state"] != QUEUED:
+            values["finished_at"] = now
+        result = conn.execute(
+            jobs.update()
+            .where(_owned(job.id, job.lease_owner, job.attempt))
+            .values(**values, lease_owner=None, lease_until=None, updated_at=now)
+        )
+        if result.rowcount != 1:
+            return False
+        append_event(conn, job.id, *event)
+        return True
+
+    # -- a client's side of a job ----------------------------------------------------------------
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """Cancel a queued job at once; ask a running one to stop. None if there is no such job.
+
+        A running job's worker sees `cancel_requested` at its next heartbeat and calls mark_canceled.
+        Finished jobs are returned unchanged.
+        """
+        with write_transaction(self.engine) as conn:
+            job = conn.execute(sa.select(jobs).where(jobs.c.id == job_id).with_for_update()).first()
+            if job is None:
+                return None
+            now = db_now(conn)
+            if job.state == QUEUED:
+                values = {"state": JobState.canceled.value, "finished_at": now}
+            elif job.state == RUNNING and not job.cancel_requested:
+                values = {}
+            else:
+                return _record(job)
+            row = conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.state == job.state)
+                .values(**values, cancel_requested=True, updated_at=now)
+                .returning(*jobs.c)
+            ).one()
+            if row.state == JobState.canceled:
+                append_event(conn, job_id, "canceled", {})
+            return _record(row)
+
+    # -- the worker registry ----------------------------------------------------------------------
+
+    def worker_heartbeat(
+        self, worker_id: str, *, host: str, pid: int, state: str, models_loaded: list[str]
+    ) -> None:
+        """Create or refresh a worker's row."""
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        with write_transaction(self.engine) as conn:
+            values = {
+                "host": host,
+                "pid": pid,
+                "state": state,
+                "models_loaded": list(models_loaded),
+                "last_seen": db_now(conn),
+            }
+            upsert = dialect.insert(workers).values(id=worker_id, **values)
+            conn.execute(upsert.on_conflict_do_update(index_elements=[workers.c.id], set_=values))
+
+    def live_workers(self, max_age_seconds: float) -> list[WorkerRecord]:
+        """Workers seen within the last max_age_seconds, by id."""
+        with self.engine.connect() as conn:
+            since = db_now(conn) - timedelta(seconds=max_age_seconds)
+            rows = conn.execute(
+                sa.select(workers).where(workers.c.last_seen >= since).order_by(workers.c.id)
+            ).all()
+        return [WorkerRecord(**{**r._mapping, "models_loaded": list(r.models_loaded)}) for r in rows]
+
+    def remove_worker(self, worker_id: str) -> None:
+        with write_transaction(self.engine) as conn:
+            conn.execute(workers.delete().where(workers.c.id == worker_id))

@@ -1,0 +1,1 @@
+"""Workers: claim jobs from the store, run them on the engine, write images and events."""
