@@ -112,11 +112,13 @@ def _generate_local(params: GenerationParams, output: Path) -> list[Path]:
     except LimitError as error:
         console.print(f"[red]{error.field}: {error.message}[/red]")
         raise typer.Exit(2) from None
-    engine = Engine(models, device=settings.device, dtype=settings.dtype)
+    engine = Engine(models, device=settings.device, dtype=settings.dtype, threads=settings.torch_threads)
     with _progress() as progress:
         task = progress.add_task(f"{params.model} seed {params.seed}", total=params.steps)
         try:
-            images = engine.generate(params, on_step=lambda step, steps: progress.update(task, completed=step))
+            images = engine.generate(
+                params, on_step=lambda step, steps: progress.update(task, completed=step)
+            )
         except EngineError as error:
             console.print(f"[red]generation failed: {error}[/red]")
             raise typer.Exit(1) from None
@@ -131,7 +133,9 @@ def _generate_remote(params: GenerationParams, output: Path, server: str) -> lis
 
     base = server.rstrip("/")
     with httpx.Client(base_url=base, timeout=httpx.Timeout(30.0, read=None)) as client:
-        with client.stream("POST", "/v1/generate_stream", json=params.model_dump(exclude_none=True)) as response:
+        with client.stream(
+            "POST", "/v1/generate_stream", json=params.model_dump(exclude_none=True)
+        ) as response:
             if response.status_code == 422:
                 response.read()
                 for item in response.json().get("detail", []):
@@ -176,9 +180,9 @@ def _follow_events(lines: object, steps: int) -> dict:
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output PNG (several images: -0, -1, ...).")] = Path(
-        "out.png"
-    ),
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output PNG (several images: -0, -1, ...).")
+    ] = Path("out.png"),
     negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
     model: Annotated[str | None, typer.Option(help="Model name (default model if omitted).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (random if omitted).")] = None,

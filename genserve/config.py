@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32
     warmup: bool = True
+    # torch CPU threads in each worker (None: torch's default, one per core).
+    torch_threads: int | None = Field(None, ge=1)
 
     # Worker processes started and supervised by `genserve serve` (0: API only).
     workers: int = 1

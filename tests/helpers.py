@@ -48,6 +48,7 @@ class LiveServer:
             "GENSERVE_BOOTSTRAP_DEFAULT_MODEL": "false",
             "GENSERVE_HEARTBEAT_SECONDS": "0.02",
             "GENSERVE_POLL_SECONDS": "0.05",
+            "GENSERVE_TORCH_THREADS": "1",
             **self.env,
         }
         self.process = subprocess.Popen(
@@ -100,13 +101,23 @@ class SseEvent:
     data: dict
 
 
-def read_events(client: httpx.Client, job_id: str, last_event_id: int | None = None, limit: int | None = None):
-    """Read a job's SSE stream until it ends (terminal event) or `limit` events were read."""
+def read_events(
+    client: httpx.Client,
+    job_id: str,
+    last_event_id: int | None = None,
+    limit: int | None = None,
+    into: list | None = None,
+) -> list[SseEvent]:
+    """Read a job's SSE stream until it ends (terminal event) or `limit` events were read.
+
+    Events are appended to `into` as they arrive, so another thread can watch them live.
+    """
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-    events: list[SseEvent] = []
+    events: list[SseEvent] = [] if into is None else into
     with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=120) as response:
         response.raise_for_status()
-        events.extend(parse_sse(response.iter_lines(), limit))
+        for event in parse_sse(response.iter_lines(), limit):
+            events.append(event)
     return events
 
 
@@ -138,7 +149,9 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.05, message: st
     raise TimeoutError(f"timed out waiting for {message}")
 
 
-def wait_job(client: httpx.Client, job_id: str, states=("succeeded", "failed", "canceled"), timeout: float = 120):
+def wait_job(
+    client: httpx.Client, job_id: str, states=("succeeded", "failed", "canceled"), timeout: float = 120
+):
     return wait_for(
         lambda: (job := client.get(f"/v1/jobs/{job_id}").json())["state"] in states and job,
         timeout=timeout,

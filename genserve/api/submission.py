@@ -8,12 +8,22 @@ import secrets
 
 from genserve.config import Settings
 from genserve.engine.registry import ModelInfo, sampler_supported
-from genserve.schemas import GenerationParams, ImageRef, JobCreate, JobPublic, JobState, LimitError, check_limits
+from genserve.schemas import (
+    GenerationParams,
+    ImageRef,
+    JobCreate,
+    JobPublic,
+    JobState,
+    LimitError,
+    check_limits,
+)
 from genserve.schemas.generation import MAX_SEED
 from genserve.store.jobs import JobRecord, JobStore
 
 
-def resolve_params(params: GenerationParams, models: dict[str, ModelInfo], settings: Settings) -> GenerationParams:
+def resolve_params(
+    params: GenerationParams, models: dict[str, ModelInfo], settings: Settings
+) -> GenerationParams:
     """Fill in the model, its native size and a random seed, then check every limit.
 
     The stored job holds the resolved values, so a job always says exactly what ran and can be

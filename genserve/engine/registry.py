@@ -15,10 +15,18 @@ Two on-disk formats are recognised:
 Loading a single file offline: the file holds weights only, so the model configs, tokenizers and
 scheduler config must come from somewhere without a hub. The engine loads it with
 `<FamilyPipeline>.from_single_file(path, config=<folder>, local_files_only=True)`, where `<folder>`
-is a diffusers-format folder of the same family in the models directory (the first by name). Its
-component configs must describe the same architecture as the checkpoint (an SD1.5 folder for an
-SD1.5 checkpoint, not for SD2), and components missing from the file (SD3's T5, for instance) are
-taken from that folder. Without such a folder, loading fails with a `ModelLoadError` saying so.
+is a diffusers-format folder of the same family in the models directory (the first by name).
+Without such a folder, loading fails with a `ModelLoadError` saying so. What works:
+
+- a complete checkpoint (denoiser, VAE and the CLIP text encoders in the file), with a folder whose
+  component configs describe the same architecture: an SD1.5 folder for SD1.5 fine-tunes, an SD2
+  folder for SD2 files (both are family "sd15"; a mismatch fails with a shape error);
+- components the folder marks absent (`[null, null]` in model_index.json, e.g. SD3 without T5)
+  are left out.
+
+What does not: a file that lacks a component the folder has (a UNet-only file, an SD3 file
+without T5 next to a folder with T5). diffusers takes those from the folder only for diffusers-named
+weights, so it reports the component as missing.
 """
 
 from __future__ import annotations
@@ -96,7 +104,12 @@ def scan_models(models_dir: Path) -> dict[str, ModelInfo]:
             logger.warning("skipping %s: %s", entry, error)
             continue
         if info.name in models:
-            logger.warning("skipping %s: model name '%s' is already taken by %s", entry, info.name, models[info.name].path)
+            logger.warning(
+                "skipping %s: model name '%s' is already taken by %s",
+                entry,
+                info.name,
+                models[info.name].path,
+            )
             continue
         models[info.name] = info
     return models
@@ -136,7 +149,9 @@ def sampler_supported(family: Family, sampler: str) -> bool:
 def _diffusers_family(folder: Path) -> Family:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
-        raise UnknownModelFormat(f"{folder.name}: folder has no model_index.json, so it is not a diffusers model")
+        raise UnknownModelFormat(
+            f"{folder.name}: folder has no model_index.json, so it is not a diffusers model"
+        )
     class_name = _read_json(index_file).get("_class_name")
     if class_name not in PIPELINE_FAMILIES:
         raise UnknownModelFormat(
@@ -153,7 +168,9 @@ def _diffusers_native_size(folder: Path, family: Family) -> tuple[int, int]:
         vae_blocks = _read_json(folder / "vae" / "config.json")["block_out_channels"]
     except (OSError, KeyError, ValueError) as error:
         default = DEFAULT_NATIVE_SIZE[family]
-        logger.warning("%s: cannot read the native size (%s); assuming %dx%d", folder.name, error, default, default)
+        logger.warning(
+            "%s: cannot read the native size (%s); assuming %dx%d", folder.name, error, default, default
+        )
         return default, default
     scale = 2 ** (len(vae_blocks) - 1)
     # sample_size is the latent size: one int, or [height, width] for non-square models.

@@ -29,7 +29,9 @@ class GenerationParams(BaseModel):
     steps: int = Field(20, ge=1, description="Denoising steps.")
     cfg_scale: float = Field(7.0, description="Classifier-free guidance scale.")
     width: int | None = Field(None, ge=8, multiple_of=8, description="Pixels; model native width if omitted.")
-    height: int | None = Field(None, ge=8, multiple_of=8, description="Pixels; model native height if omitted.")
+    height: int | None = Field(
+        None, ge=8, multiple_of=8, description="Pixels; model native height if omitted."
+    )
     sampler: SamplerName = Field("euler", description="Sampler name.")
     num_images: int = Field(1, ge=1, description="Images generated with seeds seed, seed+1, ...")
 
@@ -46,7 +48,9 @@ class LimitError(ValueError):
 def check_limits(params: GenerationParams, limits: Limits, known_models: set[str] | None = None) -> None:
     """Raise LimitError for the first violated limit; width/height must be resolved already."""
     if len(params.prompt) > limits.max_prompt_chars:
-        raise LimitError("prompt", f"prompt is {len(params.prompt)} characters; the limit is {limits.max_prompt_chars}")
+        raise LimitError(
+            "prompt", f"prompt is {len(params.prompt)} characters; the limit is {limits.max_prompt_chars}"
+        )
     if len(params.negative_prompt) > limits.max_prompt_chars:
         raise LimitError(
             "negative_prompt",
@@ -56,7 +60,9 @@ def check_limits(params: GenerationParams, limits: Limits, known_models: set[str
         if known_models is not None and params.model not in known_models:
             raise LimitError("model", f"model '{params.model}' is not registered; see GET /v1/models")
         if limits.allowed_models is not None and params.model not in limits.allowed_models:
-            raise LimitError("model", f"model '{params.model}' is not in the allowed list {limits.allowed_models}")
+            raise LimitError(
+                "model", f"model '{params.model}' is not in the allowed list {limits.allowed_models}"
+            )
     if params.steps > limits.max_steps:
         raise LimitError("steps", f"steps must be between 1 and {limits.max_steps} (max_steps)")
     if not limits.min_cfg_scale <= params.cfg_scale <= limits.max_cfg_scale:
@@ -69,7 +75,11 @@ def check_limits(params: GenerationParams, limits: Limits, known_models: set[str
         raise LimitError("width", f"width must be at most {limits.max_width} (max_width)")
     if params.height is not None and params.height > limits.max_height:
         raise LimitError("height", f"height must be at most {limits.max_height} (max_height)")
-    if params.width is not None and params.height is not None and params.width * params.height > limits.max_pixels:
+    if (
+        params.width is not None
+        and params.height is not None
+        and params.width * params.height > limits.max_pixels
+    ):
         raise LimitError(
             "width",
             f"width*height = {params.width * params.height} pixels exceeds max_pixels {limits.max_pixels}",

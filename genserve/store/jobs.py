@@ -360,7 +360,8 @@ class JobStore:
             values = {"state": JobState.canceled.value}
             event: tuple[str, dict[str, Any]] = ("canceled", {"reason": cause})
         elif job.attempt >= job.max_attempts:
-            error = f"gave up after {job.attempt} attempts: {cause}"
+            plural = "s" if job.attempt != 1 else ""
+            error = f"gave up after {job.attempt} attempt{plural}: {cause}"
             values = {"state": JobState.failed.value, "error": error}
             event = ("failed", {"error": error})
         else:
@@ -426,13 +427,13 @@ class JobStore:
             upsert = dialect.insert(workers).values(id=worker_id, **values)
             conn.execute(upsert.on_conflict_do_update(index_elements=[workers.c.id], set_=values))
 
-    def live_workers(self, max_age_seconds: float) -> list[WorkerRecord]:
-        """Workers seen within the last max_age_seconds, by id."""
+    def live_workers(self, max_age_seconds: float | None) -> list[WorkerRecord]:
+        """Workers seen within the last max_age_seconds (every recorded worker for None), by id."""
+        query = sa.select(workers).order_by(workers.c.id)
         with self.engine.connect() as conn:
-            since = db_now(conn) - timedelta(seconds=max_age_seconds)
-            rows = conn.execute(
-                sa.select(workers).where(workers.c.last_seen >= since).order_by(workers.c.id)
-            ).all()
+            if max_age_seconds is not None:
+                query = query.where(workers.c.last_seen >= db_now(conn) - timedelta(seconds=max_age_seconds))
+            rows = conn.execute(query).all()
         return [WorkerRecord(**{**r._mapping, "models_loaded": list(r.models_loaded)}) for r in rows]
 
     def remove_worker(self, worker_id: str) -> None:

@@ -35,7 +35,12 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     store = JobStore.from_url(settings.resolved_store_url)
-    engine = Engine(scan_models(settings.models_dir), device=settings.device, dtype=settings.dtype)
+    engine = Engine(
+        scan_models(settings.models_dir),
+        device=settings.device,
+        dtype=settings.dtype,
+        threads=settings.torch_threads,
+    )
     worker = Worker(settings, store, engine, ImageStore(settings.images_dir), worker_id)
     log.info("worker starting", extra={"worker_id": worker_id, "device": engine.device})
     try:

@@ -26,7 +26,13 @@ class LeaseKeeper:
     """
 
     def __init__(
-        self, store: JobStore, job_id: str, worker_id: str, attempt: int, lease_seconds: float, interval: float
+        self,
+        store: JobStore,
+        job_id: str,
+        worker_id: str,
+        attempt: int,
+        lease_seconds: float,
+        interval: float,
     ) -> None:
         self.store = store
         self.job_id = job_id

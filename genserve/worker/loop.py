@@ -59,6 +59,7 @@ class ProgressReporter:
                 "steps": steps,
                 "percent": round(100.0 * step / steps, 1),
                 "eta_s": round(per_step * (steps - step), 3),
+                "ts": round(time.time(), 3),
             },
         )
 
@@ -146,13 +147,17 @@ class Worker:
             with lease:
                 if job.cancel_requested:
                     raise JobCanceled(job.id)
+                if not self.engine.knows(params.model):
+                    self.engine.update_models(scan_models(self.settings.models_dir))
                 progress = ProgressReporter(self.store, job.id, params.model or "", lease)
                 pictures = self.engine.generate(params, on_step=progress)
                 lease.check()
                 image_ids = []
                 for index, picture in enumerate(pictures):
                     image_id = image_id_for(job.id, index)
-                    png = encode_png(picture, params, seed=params.seed + index, index=index, extra={"job_id": job.id})
+                    png = encode_png(
+                        picture, params, seed=params.seed + index, index=index, extra={"job_id": job.id}
+                    )
                     self.images.save(image_id, png)
                     image_ids.append(image_id)
             if self.store.complete(*fence, image_ids):

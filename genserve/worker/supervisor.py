@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from genserve.config import Settings
 from genserve.metrics import WORKER_RESTARTS
@@ -41,13 +42,18 @@ class WorkerSlot:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True while a process runs; a zombie (killed, not yet reaped) counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust the signal check
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 class Supervisor:
@@ -66,14 +72,20 @@ class Supervisor:
         self._thread.start()
 
     def recover_dead_local_workers(self) -> None:
-        """Requeue jobs of workers on this host whose process is gone (the previous server died)."""
+        """Requeue jobs of other workers on this host whose process is gone (a previous server died).
+
+        Runs at start and then periodically: a killed worker may take a moment to exit.
+        """
         host = socket.gethostname()
-        for worker in self.store.live_workers(max_age_seconds=float("inf")):
-            if worker.host == host and not _pid_alive(worker.pid):
+        ours = {slot.worker_id for slot in self.slots}
+        for worker in self.store.live_workers(max_age_seconds=None):
+            if worker.host == host and worker.id not in ours and not _pid_alive(worker.pid):
                 requeued = self.store.requeue_owner(worker.id, "worker process gone after a server restart")
                 self.store.remove_worker(worker.id)
                 if requeued:
-                    log.warning("requeued jobs of a dead worker", extra={"worker_id": worker.id, "jobs": requeued})
+                    log.warning(
+                        "requeued jobs of a dead worker", extra={"worker_id": worker.id, "jobs": requeued}
+                    )
 
     def _spawn(self, slot: WorkerSlot) -> None:
         slot.worker_id = f"{socket.gethostname()}:w{slot.index}:{uuid.uuid4().hex[:8]}"
@@ -93,6 +105,7 @@ class Supervisor:
             if time.monotonic() - last_reap > REAP_SECONDS:
                 last_reap = time.monotonic()
                 try:
+                    self.recover_dead_local_workers()
                     reaped = self.store.reap_expired()
                     if reaped:
                         log.warning("requeued jobs with expired leases", extra={"jobs": reaped})

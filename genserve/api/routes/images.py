@@ -23,4 +23,6 @@ def get_image(image_id: str, services: ServicesDep) -> FileResponse:
         raise HTTPException(404, f"image {image_id} not found") from None
     if not path.is_file():
         raise HTTPException(404, f"image {image_id} not found")
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "public, max-age=31536000, immutable"})
+    return FileResponse(
+        path, media_type="image/png", headers={"Cache-Control": "public, max-age=31536000, immutable"}
+    )

@@ -53,7 +53,9 @@ def list_jobs(
 ) -> JobList:
     """Jobs, newest first."""
     jobs, total = services.store.list_jobs(limit=limit, offset=offset, state=state)
-    return JobList(items=[to_public(job, services.store) for job in jobs], total=total, limit=limit, offset=offset)
+    return JobList(
+        items=[to_public(job, services.store) for job in jobs], total=total, limit=limit, offset=offset
+    )
 
 
 def _get_job_or_404(services: ServicesDep, job_id: str):  # noqa: ANN202 - JobRecord
