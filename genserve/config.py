@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(0.2, gt=0)
     max_attempts: int = Field(3, ge=1)
 
+    # Default preview cadence in steps when a request does not say (0 disables previews).
+    preview_every: int = Field(2, ge=0)
+
     limits: Limits = Limits()
 
     @property

@@ -86,6 +86,9 @@ def test_events_arrive_in_order_and_last_event_id_resumes(client):
     assert [p["step"] for p in progress] == list(range(1, 7))
     assert progress[-1]["percent"] == 100.0 and all("eta_s" in p for p in progress)
     assert [event.id for event in events] == list(range(1, len(events) + 1))
+    previews = [event.data for event in events if event.type == "preview"]
+    assert [p["step"] for p in previews] == [2, 4]  # the server default: every 2 steps, not the last
+    assert previews[0]["images"][0].startswith("data:image/jpeg;base64,")
     assert events[-1].data["images"][0]["url"].startswith("/v1/images/")
 
     resumed = read_events(client, job["id"], last_event_id=3)

@@ -40,6 +40,9 @@ def resolve_params(
             "width": params.width or info.native_width,
             "height": params.height or info.native_height,
             "seed": params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1),
+            "preview_every": params.preview_every
+            if params.preview_every is not None
+            else settings.preview_every,
         }
     )
     check_limits(resolved, settings.limits)

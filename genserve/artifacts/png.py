@@ -8,6 +8,7 @@ Each PNG carries two text chunks:
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from typing import Any
@@ -81,3 +82,10 @@ def read_png_metadata(data: bytes) -> dict[str, str]:
         if image.format != "PNG":
             raise ValueError(f"not a PNG image (format {image.format})")
         return {key: str(value) for key, value in image.text.items()}
+
+
+def preview_data_url(image: PIL.Image.Image, quality: int = 75) -> str:
+    """A small JPEG as a data: URL, ready for an <img src> or an SSE payload."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

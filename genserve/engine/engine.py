@@ -23,6 +23,7 @@ from diffusers import DiffusionPipeline
 
 from genserve.engine.errors import EngineError, ModelLoadError, OutOfMemory, UnsupportedSampler
 from genserve.engine.loading import load_pipeline, resolve_device, resolve_dtype
+from genserve.engine.previews import LatentRgbMap, fit_latent_rgb_map, preview_images
 from genserve.engine.registry import SUPPORTED_SAMPLERS, ModelInfo, sampler_supported
 from genserve.engine.samplers import build_scheduler
 from genserve.schemas.generation import GenerationParams
@@ -30,6 +31,7 @@ from genserve.schemas.generation import GenerationParams
 __all__ = ["Engine", "EngineError", "ModelLoadError", "OutOfMemory", "UnsupportedSampler"]
 
 StepCallback = Callable[[int, int], None]
+PreviewCallback = Callable[[int, int, list[PIL.Image.Image]], None]
 
 
 class Engine:
@@ -48,6 +50,7 @@ class Engine:
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self._pipelines: dict[str, DiffusionPipeline] = {}
+        self._preview_maps: dict[str, LatentRgbMap] = {}
         self._load_lock = threading.Lock()
 
     @property
@@ -66,7 +69,9 @@ class Engine:
             if name in self._pipelines:
                 return
             info = self._model_info(name)
-            self._pipelines[name] = load_pipeline(info, self._models, device=self._device, dtype=self._dtype)
+            pipe = load_pipeline(info, self._models, device=self._device, dtype=self._dtype)
+            self._preview_maps[name] = fit_latent_rgb_map(pipe.vae, pipe.vae_scale_factor)
+            self._pipelines[name] = pipe
 
     def knows(self, name: str) -> bool:
         return name in self._models
@@ -94,12 +99,17 @@ class Engine:
         )
 
     def generate(
-        self, params: GenerationParams, on_step: StepCallback | None = None
+        self,
+        params: GenerationParams,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[PIL.Image.Image]:
         """Generate `params.num_images` images; image i uses seed `params.seed + i`.
 
         `on_step(step, total)` runs after every denoising step (1-based). An exception it raises
         stops the run and propagates unchanged; that is how a worker cancels a job.
+        `on_preview(step, total, images)` gets cheap latent→RGB previews every `params.preview_every`
+        steps (never on the last step: the real images follow).
         """
         # 0. Check inputs
         if params.model is None or params.seed is None or params.width is None or params.height is None:
@@ -133,7 +143,10 @@ class Engine:
         latents = latents.to(device=self._device, dtype=self._dtype)
 
         # 3. Denoise and decode
-        progress = _StepReporter(on_step)
+        preview_every = params.preview_every or 0
+        progress = _StepReporter(
+            on_step, on_preview if preview_every else None, preview_every, self._preview_maps[info.name]
+        )
         try:
             with torch.inference_mode():
                 output = call_pipe(
@@ -174,19 +187,31 @@ class Engine:
 
 
 class _StepReporter:
-    """callback_on_step_end adapter: reports (step, total) and remembers what on_step raised."""
+    """callback_on_step_end adapter: reports (step, total), previews, and remembers what a callback raised."""
 
-    def __init__(self, on_step: StepCallback | None) -> None:
+    def __init__(
+        self,
+        on_step: StepCallback | None,
+        on_preview: PreviewCallback | None,
+        preview_every: int,
+        rgb_map: LatentRgbMap,
+    ) -> None:
         self.on_step = on_step
+        self.on_preview = on_preview
+        self.preview_every = preview_every
+        self.rgb_map = rgb_map
         self.raised: BaseException | None = None
 
     def __call__(self, pipe: DiffusionPipeline, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        if self.on_step is not None:
-            try:
-                self.on_step(i + 1, pipe.num_timesteps)
-            except BaseException as error:
-                self.raised = error
-                raise
+        step, total = i + 1, pipe.num_timesteps
+        try:
+            if self.on_step is not None:
+                self.on_step(step, total)
+            if self.on_preview is not None and step % self.preview_every == 0 and step < total:
+                self.on_preview(step, total, preview_images(tensors["latents"], self.rgb_map))
+        except BaseException as error:
+            self.raised = error
+            raise
         return {}  # no tensor is replaced
 
 

@@ -34,6 +34,9 @@ class GenerationParams(BaseModel):
     )
     sampler: SamplerName = Field("euler", description="Sampler name.")
     num_images: int = Field(1, ge=1, description="Images generated with seeds seed, seed+1, ...")
+    preview_every: int | None = Field(
+        None, ge=0, description="Send a preview image every N steps (0: never; server default if omitted)."
+    )
 
 
 class LimitError(ValueError):

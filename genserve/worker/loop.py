@@ -13,8 +13,10 @@ import threading
 import time
 import uuid
 
+import PIL.Image
+
 from genserve.artifacts.images import ImageStore, image_id_for
-from genserve.artifacts.png import encode_png
+from genserve.artifacts.png import encode_png, preview_data_url
 from genserve.config import Settings
 from genserve.engine.engine import Engine, EngineError
 from genserve.engine.registry import scan_models
@@ -62,6 +64,10 @@ class ProgressReporter:
                 "ts": round(time.time(), 3),
             },
         )
+
+    def preview(self, step: int, steps: int, images: list[PIL.Image.Image]) -> None:
+        data = {"step": step, "steps": steps, "images": [preview_data_url(image) for image in images]}
+        self.store.events.append(self.job_id, "preview", data)
 
 
 class Worker:
@@ -150,7 +156,7 @@ class Worker:
                 if not self.engine.knows(params.model):
                     self.engine.update_models(scan_models(self.settings.models_dir))
                 progress = ProgressReporter(self.store, job.id, params.model or "", lease)
-                pictures = self.engine.generate(params, on_step=progress)
+                pictures = self.engine.generate(params, on_step=progress, on_preview=progress.preview)
                 lease.check()
                 image_ids = []
                 for index, picture in enumerate(pictures):
