@@ -1,7 +1,7 @@
 """Preview overhead per denoising step, measured the way the worker pays it.
 
 Runs the same request with previews off and on (every N steps), alternating, through the engine and
-the worker's real step callback (progress + preview events written to a SQLite job store). Prints the
+the real worker path (claim, engine, progress + preview events written to a SQLite job store, PNGs). Prints the
 median seconds per step and the overhead of previews; writes a JSON result under benchmarks/results/.
 
     .venv/bin/python benchmarks/preview_overhead.py --models-dir models --model genserve-tiny
@@ -20,54 +20,46 @@ from pathlib import Path
 
 import torch
 
-import genserve.engine.engine as engine_module
+import genserve.engine.denoise as denoise_module
+from genserve.artifacts.images import ImageStore
+from genserve.config import Settings
 from genserve.engine.engine import Engine
 from genserve.engine.registry import scan_models
 from genserve.schemas import GenerationParams
 from genserve.store.jobs import JobStore
-from genserve.worker.lease import LeaseKeeper
-from genserve.worker.loop import ProgressReporter
+from genserve.worker.loop import ProgressReporter, Worker
 
 
 class PreviewTimer:
-    """Accumulates the time spent making previews: latent→RGB in the engine plus JPEG + event in the worker."""
+    """Accumulates the time spent making previews: latent→RGB in the engine, JPEG in the worker."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._convert = engine_module.preview_images
-        engine_module.preview_images = self._timed_convert  # benchmark-only instrumentation
+        engine_module_preview = denoise_module.preview_images
+        reporter_preview = ProgressReporter.preview
+        denoise_module.preview_images = self.timed(engine_module_preview)  # benchmark-only instrumentation
+        ProgressReporter.preview = self.timed(reporter_preview)
 
-    def _timed_convert(self, *args: object, **kwargs: object) -> list:
-        start = time.perf_counter()
-        try:
-            return self._convert(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-    def wrap(self, callback):  # noqa: ANN001, ANN201
-        def timed(*args: object) -> None:
+    def timed(self, function):  # noqa: ANN001, ANN201
+        def wrapper(*args: object, **kwargs: object) -> object:
             start = time.perf_counter()
             try:
-                callback(*args)
+                return function(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - start
 
-        return timed
+        return wrapper
 
 
 TIMER: PreviewTimer | None = None
 
 
-def seconds_per_step(engine: Engine, store: JobStore, params: GenerationParams) -> float:
-    job, _ = store.submit(params.model_dump())
-    claimed = store.claim_next("bench", 60)
-    lease = LeaseKeeper(store, claimed.id, "bench", claimed.attempt, 60, 1.0)  # not started: flags only
-    reporter = ProgressReporter(store, job.id, params.model, lease)
+def seconds_per_step(worker: Worker, store: JobStore, params: GenerationParams) -> float:
+    """One job through the real worker path (claim, engine, events, PNG, completion)."""
+    store.submit(params.model_dump())
     start = time.perf_counter()
-    engine.generate(params, on_step=reporter, on_preview=TIMER.wrap(reporter.preview))
-    elapsed = time.perf_counter() - start
-    store.complete(claimed.id, "bench", claimed.attempt, [])
-    return elapsed / params.steps
+    assert worker.run_next()
+    return (time.perf_counter() - start) / params.steps
 
 
 def main() -> None:
@@ -86,7 +78,9 @@ def main() -> None:
     engine = Engine(scan_models(args.models_dir), threads=args.threads)
     engine.warmup(args.model)
     with tempfile.TemporaryDirectory() as tmp:
-        store = JobStore.from_url(f"sqlite:///{tmp}/bench.db")
+        settings = Settings(models_dir=args.models_dir, data_dir=Path(tmp), default_model=args.model)
+        store = JobStore.from_url(settings.resolved_store_url)
+        worker = Worker(settings, store, engine, ImageStore(settings.images_dir), "bench")
         base = GenerationParams(prompt="a red circle", model=args.model, seed=1, steps=args.steps)
         info = scan_models(args.models_dir)[args.model]
         base = base.model_copy(update={"width": info.native_width, "height": info.native_height})
@@ -97,7 +91,7 @@ def main() -> None:
             for every in cadences:  # alternate so drift hits every variant alike
                 params = base.model_copy(update={"preview_every": every})
                 before = TIMER.seconds
-                samples[every].append(seconds_per_step(engine, store, params))
+                samples[every].append(seconds_per_step(worker, store, params))
                 preview_seconds[every] += TIMER.seconds - before
     baseline = statistics.median(samples[0])
     rows = []
@@ -133,8 +127,10 @@ def main() -> None:
         "steps": args.steps,
         "repeats": args.repeats,
         "rows": rows,
-        "command": "python benchmarks/preview_overhead.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in (("models_dir", args.models_dir), ("model", args.model))
+        "command": "python benchmarks/preview_overhead.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in (("models_dir", args.models_dir), ("model", args.model))
         ),
     }
     args.out.mkdir(parents=True, exist_ok=True)

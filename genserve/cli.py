@@ -251,6 +251,179 @@ def models(
     Console().print(table)
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    try:
+        size = int(width), int(height)
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not WIDTHxHEIGHT, e.g. 512x512") from None
+    if min(size) < 8 or size[0] % 8 or size[1] % 8:
+        raise typer.BadParameter(f"'{text}': width and height must be multiples of 8")
+    return size
+
+
+def _display_url(url: str) -> str:
+    import sqlalchemy as sa
+
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str | None, typer.Option(help="Model to measure (default model if omitted).")] = None,
+    size: Annotated[
+        list[str] | None, typer.Option("--size", help="WIDTHxHEIGHT; repeat for several (default: native).")
+    ] = None,
+    batch: Annotated[
+        list[int] | None, typer.Option("--batch", help="Batch size; repeat (default 1, 2, 4).")
+    ] = None,
+    steps: Annotated[tuple[int, int], typer.Option(help="The two step counts S1 S2 to time.")] = (5, 20),
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per step count (median).")] = 3,
+    device: Annotated[
+        str | None, typer.Option(help="auto | cpu | cuda | cuda:N (default: settings).")
+    ] = None,
+    models_dir: Annotated[Path | None, typer.Option(help="Models directory.")] = None,
+    store: Annotated[
+        str | None, typer.Option("--store", help="Store URL (default: the configured store).")
+    ] = None,
+) -> None:
+    """Measure the cost model's O and t_step on this machine and store them for `plan` and the server."""
+    from genserve.engine.engine import Engine, EngineError
+    from genserve.engine.registry import scan_models
+    from genserve.scheduler.calibrate import calibrate as run_calibration
+    from genserve.scheduler.calibrate import runs_per_point
+    from genserve.store.calibration import CalibrationStore
+
+    settings = _settings(models_dir=models_dir, store_url=store, device=device)
+    ensure_default_model(settings)
+    models = scan_models(settings.models_dir)
+    name = model or settings.default_model
+    if name not in models:
+        console.print(f"[red]model '{name}' is not in {settings.models_dir}[/red]")
+        raise typer.Exit(2)
+    info = models[name]
+    sizes = [_parse_size(text) for text in size] if size else [(info.native_width, info.native_height)]
+    batches = batch or [1, 2, 4]
+    engine = Engine(models, device=settings.device, dtype=settings.dtype, threads=settings.torch_threads)
+    calibration = CalibrationStore.from_url(settings.resolved_store_url)
+    with _progress() as progress:
+        task = progress.add_task(f"loading {name}", total=len(sizes) * len(batches) * runs_per_point(repeats))
+        try:
+            engine.load(name)
+            timings = run_calibration(
+                engine,
+                name,
+                sizes,
+                batches,
+                steps_pair=steps,
+                repeats=repeats,
+                on_run=lambda what: progress.update(task, advance=1, description=what),
+            )
+        except (EngineError, ValueError, RuntimeError) as error:
+            console.print(f"[red]calibration failed: {error}[/red]")
+            raise typer.Exit(1) from None
+    table = Table("device", "model", "size", "batch", "O (s)", "t_step (s)", "s/image at 30 steps")
+    for timing in timings:
+        calibration.save(timing)
+        per_image = (timing.overhead_s + 30 * timing.step_s) / timing.batch
+        table.add_row(
+            timing.device,
+            timing.model,
+            f"{timing.width}x{timing.height}",
+            str(timing.batch),
+            f"{timing.overhead_s:.4f}",
+            f"{timing.step_s:.5f}",
+            f"{per_image:.4f}",
+        )
+    Console().print(table)
+    console.print(f"stored {len(timings)} timings in {_display_url(settings.resolved_store_url)}")
+
+
+def _read_timings(url: str) -> list:  # list[StepTiming]; the store module is imported lazily
+    """Stored timings; none (and no file created) when the SQLite store does not exist yet."""
+    import sqlalchemy as sa
+
+    from genserve.store.calibration import CalibrationStore
+
+    sa_url = sa.make_url(url)
+    if sa_url.get_backend_name() == "sqlite" and not Path(sa_url.database or "").is_file():
+        return []
+    return CalibrationStore.from_url(url).all()
+
+
+@app.command()
+def plan(
+    model: Annotated[
+        str | None, typer.Option(help="Model name, or a family (sd15, sdxl, sd3) for one not installed.")
+    ] = None,
+    width: Annotated[int | None, typer.Option(help="Width in pixels (model native if omitted).")] = None,
+    height: Annotated[int | None, typer.Option(help="Height in pixels (model native if omitted).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
+    batch: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 1,
+    gpu_price: Annotated[float | None, typer.Option(min=0, help="Price of one GPU-hour.")] = None,
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs one batch occupies.")] = 1,
+    images: Annotated[int | None, typer.Option(min=1, help="Images to plan for.")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="Device as calibrated (default: the calibrated one, else H100 reference)."),
+    ] = None,
+    family: Annotated[str | None, typer.Option(help="Family of a model that is not installed.")] = None,
+    models_dir: Annotated[Path | None, typer.Option(help="Models directory.")] = None,
+    store: Annotated[
+        str | None, typer.Option("--store", help="Store URL (default: the configured store).")
+    ] = None,
+) -> None:
+    """Time per image, images/hour, cost per 1,000 images and GPU-hours, from the cost model."""
+    from genserve.engine.registry import DEFAULT_NATIVE_SIZE, scan_models
+    from genserve.scheduler.cost import default_device, estimate, lookup
+
+    settings = _settings(models_dir=models_dir, store_url=store)
+    name = model or settings.default_model
+    info = scan_models(settings.models_dir).get(name)
+    if info is not None:
+        family = family or info.family
+        native = (info.native_width, info.native_height)
+    elif family or name in DEFAULT_NATIVE_SIZE:
+        family = family or name
+        native = (DEFAULT_NATIVE_SIZE.get(family, 1024),) * 2
+    else:
+        console.print(
+            f"[red]model '{name}' is not in {settings.models_dir}; pass --family (sd15, sdxl, sd3)[/red]"
+        )
+        raise typer.Exit(2)
+    width, height = width or native[0], height or native[1]
+    timings = _read_timings(settings.resolved_store_url)
+    device = device or default_device(timings, name)
+    timing = lookup(
+        timings, device=device, model=name, family=family, width=width, height=height, batch=batch
+    )
+    result = estimate(
+        timing, steps=steps, batch=batch, gpu_price_per_hour=gpu_price, gpus=gpus, images=images
+    )
+
+    table = Table(
+        "figure",
+        "value",
+        title=f"{name} ({family}) {width}x{height}, {steps} steps, batch {batch}, on {device}",
+    )
+    table.add_row("time per batch (T = O + S × t_step)", f"{result.seconds_per_batch:.3f} s")
+    table.add_row("  O, per-batch overhead", f"{result.overhead_s:.4f} s")
+    table.add_row("  t_step, per step of the batch", f"{result.step_s:.5f} s")
+    table.add_row("time per image", f"{result.seconds_per_image:.3f} s")
+    table.add_row("images/hour", f"{result.images_per_hour:,.0f}")
+    if result.cost_per_1000 is not None:
+        table.add_row(
+            f"cost per 1,000 images (at {gpu_price:g}/GPU-hour × {gpus})", f"{result.cost_per_1000:,.3f}"
+        )
+    if result.gpu_hours is not None:
+        table.add_row(f"GPU-hours for {images:,} images", f"{result.gpu_hours:,.3f}")
+    if result.total_cost is not None:
+        table.add_row(f"total cost for {images:,} images", f"{result.total_cost:,.2f}")
+    out = Console()
+    out.print(table)
+    out.print(f"basis: {result.basis}", soft_wrap=True)
+
+
 def main() -> None:
     app()
 

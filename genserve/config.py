@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32
     warmup: bool = True
+    # Model cache budgets per worker in GiB, weights only (None: unbounded). On CUDA, vram bounds models
+    # on the GPU and ram bounds models offloaded to CPU RAM; on a CPU, ram bounds the cache.
+    vram_budget_gib: float | None = Field(None, gt=0)
+    ram_budget_gib: float | None = Field(None, gt=0)
+    offload_to_cpu: bool = True
     # torch CPU threads in each worker (None: torch's default, one per core).
     torch_threads: int | None = Field(None, ge=1)
 
@@ -65,6 +70,15 @@ class Settings(BaseSettings):
 
     # Default preview cadence in steps when a request does not say (0 disables previews).
     preview_every: int = Field(2, ge=0)
+
+    # Scheduling. A job whose estimated time exceeds the threshold goes to the long queue; while both
+    # queues hold work the long queue gets `long_queue_share` of the batches.
+    long_queue_threshold_seconds: float = Field(30.0, gt=0)
+    long_queue_share: float = Field(0.25, ge=0, le=1)
+    # Batch limits in images: keys "model@WxH", "model", "*@WxH" or "*" (JSON in the environment).
+    # Without one, the worker estimates from free GPU memory, or uses the default below on CPU.
+    batch_limits: dict[str, int] = {}
+    default_max_batch_images: int = Field(8, ge=1)
 
     limits: Limits = Limits()
 

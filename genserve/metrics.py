@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 STEP_SECONDS = Histogram(
     "genserve_step_seconds",
-    "Wall time of one denoising step (whole batch).",
-    ["model"],
+    "Wall time of one denoising step of a whole batch, by model, resolution and rows in the batch.",
+    ["model", "resolution", "batch"],
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
 )
 JOB_SECONDS = Histogram(
@@ -31,8 +31,65 @@ JOB_SECONDS = Histogram(
     ["model", "outcome"],
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
 )
+BATCH_IMAGES = Histogram(
+    "genserve_batch_images",
+    "Images per engine batch (cross-request batching).",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "genserve_queue_wait_seconds",
+    "Time from submit to claim, by queue.",
+    ["queue"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900),
+)
 IMAGES_GENERATED = Counter("genserve_images_generated_total", "Images written to the image store.", ["model"])
 WORKER_RESTARTS = Counter("genserve_worker_restarts_total", "Worker processes restarted by the supervisor.")
+
+# The model cache (engine/cache.py), observed in the workers.
+MODEL_LOADS = Counter(
+    "genserve_model_loads_total", "Models loaded from disk into a worker's cache.", ["model"]
+)
+MODEL_CACHE_REQUESTS = Counter(
+    "genserve_model_cache_requests_total",
+    "Model cache lookups: hit (on the device), offloaded_hit (moved back from CPU RAM) or miss (loaded).",
+    ["model", "result"],
+)
+MODEL_LOAD_SECONDS = Histogram(
+    "genserve_model_load_seconds",
+    "Wall time of a model load on a cache miss, warmup included.",
+    ["model"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+)
+MODEL_EVICTIONS = Counter(
+    "genserve_model_evictions_total",
+    "Models evicted from the device (to CPU RAM) or from the cache (dropped).",
+    ["model", "to"],
+)
+
+# GPUs, published by each worker (engine/gpu_metrics.py). Memory is per process, so live workers
+# sharing a GPU add up; NVML readings are the device's own, so every worker reports the same value.
+GPU_MEMORY_ALLOCATED = Gauge(
+    "genserve_gpu_memory_allocated_bytes",
+    "GPU memory held by tensors (torch.cuda.memory_allocated), summed over live workers.",
+    ["gpu"],
+    multiprocess_mode="livesum",
+)
+GPU_MEMORY_RESERVED = Gauge(
+    "genserve_gpu_memory_reserved_bytes",
+    "GPU memory reserved by torch's caching allocator (torch.cuda.memory_reserved), summed over live workers.",
+    ["gpu"],
+    multiprocess_mode="livesum",
+)
+GPU_UTILIZATION = Gauge(
+    "genserve_gpu_utilization_percent",
+    "Percent of the last sample period in which a kernel ran on the GPU (NVML).",
+    ["gpu"],
+    multiprocess_mode="livemax",
+)
+GPU_TEMPERATURE = Gauge(
+    "genserve_gpu_temperature_celsius", "GPU die temperature (NVML).", ["gpu"], multiprocess_mode="livemax"
+)
+GPU_POWER = Gauge("genserve_gpu_power_watts", "GPU power draw (NVML).", ["gpu"], multiprocess_mode="livemax")
 
 
 class StoreCollector:
@@ -43,8 +100,9 @@ class StoreCollector:
 
     def collect(self) -> Iterable[Metric]:
         counts = self.store.counts_by_state()
-        depth = GaugeMetricFamily("genserve_queue_depth", "Jobs waiting to run.")
-        depth.add_metric([], counts.get("queued", 0))
+        depth = GaugeMetricFamily("genserve_queue_depth", "Jobs waiting to run, by queue.", labels=["queue"])
+        for queue, count in sorted(self.store.queued_by_queue().items()):
+            depth.add_metric([queue], count)
         yield depth
         by_state = GaugeMetricFamily("genserve_jobs", "Jobs in the store by state.", labels=["state"])
         for state, count in sorted(counts.items()):

@@ -222,3 +222,38 @@ def test_other_family_runs_per_request(client):
     job = wait_job(client, submit(client, model="tiny-sdxl")["id"])
     assert job["state"] == "succeeded", job
     assert job["params"]["model"] == "tiny-sdxl"
+
+
+def _histogram_buckets(metrics_text: str, name: str) -> dict[float, float]:
+    buckets = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def test_requests_queued_behind_a_busy_worker_run_as_one_batch(client):
+    before = _histogram_buckets(client.get("/metrics").text, "genserve_batch_images")
+    blocker = submit(client, steps=40, width=96, height=96)
+    wait_for_running = time.monotonic() + 60
+    while client.get(f"/v1/jobs/{blocker['id']}").json()["state"] != "running":
+        assert time.monotonic() < wait_for_running
+        time.sleep(0.02)
+    # Four compatible requests from different clients, each with its own prompt, seed and CFG.
+    followers = [
+        client.post(
+            "/v1/jobs",
+            json={"prompt": f"batch {i}", **FAST, "seed": 100 + i, "cfg_scale": 2.0 + i},
+            headers={"X-Client-Id": f"client-{i}"},
+        ).json()
+        for i in range(4)
+    ]
+    done = [wait_job(client, job["id"]) for job in [blocker, *followers]]
+    assert all(job["state"] == "succeeded" for job in done)
+    started = {job["started_at"] for job in done[1:]}
+    assert len(started) == 1  # claimed together, in one transaction
+    after = _histogram_buckets(client.get("/metrics").text, "genserve_batch_images")
+    # Exactly one new batch of 4 images: it lands in the le=4 bucket and not in le=3.
+    grew = {bound: after[bound] - before.get(bound, 0) for bound in after}
+    assert grew[4.0] - grew[3.0] == 1

@@ -17,10 +17,8 @@ from genserve.engine.engine import (
     ModelLoadError,
     OutOfMemory,
     UnsupportedSampler,
-    cpu_generators,
-    image_seeds,
-    initial_noise,
 )
+from genserve.engine.denoise import BatchItem, apply_guidance
 from genserve.engine.fixtures import write_tiny_pipeline, write_tiny_single_file
 from genserve.engine.registry import SUPPORTED_SAMPLERS, scan_models
 from genserve.engine.samplers import FAMILY_SAMPLERS, build_scheduler
@@ -101,15 +99,56 @@ def test_same_seed_gives_identical_pixels_and_another_seed_differs(engine: Engin
     assert not np.array_equal(first, other)
 
 
-def test_initial_noise_of_image_i_depends_only_on_seed_plus_i() -> None:
-    shape = (4, 8, 8)
-    batch = initial_noise(cpu_generators(image_seeds(100, 3)), shape)
-    alone = initial_noise(cpu_generators([102]), shape)
+def test_guidance_is_per_row_and_off_at_scale_one_or_below() -> None:
+    uncond = torch.zeros(3, 1, 2, 2)
+    cond = torch.ones(3, 1, 2, 2)
+    guided = apply_guidance(uncond, cond, torch.tensor([7.0, 1.0, 0.5]))
+    assert torch.equal(guided[0], torch.full((1, 2, 2), 7.0))  # u + 7 (c - u)
+    assert torch.equal(guided[1], cond[1]) and torch.equal(guided[2], cond[2])  # guidance off
 
-    assert image_seeds(100, 3) == [100, 101, 102]
-    assert batch.shape == (3, *shape)
-    assert torch.equal(batch[2], alone[0])
-    assert not torch.equal(batch[0], batch[1])
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+def test_cross_request_batch_matches_each_request_alone(engine: Engine, family: str) -> None:
+    """Different prompts, negatives, seeds, CFG and image counts in one batch: each request's
+    pixels are those it gets alone, to within 1/255 (fp32 on CPU)."""
+    model = f"tiny-{family}"
+    requests = [
+        params(model, prompt="a red circle", seed=3, cfg_scale=7.0),
+        params(model, prompt="a blue star", negative_prompt="green", seed=40, cfg_scale=2.5, num_images=2),
+        params(model, prompt="a square", seed=41, cfg_scale=1.0),
+    ]
+    outcomes = engine.generate_batch([BatchItem(p) for p in requests])
+    for request, outcome in zip(requests, outcomes, strict=True):
+        alone = pixels(engine.generate(request))
+        batched = pixels(outcome.images)
+        assert outcome.error is None and len(batched) == request.num_images
+        for a, b in zip(alone, batched, strict=True):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_a_canceled_member_leaves_the_batch_and_the_others_are_undisturbed(engine: Engine) -> None:
+    class Canceled(Exception):
+        pass
+
+    def cancel_at_step_2(step: int, total: int) -> None:
+        if step == 2:
+            raise Canceled
+
+    rows_per_step: list[int] = []
+    keep, cancel = params(seed=5, steps=4), params(seed=6, steps=4, num_images=2)
+    outcomes = engine.generate_batch(
+        [BatchItem(keep), BatchItem(cancel, on_step=cancel_at_step_2)],
+        on_batch_step=lambda step, total, rows: rows_per_step.append(rows),
+    )
+    assert isinstance(outcomes[1].error, Canceled) and outcomes[1].images == []
+    assert rows_per_step == [3, 3, 1, 1]  # the canceled request's 2 rows stopped costing compute
+    alone = pixels(engine.generate(keep))[0]
+    assert np.abs(alone.astype(int) - pixels(outcomes[0].images)[0].astype(int)).max() <= 1
+
+
+def test_a_batch_refuses_incompatible_members(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="same model, size, steps and sampler"):
+        engine.generate_batch([BatchItem(params(steps=2)), BatchItem(params(steps=3))])
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_a"])
@@ -141,7 +180,7 @@ def test_every_sampler_runs_on_sd15(engine: Engine, sampler: str) -> None:
 
     assert images[0].size == (64, 64)
     # The cached pipeline keeps its own scheduler: samplers are per call.
-    assert isinstance(engine._pipelines["tiny-sd15"].scheduler, EulerDiscreteScheduler)
+    assert isinstance(engine.pipeline("tiny-sd15").scheduler, EulerDiscreteScheduler)
 
 
 @pytest.mark.parametrize("sampler", SUPPORTED_SAMPLERS["sd3"])
@@ -156,14 +195,14 @@ def test_samplers_change_the_result(engine: Engine) -> None:
 
 
 def test_schedulers_keep_the_model_schedule_and_pick_the_solver(engine: Engine) -> None:
-    config = engine._pipelines["tiny-sd15"].scheduler.config
+    config = engine.pipeline("tiny-sd15").scheduler.config
     karras = build_scheduler("sd15", "dpmpp_2m_karras", config)
     assert type(karras).__name__ == "DPMSolverMultistepScheduler"
     assert karras.config.use_karras_sigmas and karras.config.algorithm_type == "dpmsolver++"
     assert karras.config.beta_schedule == "scaled_linear"
     assert build_scheduler("sd15", "ddim", config).config.clip_sample is False
 
-    flow = build_scheduler("sd3", "dpmpp_2m", engine._pipelines["tiny-sd3"].scheduler.config)
+    flow = build_scheduler("sd3", "dpmpp_2m", engine.pipeline("tiny-sd3").scheduler.config)
     assert flow.config.prediction_type == "flow_prediction" and flow.config.use_flow_sigmas
     assert flow.config.flow_shift == 3.0
 
@@ -237,7 +276,7 @@ def test_failures_inside_the_pipeline_become_engine_errors(
 ) -> None:
     engine = Engine(scan_models(tiny_models_dir), device="cpu")
     engine.load("tiny-sd15")
-    unet = engine._pipelines["tiny-sd15"].unet
+    unet = engine.pipeline("tiny-sd15").unet
 
     def out_of_memory(*args: object, **kwargs: object) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -290,3 +329,16 @@ def test_fixtures_are_deterministic(tmp_path: Path) -> None:
     assert unet_bytes(0, "a") == unet_bytes(0, "b")
     assert unet_bytes(0, "c") != unet_bytes(1, "d")
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # the global RNG is left alone
+
+
+def test_memory_budget_keeps_the_most_recently_used_models(tiny_models_dir: Path) -> None:
+    # A budget smaller than any model: each load evicts the others (on CPU there is one tier).
+    engine = Engine(scan_models(tiny_models_dir), device="cpu", ram_budget_gib=1e-6)
+    engine.generate(params("tiny-sd15"))
+    engine.generate(params("tiny-sd3"))
+    assert engine.loaded_models() == ["tiny-sd3"]
+    unbounded = Engine(scan_models(tiny_models_dir), device="cpu")
+    unbounded.load("tiny-sd15")
+    unbounded.load("tiny-sd3")
+    unbounded.load("tiny-sd15")  # a hit makes it the most recently used
+    assert unbounded.loaded_models() == ["tiny-sd15", "tiny-sd3"]

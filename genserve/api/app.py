@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from genserve import __version__
 from genserve.api.deps import ModelCatalog, Services
-from genserve.api.routes import health, images, jobs, models
+from genserve.api.routes import estimate, health, images, jobs, models, web
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.schemas import LimitError
@@ -44,7 +44,7 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
         lifespan=lifespan,
     )
     app.state.services = services
-    for module in (jobs, models, images, health):
+    for module in (jobs, models, images, health, estimate, web):
         app.include_router(module.router)
 
     @app.exception_handler(LimitError)

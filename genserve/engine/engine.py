@@ -12,26 +12,34 @@ start from the same noise, but batched kernels round differently: they agree to 
 
 from __future__ import annotations
 
-import copy
-import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 
+from genserve.engine.cache import ModelCache, budget_bytes, estimate_bytes
+from genserve.engine.denoise import (
+    BatchItem,
+    BatchStepCallback,
+    ItemOutcome,
+    PreviewCallback,
+    StepCallback,
+    denoise_batch,
+)
 from genserve.engine.errors import EngineError, ModelLoadError, OutOfMemory, UnsupportedSampler
 from genserve.engine.loading import load_pipeline, resolve_device, resolve_dtype
-from genserve.engine.previews import LatentRgbMap, fit_latent_rgb_map, preview_images
+from genserve.engine.previews import LatentRgbMap, fit_latent_rgb_map
 from genserve.engine.registry import SUPPORTED_SAMPLERS, ModelInfo, sampler_supported
 from genserve.engine.samplers import build_scheduler
-from genserve.schemas.generation import GenerationParams
+from genserve.schemas.generation import GenerationParams, batch_key
 
 __all__ = ["Engine", "EngineError", "ModelLoadError", "OutOfMemory", "UnsupportedSampler"]
 
-StepCallback = Callable[[int, int], None]
-PreviewCallback = Callable[[int, int, list[PIL.Image.Image]], None]
+
+# Peak activation memory per image and megapixel in half precision (CFG pair included): rough,
+# conservative guesses (not measured here; no GPU yet) dominated by the VAE decode at large sizes.
+_ACTIVATION_BYTES_PER_MEGAPIXEL = {"sd15": 2.5e9, "sdxl": 3.0e9, "sd3": 3.5e9}
 
 
 class Engine:
@@ -42,6 +50,10 @@ class Engine:
         device: str = "auto",
         dtype: str = "auto",
         threads: int | None = None,
+        vram_budget_gib: float | None = None,
+        ram_budget_gib: float | None = None,
+        offload_to_cpu: bool = True,
+        warmup_on_load: bool = False,
     ) -> None:
         if threads:
             # On a shared CPU, more torch threads than free cores is ~10x slower, not faster.
@@ -49,9 +61,20 @@ class Engine:
         self._models = dict(models)
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
-        self._pipelines: dict[str, DiffusionPipeline] = {}
         self._preview_maps: dict[str, LatentRgbMap] = {}
-        self._load_lock = threading.Lock()
+        self._warmup_on_load = warmup_on_load
+        # Loaded pipelines live in an LRU cache bounded by the memory budgets (weights only).
+        self._cache = ModelCache(
+            lambda name: load_pipeline(
+                self._model_info(name), self._models, device=self._device, dtype=self._dtype
+            ),
+            device=self._device,
+            vram_budget_bytes=budget_bytes(vram_budget_gib),
+            ram_budget_bytes=budget_bytes(ram_budget_gib),
+            offload_to_cpu=offload_to_cpu,
+            estimate=lambda name: estimate_bytes(self._models[name].path, self._dtype),
+            on_load=self._prepare,
+        )
 
     @property
     def device(self) -> str:
@@ -63,15 +86,19 @@ class Engine:
 
     def load(self, name: str) -> None:
         """Load model `name` into the cache (no-op if loaded); raises ModelLoadError on failure."""
-        if name in self._pipelines:
-            return  # the common case: no lock, so a long load of another model never blocks generation
-        with self._load_lock:
-            if name in self._pipelines:
-                return
-            info = self._model_info(name)
-            pipe = load_pipeline(info, self._models, device=self._device, dtype=self._dtype)
-            self._preview_maps[name] = fit_latent_rgb_map(pipe.vae, pipe.vae_scale_factor)
-            self._pipelines[name] = pipe
+        self._model_info(name)
+        self._cache.get(name)
+
+    def pipeline(self, name: str) -> DiffusionPipeline:
+        """The loaded diffusers pipeline (loading it if needed): for tools and benchmarks. Do not mutate."""
+        self._model_info(name)
+        return self._cache.get(name)
+
+    def _prepare(self, name: str, pipe: DiffusionPipeline) -> None:
+        """After every fresh load (never on a cache hit): fit the preview map, warm up if asked."""
+        self._preview_maps[name] = fit_latent_rgb_map(pipe.vae, pipe.vae_scale_factor)
+        if self._warmup_on_load:
+            self.warmup(name)
 
     def knows(self, name: str) -> bool:
         return name in self._models
@@ -80,8 +107,25 @@ class Engine:
         """Register models added to the models directory since start (loaded ones stay cached)."""
         self._models.update(models)
 
+    def estimate_max_batch_images(self, params: GenerationParams) -> int | None:
+        """How many images of this size fit in free GPU memory next to the loaded models; None on CPU.
+
+        A rough activation budget per megapixel and family (the VAE decode is the peak at large
+        sizes); operators pin exact figures with the `batch_limits` setting.
+        """
+        if torch.device(self._device).type != "cuda":
+            return None
+        free_bytes, _ = torch.cuda.mem_get_info(torch.device(self._device))
+        family = self._model_info(params.model).family
+        megapixels = params.width * params.height / 1e6
+        per_image = (
+            _ACTIVATION_BYTES_PER_MEGAPIXEL[family] * megapixels * (2 if self._dtype == torch.float32 else 1)
+        )
+        return max(1, int(0.8 * free_bytes // per_image))
+
     def loaded_models(self) -> list[str]:
-        return list(self._pipelines)
+        """Models on the device, most recently used first."""
+        return self._cache.loaded()
 
     def warmup(self, name: str) -> None:
         """Load `name` and run one 1-step generation at its native size (first-call kernels, allocator)."""
@@ -111,17 +155,38 @@ class Engine:
         `on_preview(step, total, images)` gets cheap latent→RGB previews every `params.preview_every`
         steps (never on the last step: the real images follow).
         """
+        [outcome] = self.generate_batch([BatchItem(params, on_step, on_preview)])
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.images
+
+    def generate_batch(
+        self, items: list[BatchItem], on_batch_step: BatchStepCallback | None = None
+    ) -> list[ItemOutcome]:
+        """Run compatible requests (same `batch_key`) as one batch.
+
+        Each item gets its images, or the exception its own callback raised (it left the batch at
+        that step; the others went on). Engine failures (out of memory, ...) raise for the batch.
+        """
         # 0. Check inputs
-        if params.model is None or params.seed is None or params.width is None or params.height is None:
-            raise ValueError("generate() needs resolved params: model, seed, width and height must be set")
+        if not items:
+            return []
+        for item in items:
+            p = item.params
+            if p.model is None or p.seed is None or p.width is None or p.height is None:
+                raise ValueError(
+                    "generate() needs resolved params: model, seed, width and height must be set"
+                )
+            if batch_key(p) != batch_key(items[0].params):
+                raise ValueError("a batch needs the same model, size, steps and sampler for every item")
+        params = items[0].params
         info = self._model_info(params.model)
         if not sampler_supported(info.family, params.sampler):
             raise UnsupportedSampler(
                 f"sampler '{params.sampler}' is not supported for {info.family} model '{info.name}'; "
                 f"supported: {', '.join(SUPPORTED_SAMPLERS[info.family])}"
             )
-        self.load(info.name)
-        pipe = self._pipelines[info.name]
+        pipe = self._cache.get(info.name)
         multiple = size_multiple(pipe)
         if params.width % multiple or params.height % multiple:
             raise EngineError(
@@ -129,51 +194,30 @@ class Engine:
                 f"(got {params.width}x{params.height})"
             )
 
-        # 1. A per-call pipeline with the requested sampler; the cached one is never modified
+        # 1. Denoise and decode; the cached pipeline and its scheduler are never modified
         scheduler = build_scheduler(info.family, params.sampler, pipe.scheduler.config)
-        call_pipe = copy.copy(pipe)
-        call_pipe.scheduler = scheduler
-
-        # 2. Initial noise, seeded per image on the CPU
-        generators = cpu_generators(image_seeds(params.seed, params.num_images))
-        latents = initial_noise(generators, latent_shape(pipe, params.width, params.height))
-        if info.family == "sd3":
-            # The SD/SDXL pipelines scale given latents by init_noise_sigma; SD3's uses them as they are.
-            latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
-        latents = latents.to(device=self._device, dtype=self._dtype)
-
-        # 3. Denoise and decode
-        preview_every = params.preview_every or 0
-        progress = _StepReporter(
-            on_step, on_preview if preview_every else None, preview_every, self._preview_maps[info.name]
-        )
         try:
             with torch.inference_mode():
-                output = call_pipe(
-                    prompt=params.prompt,
-                    negative_prompt=params.negative_prompt or None,
-                    num_inference_steps=params.steps,
-                    guidance_scale=params.cfg_scale,
-                    width=params.width,
-                    height=params.height,
-                    num_images_per_prompt=params.num_images,
-                    latents=latents,
-                    generator=generators,
-                    callback_on_step_end=progress,
-                    output_type="pil",
+                return denoise_batch(
+                    pipe,
+                    info.family,
+                    scheduler,
+                    items,
+                    device=self._device,
+                    dtype=self._dtype,
+                    rgb_map=self._preview_maps[info.name],
+                    on_batch_step=on_batch_step,
                 )
-        except BaseException as error:
-            if error is progress.raised or not isinstance(error, Exception):
-                raise  # cancellation from on_step, KeyboardInterrupt, ...: not ours to translate
+        except Exception as error:
             if is_out_of_memory(error):
                 self._release_cached_memory()
+                images = sum(item.params.num_images for item in items)
                 size = f"{params.width}x{params.height}"
                 raise OutOfMemory(
-                    f"out of memory generating {params.num_images} image(s) at {size} on {self._device}: "
+                    f"out of memory generating {images} image(s) at {size} on {self._device}: "
                     f"{_first_line(error)}"
                 ) from error
             raise EngineError(f"generation failed: {type(error).__name__}: {_first_line(error)}") from error
-        return list(output.images)
 
     def _model_info(self, name: str) -> ModelInfo:
         if name not in self._models:
@@ -186,56 +230,7 @@ class Engine:
             torch.cuda.empty_cache()
 
 
-class _StepReporter:
-    """callback_on_step_end adapter: reports (step, total), previews, and remembers what a callback raised."""
-
-    def __init__(
-        self,
-        on_step: StepCallback | None,
-        on_preview: PreviewCallback | None,
-        preview_every: int,
-        rgb_map: LatentRgbMap,
-    ) -> None:
-        self.on_step = on_step
-        self.on_preview = on_preview
-        self.preview_every = preview_every
-        self.rgb_map = rgb_map
-        self.raised: BaseException | None = None
-
-    def __call__(self, pipe: DiffusionPipeline, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        step, total = i + 1, pipe.num_timesteps
-        try:
-            if self.on_step is not None:
-                self.on_step(step, total)
-            if self.on_preview is not None and step % self.preview_every == 0 and step < total:
-                self.on_preview(step, total, preview_images(tensors["latents"], self.rgb_map))
-        except BaseException as error:
-            self.raised = error
-            raise
-        return {}  # no tensor is replaced
-
-
 # Pure helpers: seeds, noise and shapes
-
-
-def image_seeds(seed: int, num_images: int) -> list[int]:
-    """Image i of a request uses seed + i, so any image can be reproduced on its own."""
-    return [seed + i for i in range(num_images)]
-
-
-def cpu_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-
-
-def initial_noise(generators: Sequence[torch.Generator], shape: tuple[int, int, int]) -> torch.Tensor:
-    """Unit Gaussian latents (batch, *shape) in float32 on the CPU; row i comes from generator i only."""
-    return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
-
-
-def latent_shape(pipe: DiffusionPipeline, width: int, height: int) -> tuple[int, int, int]:
-    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-    scale = pipe.vae_scale_factor
-    return denoiser.config.in_channels, height // scale, width // scale
 
 
 def size_multiple(pipe: DiffusionPipeline) -> int:

@@ -65,6 +65,13 @@ class EventLog:
         with write_transaction(self.engine) as conn:
             return append_event(conn, job_id, type, data)
 
+    def append_many(self, events: list[tuple[str, str, dict[str, Any]]]) -> list[Event]:
+        """Append (job_id, type, data) events in one transaction: a batch's progress for one step."""
+        if not events:
+            return []
+        with write_transaction(self.engine) as conn:
+            return [append_event(conn, job_id, type, data) for job_id, type, data in events]
+
     def read_after(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]:
         """Events with seq > after_seq, oldest first."""
         query = (

@@ -39,6 +39,14 @@ class GenerationParams(BaseModel):
     )
 
 
+def batch_key(params: GenerationParams) -> tuple:
+    """What must match for requests to share one batch on the GPU.
+
+    Prompts, negative prompts, seeds, CFG scales, image counts and preview cadence may all differ.
+    """
+    return (params.model, params.width, params.height, params.steps, params.sampler)
+
+
 class LimitError(ValueError):
     """A request exceeds a configured limit. `field` names the offending field."""
 

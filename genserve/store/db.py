@@ -66,6 +66,9 @@ jobs = sa.Table(
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("error", sa.Text),
     sa.Column("image_ids", sa.JSON, nullable=False),
+    # Scheduling: short or long queue, chosen at submit from the cost model's estimate.
+    sa.Column("queue", sa.String(16), nullable=False, server_default="short"),
+    sa.Column("estimated_seconds", sa.Float),
     # The claim order, so picking the next job is an index scan.
     sa.Index("ix_jobs_queue", "state", sa.desc("priority"), "created_at", "id"),
     sa.Index("ix_jobs_lease", "state", "lease_until"),
@@ -99,6 +102,9 @@ workers = sa.Table(
 
 def create_db_engine(url: str) -> sa.Engine:
     """An engine for `url` with the schema in place; safe to call from many processes at once."""
+    # Tables defined in other store modules join `metadata` when imported (they import this module).
+    from genserve.store import calibration  # noqa: F401
+
     sa_url = sa.make_url(url)
     if sa_url.get_backend_name() == "sqlite":
         engine = _sqlite_engine(sa_url)
@@ -110,7 +116,29 @@ def create_db_engine(url: str) -> sa.Engine:
             # see a table missing and the second CREATE TABLE fails.
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
         metadata.create_all(conn)
+        _add_missing_columns(conn)
     return engine
+
+
+def _add_missing_columns(conn: sa.Connection) -> None:
+    """Add columns that newer versions define to tables an older version created.
+
+    Only nullable columns or columns with a server default are ever added, so this is always safe.
+    """
+    inspector = sa.inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            column_type = column.type.compile(dialect=conn.dialect)
+            default = f" DEFAULT '{column.server_default.arg}'" if column.server_default is not None else ""
+            nullable = "" if column.nullable else " NOT NULL"
+            conn.execute(
+                sa.text(
+                    f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {column_type}{default}{nullable}'
+                )
+            )
 
 
 def _sqlite_engine(url: sa.URL) -> sa.Engine:

@@ -58,6 +58,8 @@ class JobRecord:
     cancel_requested: bool
     error: str | None
     image_ids: list[str]
+    queue: str = "short"
+    estimated_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ class JobStore:
         priority: int = 0,
         max_attempts: int = 3,
         client_id: str | None = None,
+        queue: str = "short",
+        estimated_seconds: float | None = None,
     ) -> tuple[JobRecord, bool]:
         """Queue a job; returns (job, created). A known request_id returns its job instead.
 
@@ -154,6 +158,8 @@ class JobStore:
                             max_attempts=max_attempts,
                             cancel_requested=False,
                             image_ids=[],
+                            queue=queue,
+                            estimated_seconds=estimated_seconds,
                         )
                         .returning(*jobs.c)
                     ).one()
@@ -267,6 +273,62 @@ class JobStore:
             # Another worker claimed that job between our read and our update; look again.
         return None
 
+    def queued_by_queue(self) -> dict[str, int]:
+        """Queued jobs per queue; both queues always present."""
+        counts = {"short": 0, "long": 0}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.queue, sa.func.count()).where(jobs.c.state == QUEUED).group_by(jobs.c.queue)
+            ).all()
+        counts.update({queue: count for queue, count in rows})
+        return counts
+
+    def queued_jobs(self, limit: int = 500) -> list[JobRecord]:
+        """The head of the queue (priority, then arrival): what a scheduler chooses a batch from."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(jobs).where(jobs.c.state == QUEUED).order_by(*_QUEUE_ORDER).limit(limit)
+            ).all()
+        return [_record(row) for row in rows]
+
+    def claim_jobs(self, job_ids: list[str], worker_id: str, lease_seconds: float) -> list[JobRecord]:
+        """Lease the given jobs to this worker, all in one transaction: the ones still queued.
+
+        Jobs another worker claimed meanwhile are skipped (SKIP LOCKED, then a conditional update),
+        so two workers never share a job; the caller runs whatever came back as one batch.
+        """
+        if not job_ids:
+            return []
+        claimed = []
+        with write_transaction(self.engine) as conn:
+            now = db_now(conn)
+            lockable = conn.execute(
+                sa.select(jobs.c.id)
+                .where(jobs.c.id.in_(job_ids), jobs.c.state == QUEUED)
+                .with_for_update(skip_locked=True)
+            ).scalars()
+            available = set(lockable)
+            for job_id in job_ids:  # keep the caller's order
+                if job_id not in available:
+                    continue
+                row = conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
+                    .values(
+                        state=RUNNING,
+                        attempt=jobs.c.attempt + 1,
+                        lease_owner=worker_id,
+                        lease_until=now + timedelta(seconds=lease_seconds),
+                        started_at=now,
+                        updated_at=now,
+                    )
+                    .returning(*jobs.c)
+                ).first()
+                if row is not None:
+                    append_event(conn, job_id, "started", {"attempt": row.attempt, "worker": worker_id})
+                    claimed.append(_record(row))
+        return claimed
+
     def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_seconds: float) -> HeartbeatResult:
         """Renew the lease while this worker still owns the job, and report a pending cancel."""
         with write_transaction(self.engine) as conn:
@@ -281,6 +343,26 @@ class JobStore:
                 return HeartbeatResult(owned=True, cancel_requested=renewed.cancel_requested)
             cancel = conn.execute(sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar()
             return HeartbeatResult(owned=False, cancel_requested=bool(cancel))
+
+    def heartbeat_many(
+        self, worker_id: str, held: list[tuple[str, int]], lease_seconds: float
+    ) -> dict[str, HeartbeatResult]:
+        """`heartbeat` for every (job_id, attempt) of a batch, in one transaction."""
+        results = {}
+        with write_transaction(self.engine) as conn:
+            now = db_now(conn)
+            for job_id, attempt in held:
+                renewed = conn.execute(
+                    jobs.update()
+                    .where(_owned(job_id, worker_id, attempt))
+                    .values(lease_until=now + timedelta(seconds=lease_seconds))
+                    .returning(jobs.c.cancel_requested)
+                ).first()
+                if renewed is not None:
+                    results[job_id] = HeartbeatResult(owned=True, cancel_requested=renewed.cancel_requested)
+                else:
+                    results[job_id] = HeartbeatResult(owned=False, cancel_requested=False)
+        return results
 
     def complete(self, job_id: str, worker_id: str, attempt: int, image_ids: list[str]) -> bool:
         values = {"state": JobState.succeeded.value, "image_ids": list(image_ids)}

@@ -40,6 +40,10 @@ def main() -> int:
         device=settings.device,
         dtype=settings.dtype,
         threads=settings.torch_threads,
+        vram_budget_gib=settings.vram_budget_gib,
+        ram_budget_gib=settings.ram_budget_gib,
+        offload_to_cpu=settings.offload_to_cpu,
+        warmup_on_load=settings.warmup,
     )
     worker = Worker(settings, store, engine, ImageStore(settings.images_dir), worker_id)
     log.info("worker starting", extra={"worker_id": worker_id, "device": engine.device})

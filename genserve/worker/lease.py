@@ -1,4 +1,4 @@
-"""Keeps a claimed job's lease alive and notices cancellation, off the denoising hot path."""
+"""Keeps a batch's leases alive and notices cancellation, off the denoising hot path."""
 
 from __future__ import annotations
 
@@ -11,39 +11,38 @@ log = logging.getLogger(__name__)
 
 
 class JobCanceled(Exception):
-    """Raised from the step callback when the job's cancellation was requested."""
+    """Raised from a job's step callback when its cancellation was requested."""
 
 
 class LeaseLost(Exception):
-    """Raised from the step callback when another attempt owns the job now (reaped or fenced)."""
+    """Raised from a job's step callback when another attempt owns the job now (reaped or fenced)."""
 
 
 class LeaseKeeper:
-    """A background thread that renews the lease every `interval` seconds and records cancel requests.
+    """A background thread that renews the leases of a batch every `interval` seconds, in one
+    transaction, and records cancel requests per job.
 
-    The step callback calls `check()`, which only reads two flags, so a slow store never stalls
-    the GPU. A long model load or VAE decode keeps the lease because the thread runs regardless.
+    Step callbacks call `check(job_id)`, which only reads flags, so a slow store never stalls the
+    GPU; a long model load or VAE decode keeps the leases because the thread runs regardless.
     """
 
     def __init__(
         self,
         store: JobStore,
-        job_id: str,
         worker_id: str,
-        attempt: int,
+        held: list[tuple[str, int]],
         lease_seconds: float,
         interval: float,
     ) -> None:
         self.store = store
-        self.job_id = job_id
         self.worker_id = worker_id
-        self.attempt = attempt
+        self.held = list(held)  # (job_id, attempt)
         self.lease_seconds = lease_seconds
         self.interval = interval
-        self.canceled = threading.Event()
-        self.lost = threading.Event()
+        self.canceled: set[str] = set()
+        self.lost: set[str] = set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id[:8]}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
 
     def __enter__(self) -> LeaseKeeper:
         self._thread.start()
@@ -55,20 +54,23 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                result = self.store.heartbeat(self.job_id, self.worker_id, self.attempt, self.lease_seconds)
-            except Exception:  # a store hiccup must not kill the job; the lease has slack
-                log.warning("lease heartbeat failed", extra={"job_id": self.job_id}, exc_info=True)
-                continue
-            if not result.owned:
-                self.lost.set()
+            watched = [(job_id, attempt) for job_id, attempt in self.held if job_id not in self.lost]
+            if not watched:
                 return
-            if result.cancel_requested:
-                self.canceled.set()
+            try:
+                results = self.store.heartbeat_many(self.worker_id, watched, self.lease_seconds)
+            except Exception:  # a store hiccup must not kill the batch; the lease has slack
+                log.warning("lease heartbeat failed", exc_info=True)
+                continue
+            for job_id, result in results.items():
+                if not result.owned:
+                    self.lost.add(job_id)
+                elif result.cancel_requested:
+                    self.canceled.add(job_id)
 
-    def check(self) -> None:
-        """Raise if the job must stop now. Called between denoising steps."""
-        if self.lost.is_set():
-            raise LeaseLost(f"job {self.job_id} attempt {self.attempt} lost its lease")
-        if self.canceled.is_set():
-            raise JobCanceled(self.job_id)
+    def check(self, job_id: str) -> None:
+        """Raise if this job must stop now. Called between denoising steps."""
+        if job_id in self.lost:
+            raise LeaseLost(f"job {job_id} lost its lease")
+        if job_id in self.canceled:
+            raise JobCanceled(job_id)

@@ -1,6 +1,7 @@
-"""The worker loop: claim a job, run it on the engine, store images, finish the job (fenced).
+"""The worker loop: pick a batch (scheduler policy), claim it, run it on the engine, store images,
+finish each job (fenced).
 
-Every outcome ends in exactly one store transition: complete, fail, mark_canceled, or nothing when the
+Every job ends in exactly one store transition: complete, fail, mark_canceled, or nothing when the
 lease was lost (another attempt owns the job and will finish it).
 """
 
@@ -12,15 +13,19 @@ import socket
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 
 import PIL.Image
 
 from genserve.artifacts.images import ImageStore, image_id_for
 from genserve.artifacts.png import encode_png, preview_data_url
 from genserve.config import Settings
+from genserve.engine.denoise import BatchItem, ItemOutcome
 from genserve.engine.engine import Engine, EngineError
+from genserve.engine.gpu_metrics import publish_gpu_metrics
 from genserve.engine.registry import scan_models
-from genserve.metrics import IMAGES_GENERATED, JOB_SECONDS, STEP_SECONDS
+from genserve.metrics import BATCH_IMAGES, IMAGES_GENERATED, JOB_SECONDS, QUEUE_WAIT_SECONDS, STEP_SECONDS
+from genserve.scheduler.policy import SchedulerState, batch_limit, plan_batch, record_served
 from genserve.schemas import GenerationParams
 from genserve.store.jobs import JobRecord, JobStore
 from genserve.worker.lease import JobCanceled, LeaseKeeper, LeaseLost
@@ -36,38 +41,65 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class ProgressReporter:
-    """The engine's per-step callback: checks the lease, then records a progress event."""
+class EventBuffer:
+    """Collects a batch's progress and preview events during a step; written in one transaction."""
 
-    def __init__(self, store: JobStore, job_id: str, model: str, lease: LeaseKeeper) -> None:
+    def __init__(self, store: JobStore) -> None:
         self.store = store
+        self.pending: list[tuple[str, str, dict]] = []
+
+    def add(self, job_id: str, type: str, data: dict) -> None:
+        self.pending.append((job_id, type, data))
+
+    def flush(self) -> None:
+        events, self.pending = self.pending, []
+        self.store.events.append_many(events)
+
+
+class ProgressReporter:
+    """One job's step callback inside a batch: checks its lease flags, then queues its events."""
+
+    def __init__(self, job_id: str, lease: LeaseKeeper, events: EventBuffer) -> None:
         self.job_id = job_id
-        self.model = model
         self.lease = lease
+        self.events = events
         self.started = time.perf_counter()
-        self.last = self.started
 
     def __call__(self, step: int, steps: int) -> None:
-        now = time.perf_counter()
-        STEP_SECONDS.labels(self.model).observe(now - self.last)
-        self.last = now
-        self.lease.check()
-        per_step = (now - self.started) / step
-        self.store.events.append(
-            self.job_id,
-            "progress",
-            {
-                "step": step,
-                "steps": steps,
-                "percent": round(100.0 * step / steps, 1),
-                "eta_s": round(per_step * (steps - step), 3),
-                "ts": round(time.time(), 3),
-            },
-        )
+        self.lease.check(self.job_id)
+        per_step = (time.perf_counter() - self.started) / step
+        progress = {
+            "step": step,
+            "steps": steps,
+            "percent": round(100.0 * step / steps, 1),
+            "eta_s": round(per_step * (steps - step), 3),
+            "ts": round(time.time(), 3),
+        }
+        self.events.add(self.job_id, "progress", progress)
 
     def preview(self, step: int, steps: int, images: list[PIL.Image.Image]) -> None:
         data = {"step": step, "steps": steps, "images": [preview_data_url(image) for image in images]}
-        self.store.events.append(self.job_id, "preview", data)
+        self.events.add(self.job_id, "preview", data)
+
+
+class StepTimer:
+    """The batch-level step callback: writes the step's events, and times the step by model,
+    resolution and rows computed."""
+
+    def __init__(self, params: GenerationParams, events: EventBuffer) -> None:
+        self.model = params.model or ""
+        self.resolution = f"{params.width}x{params.height}"
+        self.events = events
+        self.last = time.perf_counter()
+        self.samples: list[tuple[int, float]] = []  # (rows, seconds) for calibration refinement
+
+    def __call__(self, step: int, total: int, rows: int) -> None:
+        self.events.flush()
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        STEP_SECONDS.labels(self.model, self.resolution, str(rows)).observe(seconds)
+        if step > 1:  # the first step carries text encoding and warm-up: not steady state
+            self.samples.append((rows, seconds))
 
 
 class Worker:
@@ -80,6 +112,7 @@ class Worker:
         self.images = images
         self.worker_id = worker_id
         self.state = "starting"
+        self.scheduler_state = SchedulerState()
 
     def announce(self) -> None:
         """Refresh this worker's row: readiness and loaded models for /readyz and /v1/models."""
@@ -96,6 +129,7 @@ class Worker:
         while not stop.wait(WORKER_HEARTBEAT_SECONDS):
             try:
                 self.announce()
+                publish_gpu_metrics()
             except Exception:
                 log.warning("worker heartbeat failed", exc_info=True)
 
@@ -104,10 +138,7 @@ class Worker:
         self.announce()
         default = self.settings.default_model
         if default in scan_models(self.settings.models_dir):
-            if self.settings.warmup:
-                self.engine.warmup(default)
-            else:
-                self.engine.load(default)
+            self.engine.load(default)  # warms up too when the engine was built with warmup_on_load
         else:
             log.warning("default model not found; serving other models only", extra={"model": default})
         self.state = "ready"
@@ -127,58 +158,135 @@ class Worker:
             self.state = "stopping"
 
     def run_next(self) -> bool:
-        """Claim and run one job. Returns False when the queue was empty."""
-        job = self.store.claim_next(self.worker_id, self.settings.lease_seconds)
-        if job is None:
+        """Claim and run one batch. Returns False when the queue was empty."""
+        queued = self.store.queued_jobs(limit=500)
+        if not queued:
             return False
-        self.run_job(job)
+        chosen = plan_batch(
+            queued,
+            self.scheduler_state,
+            long_share=self.settings.long_queue_share,
+            max_images=self.max_batch_images,
+        )
+        jobs = self.store.claim_jobs([job.id for job in chosen], self.worker_id, self.settings.lease_seconds)
+        if jobs:  # empty: another worker took them first; look again at once
+            record_served(self.scheduler_state, chosen[0])
+            now = datetime.now(UTC)
+            for job in jobs:
+                QUEUE_WAIT_SECONDS.labels(job.queue).observe((now - job.created_at).total_seconds())
+            self.run_batch(jobs)
         return True
 
-    def run_job(self, job: JobRecord) -> None:
-        params = GenerationParams.model_validate(job.params)
-        fence = (job.id, self.worker_id, job.attempt)
-        context = {"job_id": job.id, "attempt": job.attempt, "worker_id": self.worker_id}
-        log.info("job started", extra=context)
-        started = time.perf_counter()
-        outcome = "failed"
-        lease = LeaseKeeper(
-            self.store,
-            job.id,
-            self.worker_id,
-            job.attempt,
-            self.settings.lease_seconds,
-            self.settings.heartbeat_seconds,
+    def max_batch_images(self, params: GenerationParams) -> int:
+        estimate = self.engine.estimate_max_batch_images(params) if self.engine.knows(params.model) else None
+        return batch_limit(
+            self.settings.batch_limits, params, estimate, self.settings.default_max_batch_images
         )
+
+    def run_batch(self, jobs: list[JobRecord]) -> None:
+        """Run claimed jobs as one engine batch; every job ends in exactly one fenced transition."""
+        started = time.perf_counter()
+        params = {job.id: GenerationParams.model_validate(job.params) for job in jobs}
+        outcomes: dict[str, str] = {}
+        for job in jobs:
+            if job.cancel_requested:  # canceled between being listed and being claimed
+                self.store.mark_canceled(job.id, self.worker_id, job.attempt)
+                outcomes[job.id] = "canceled"
+        running = [job for job in jobs if job.id not in outcomes]
+        if running:
+            BATCH_IMAGES.observe(sum(params[job.id].num_images for job in running))
+            log.info(
+                "batch started", extra={"worker_id": self.worker_id, "jobs": [job.id for job in running]}
+            )
+            held = [(job.id, job.attempt) for job in running]
+            with LeaseKeeper(
+                self.store, self.worker_id, held, self.settings.lease_seconds, self.settings.heartbeat_seconds
+            ) as lease:
+                outcomes.update(self._generate(running, params, lease))
+        elapsed = time.perf_counter() - started
+        for job in jobs:
+            JOB_SECONDS.labels(params[job.id].model, outcomes[job.id]).observe(elapsed)
+            log.info(
+                "job finished",
+                extra={
+                    "job_id": job.id,
+                    "attempt": job.attempt,
+                    "worker_id": self.worker_id,
+                    "outcome": outcomes[job.id],
+                },
+            )
+
+    def _generate(
+        self, jobs: list[JobRecord], params: dict[str, GenerationParams], lease: LeaseKeeper
+    ) -> dict[str, str]:
+        first = params[jobs[0].id]
+        if not self.engine.knows(first.model):
+            self.engine.update_models(scan_models(self.settings.models_dir))
+        events = EventBuffer(self.store)
+        reporters = {job.id: ProgressReporter(job.id, lease, events) for job in jobs}
+        items = [
+            BatchItem(params[job.id], on_step=reporters[job.id], on_preview=reporters[job.id].preview)
+            for job in jobs
+        ]
+        timer = StepTimer(first, events)
         try:
-            with lease:
-                if job.cancel_requested:
-                    raise JobCanceled(job.id)
-                if not self.engine.knows(params.model):
-                    self.engine.update_models(scan_models(self.settings.models_dir))
-                progress = ProgressReporter(self.store, job.id, params.model or "", lease)
-                pictures = self.engine.generate(params, on_step=progress, on_preview=progress.preview)
-                lease.check()
-                image_ids = []
-                for index, picture in enumerate(pictures):
-                    image_id = image_id_for(job.id, index)
-                    png = encode_png(
-                        picture, params, seed=params.seed + index, index=index, extra={"job_id": job.id}
-                    )
-                    self.images.save(image_id, png)
-                    image_ids.append(image_id)
-            if self.store.complete(*fence, image_ids):
-                outcome = "succeeded"
-                IMAGES_GENERATED.labels(params.model).inc(len(image_ids))
-        except JobCanceled:
-            outcome = "canceled"
-            self.store.mark_canceled(*fence)
-        except LeaseLost:
-            outcome = "lease_lost"
-            log.warning("lease lost; another attempt owns the job", extra=context)
+            results = self.engine.generate_batch(items, on_batch_step=timer)
         except EngineError as error:
-            self.store.fail(*fence, str(error))
-        except Exception as error:  # a bug must fail the job, never the worker
-            log.exception("job crashed", extra=context)
-            self.store.fail(*fence, f"internal error: {type(error).__name__}: {error}")
-        JOB_SECONDS.labels(params.model, outcome).observe(time.perf_counter() - started)
-        log.info("job finished", extra={**context, "outcome": outcome})
+            if len(jobs) > 1:
+                # One member may be what broke the batch (say, out of memory at its size): give each its own run.
+                log.warning("batch failed; running its jobs one by one", extra={"error": str(error)})
+                outcomes = {}
+                for job in jobs:
+                    outcomes.update(self._generate([job], params, lease))
+                return outcomes
+            return {jobs[0].id: self._finish_failed(jobs[0], str(error))}
+        except Exception as error:  # a bug must fail the jobs, never the worker
+            log.exception("batch crashed", extra={"jobs": [job.id for job in jobs]})
+            return {
+                job.id: self._finish_failed(job, f"internal error: {type(error).__name__}: {error}")
+                for job in jobs
+            }
+        self.observe_step_times(first, timer)
+        return {
+            job.id: self._finish(job, params[job.id], outcome, lease)
+            for job, outcome in zip(jobs, results, strict=True)
+        }
+
+    def observe_step_times(self, params: GenerationParams, timer: StepTimer) -> None:
+        """Hook for the cost model's refinement with steady-state step times (see scheduler/cost)."""
+
+    def _finish(
+        self, job: JobRecord, params: GenerationParams, outcome: ItemOutcome, lease: LeaseKeeper
+    ) -> str:
+        fence = (job.id, self.worker_id, job.attempt)
+        if isinstance(outcome.error, JobCanceled):
+            self.store.mark_canceled(*fence)
+            return "canceled"
+        if isinstance(outcome.error, LeaseLost):
+            log.warning("lease lost; another attempt owns the job", extra={"job_id": job.id})
+            return "lease_lost"
+        if outcome.error is not None:
+            return self._finish_failed(
+                job, f"internal error: {type(outcome.error).__name__}: {outcome.error}"
+            )
+        try:
+            lease.check(job.id)
+        except JobCanceled:
+            self.store.mark_canceled(*fence)
+            return "canceled"
+        except LeaseLost:
+            return "lease_lost"
+        image_ids = []
+        for index, picture in enumerate(outcome.images):
+            image_id = image_id_for(job.id, index)
+            png = encode_png(picture, params, seed=params.seed + index, index=index, extra={"job_id": job.id})
+            self.images.save(image_id, png)
+            image_ids.append(image_id)
+        if not self.store.complete(*fence, image_ids):
+            return "lease_lost"
+        IMAGES_GENERATED.labels(params.model).inc(len(image_ids))
+        return "succeeded"
+
+    def _finish_failed(self, job: JobRecord, error: str) -> str:
+        self.store.fail(job.id, self.worker_id, job.attempt, error)
+        return "failed"

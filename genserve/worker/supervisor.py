@@ -20,6 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client.multiprocess import mark_process_dead
+
 from genserve.config import Settings
 from genserve.metrics import WORKER_RESTARTS
 from genserve.store.jobs import JobStore
@@ -121,6 +123,8 @@ class Supervisor:
         if code is None or self._stop.is_set():
             return
         reason = f"worker process exited with code {code}"
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            mark_process_dead(slot.process.pid)  # its live gauges (GPU memory) stop counting
         requeued = self.store.requeue_owner(slot.worker_id, reason)
         self.store.remove_worker(slot.worker_id)
         WORKER_RESTARTS.inc()

@@ -1,0 +1,111 @@
+// The public HTTP API, and nothing else: everything the page does, a script can do too.
+
+export class ApiError extends Error {
+  /** @param {number} status @param {string} message @param {Array<{field: string, message: string}>} fields */
+  constructor(status, message, fields = []) {
+    super(message);
+    this.status = status;
+    this.fields = fields; // per-field errors from a 422, in plain words
+  }
+}
+
+async function request(method, path, body) {
+  const init = { method, headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch {
+    throw new ApiError(0, "The server cannot be reached. Is genserve still running?");
+  }
+  const data = await response.json().catch(() => null);
+  if (!response.ok) throw toApiError(response.status, data);
+  return data;
+}
+
+function toApiError(status, data) {
+  const detail = data?.detail;
+  if (status === 422 && Array.isArray(detail)) {
+    const fields = detail.map((item) => {
+      const field = String(item.loc?.at(-1) ?? "");
+      return { field, message: plainWords(field, item.msg ?? "is not valid", item.type) };
+    });
+    return new ApiError(status, fields.map((f) => f.message).join(" "), fields);
+  }
+  if (typeof detail === "string") return new ApiError(status, sentence(detail));
+  return new ApiError(status, `The server answered ${status}.`);
+}
+
+/** Pydantic's messages, reworded for people; genserve's own limit messages are already plain. */
+export function plainWords(field, message, type = "") {
+  if (field === "prompt" && (type === "missing" || type === "string_too_short")) return "Write a prompt first.";
+  if (type === "extra_forbidden") return `This server does not accept “${field}”.`;
+  if (type === "missing") return sentence(`${field.replaceAll("_", " ")} is required`);
+  let text = message.replace(/^Value error, /, "");
+  text = text
+    .replace(/^Input should be greater than or equal to (\S+)/, "Must be at least $1")
+    .replace(/^Input should be less than or equal to (\S+)/, "Must be at most $1")
+    .replace(/^Input should be a valid integer.*/, "Must be a whole number")
+    .replace(/^Input should be a valid number.*/, "Must be a number")
+    .replace(/^Input should be /, "Must be ");
+  return sentence(text);
+}
+
+function sentence(text) {
+  const trimmed = text.trim();
+  const capital = trimmed.charAt(0).toUpperCase() + trimmed.slice(1);
+  return /[.!?]$/.test(capital) ? capital : `${capital}.`;
+}
+
+export const api = {
+  models: () => request("GET", "/v1/models").then((body) => body.data),
+  openapi: () => request("GET", "/openapi.json"),
+  jobs: ({ limit = 24, offset = 0 } = {}) => request("GET", `/v1/jobs?limit=${limit}&offset=${offset}`),
+  job: (id) => request("GET", `/v1/jobs/${encodeURIComponent(id)}`),
+  submit: (body) => request("POST", "/v1/jobs", body),
+  cancel: (id) => request("DELETE", `/v1/jobs/${encodeURIComponent(id)}`),
+  ready: async () => {
+    try {
+      const response = await fetch("/readyz");
+      return response.ok ? "ready" : "warming";
+    } catch {
+      return "offline";
+    }
+  },
+};
+
+const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+
+/**
+ * Follow a job's server-sent events. `on(type, data)` gets every event; the stream is closed after
+ * a terminal event (the server ends it there, and EventSource would otherwise reconnect).
+ * Returns a function that stops following.
+ */
+export function followJob(id, on, onLost) {
+  const source = new EventSource(`/v1/jobs/${encodeURIComponent(id)}/events`);
+  const types = ["queued", "started", "progress", "preview", "requeued", "succeeded", "failed", "canceled"];
+  for (const type of types) {
+    source.addEventListener(type, (event) => {
+      let data = {};
+      try {
+        data = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      if (TERMINAL.has(type)) source.close();
+      on(type, data);
+    });
+  }
+  // A closed source after an error means the browser gave up (e.g. the job is gone): poll instead.
+  source.addEventListener("error", () => {
+    if (source.readyState === EventSource.CLOSED) onLost?.();
+  });
+  return () => source.close();
+}
+
+export function isTerminal(state) {
+  return TERMINAL.has(state);
+}

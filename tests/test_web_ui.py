@@ -1,0 +1,357 @@
+"""The web UI end to end: headless Chromium (Debian's package, driven by Playwright) against a live server.
+
+The browser cannot be downloaded here, so the test uses the system `chromium` through
+`executable_path`. Without it (or without playwright) the tests skip with the reason, and fail
+instead when GENSERVE_REQUIRE_SERVICES=1, as `.ci/run` sets. The run also writes the README
+screenshot, `docs/screenshot.png`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import LiveServer, wait_job
+
+CHROMIUM = os.environ.get("GENSERVE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshot.png"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+# Tiny random-weight models: 64x64 takes a few hundredths of a second a step here, 128x128 most of a
+# second. The long job is canceled after a few steps; its length only keeps it running on fast hosts.
+LONG_JOB = {"width": "128", "height": "128", "steps": "500"}
+
+# Records what the page showed, from the first DOM change: a fast job's progress and previews can
+# come and go between two checks of a polling assertion, a MutationObserver sees every change.
+RECORDER = """
+window.__seen = {progress: [], previews: []};
+new MutationObserver(() => {
+  for (const bar of document.querySelectorAll('[role=progressbar][aria-valuenow]')) {
+    const value = Number(bar.getAttribute('aria-valuenow'));  // the step; aria-valuemax is the total
+    if (window.__seen.progress.at(-1) !== value) window.__seen.progress.push(value);
+  }
+  for (const img of document.querySelectorAll('img.preview')) {
+    if (img.src.startsWith('data:image/') && !window.__seen.previews.includes(img.src)) {
+      window.__seen.previews.push(img.src);
+    }
+  }
+}).observe(document, {subtree: true, childList: true, attributes: true,
+                      attributeFilter: ['aria-valuenow', 'src']});
+"""
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("GENSERVE_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason}, and GENSERVE_REQUIRE_SERVICES=1", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def playwright_api():
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _unavailable("playwright is not installed (pip install -e '.[test]')")
+    if not Path(CHROMIUM).is_file():
+        _unavailable(f"chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    return sync_api
+
+
+@pytest.fixture(scope="module")
+def browser(playwright_api):
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models_dir, tmp_path_factory):
+    # The tiny models, plus one whose weights are missing: its jobs fail, as a broken checkpoint would.
+    models = tmp_path_factory.mktemp("web-models")
+    for family in ("sd15", "sdxl"):
+        (models / f"tiny-{family}").symlink_to(tiny_models_dir / f"tiny-{family}")
+    (models / "broken-sd15").mkdir()
+    shutil.copy(tiny_models_dir / "tiny-sd15" / "model_index.json", models / "broken-sd15")
+    live = LiveServer(
+        models_dir=models,
+        data_dir=tmp_path_factory.mktemp("web-data"),
+        env={
+            "GENSERVE_LIMITS__MAX_WIDTH": "256",
+            "GENSERVE_LIMITS__MAX_HEIGHT": "256",
+            "GENSERVE_LIMITS__MAX_STEPS": "500",
+        },
+    ).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def api(server):
+    with server.client() as client:
+        yield client
+
+
+@pytest.fixture
+def open_page(browser, server, playwright_api):
+    """Open the UI in a fresh browser context; fails the test on any uncaught script error."""
+    contexts, errors = [], []
+
+    def open_(viewport: dict = DESKTOP, color_scheme: str = "dark"):
+        context = browser.new_context(viewport=viewport, color_scheme=color_scheme)
+        context.add_init_script(RECORDER)
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on(
+            "console", lambda m: m.type == "error" and not _is_http_error(m.text) and errors.append(m.text)
+        )
+        page.goto(server.url)
+        playwright_api.expect(page.locator("body[data-ready]")).to_have_count(1)
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+    with server.client() as client:  # a failed test must not leave a long job holding the worker
+        for job in client.get("/v1/jobs", params={"limit": 20}).json()["items"]:
+            if job["state"] in ("queued", "running"):
+                client.delete(f"/v1/jobs/{job['id']}")
+    assert not errors, errors
+
+
+def _is_http_error(text: str) -> bool:
+    # The browser logs every 4xx/5xx response; the 422s are the point of some tests.
+    return text.startswith("Failed to load resource")
+
+
+def _card(page, job_id: str):
+    return page.locator(f'.job[data-job-id="{job_id}"]')
+
+
+def _newest_card(page):
+    return page.locator(".job").first
+
+
+def test_generate_shows_progress_preview_then_image_and_survives_reload(open_page, api, playwright_api):
+    expect = playwright_api.expect
+    page = open_page()
+    page.fill("#prompt", "a lighthouse at dusk, oil painting")
+    page.fill("#steps", "30")
+    page.fill("#seed", "1234")
+    page.press("#prompt", "Enter")  # Enter in the prompt generates
+
+    card = _newest_card(page)
+    expect(card).to_have_attribute("data-state", re.compile("queued|running|succeeded"))
+    job_id = card.get_attribute("data-job-id")
+    expect(card).to_have_attribute("data-state", "succeeded", timeout=60_000)
+
+    seen = page.evaluate("window.__seen")
+    steps_shown = [step for step in seen["progress"] if 0 < step < 30]
+    assert len(steps_shown) >= 3 and steps_shown == sorted(steps_shown), seen["progress"]
+    assert seen["previews"], "no live preview image was shown"
+    assert all(src.startswith("data:image/jpeg;base64,") for src in seen["previews"])
+
+    image = card.locator("button.thumb img")
+    expect(image).to_have_attribute("src", re.compile(r"^/v1/images/"))
+    page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=image.element_handle())
+    expect(card).to_contain_text("seed 1234")
+    assert api.get(f"/v1/jobs/{job_id}").json()["params"]["seed"] == 1234
+
+    # Full size in the lightbox, with a download link; Esc closes it and focus goes back.
+    card.locator("button.thumb").focus()
+    page.keyboard.press("Enter")
+    dialog = page.locator("#lightbox")
+    expect(dialog).to_have_attribute("open", "")
+    expect(page.locator("#lightbox-download")).to_have_attribute(
+        "href", re.compile(rf"/v1/images/{job_id}-0")
+    )
+    page.keyboard.press("Escape")
+    expect(dialog).not_to_have_attribute("open", "")
+    expect(card.locator("button.thumb")).to_be_focused()
+
+    # The gallery comes from /v1/jobs: after a reload the result is still there, image and all.
+    page.reload()
+    card = _card(page, job_id)
+    expect(card).to_have_attribute("data-state", "succeeded")
+    expect(card.locator("button.thumb img")).to_have_attribute("src", f"/v1/images/{job_id}-0")
+
+    # Send it back to the form; reuse its seed.
+    page.fill("#seed", "")
+    page.fill("#prompt", "")
+    card.get_by_role("button", name="Send to form").click()
+    expect(page.locator("#prompt")).to_have_value("a lighthouse at dusk, oil painting")
+    expect(page.locator("#steps")).to_have_value("30")
+    expect(page.locator("#seed")).to_have_value("1234")
+    page.fill("#seed", "")
+    card.get_by_role("button", name="Reuse seed").click()
+    expect(page.locator("#seed")).to_have_value("1234")
+
+
+def test_queue_position_reload_resumes_live_view_and_cancel(open_page, api, playwright_api):
+    expect = playwright_api.expect
+    page = open_page()
+    page.fill("#prompt", "a long job to cancel")
+    for field, value in LONG_JOB.items():
+        page.fill(f"#{field}", value)
+    page.click("#generate")
+    running = _newest_card(page)
+    expect(running).to_have_attribute("data-state", "running", timeout=30_000)
+    running_id = running.get_attribute("data-job-id")
+    bar = running.get_by_role("progressbar")
+    expect(bar).to_have_attribute("aria-valuemax", "500")
+    expect(bar).to_have_attribute("aria-valuenow", re.compile(r"^[1-9]"), timeout=30_000)  # a step done
+    expect(running.locator(".progress-text")).to_have_text(
+        re.compile(r"Step \d+ of 500 · \d+% · about .+ left")
+    )
+
+    # A second job waits behind it and says where it is in the queue.
+    page.fill("#prompt", "a job that waits")
+    page.fill("#steps", "4")
+    page.press("#prompt", "Enter")
+    queued = _newest_card(page)
+    expect(queued).to_have_attribute("data-state", "queued")
+    queued_id = queued.get_attribute("data-job-id")
+    expect(queued).to_contain_text("Queued: next in line.")
+
+    # After a reload both jobs are followed again: the progress keeps moving.
+    page.reload()
+    running, queued = _card(page, running_id), _card(page, queued_id)
+    expect(queued).to_contain_text("next in line")
+    bar = running.get_by_role("progressbar")
+    expect(bar).to_have_attribute("aria-valuenow", re.compile(r"^[1-9]"))
+    before = int(bar.get_attribute("aria-valuenow"))
+    page.wait_for_function(
+        f"() => Number(document.querySelector('[data-job-id=\"{running_id}\"] [role=progressbar]')"
+        f"?.getAttribute('aria-valuenow')) > {before}",
+        timeout=30_000,
+    )
+
+    # Cancel while queued: at once. Cancel while running: at the next step.
+    queued.get_by_role("button", name="Cancel").click()
+    expect(queued).to_have_attribute("data-state", "canceled")
+    running.get_by_role("button", name="Cancel").click()
+    expect(running).to_have_attribute("data-state", "canceled", timeout=30_000)
+    expect(running.get_by_role("progressbar")).to_have_count(0)
+    assert api.get(f"/v1/jobs/{running_id}").json()["state"] == "canceled"
+    assert api.get(f"/v1/jobs/{queued_id}").json()["state"] == "canceled"
+    assert page.title() == "genserve"
+
+
+def test_api_errors_show_next_to_the_field_in_plain_words(open_page, playwright_api):
+    expect = playwright_api.expect
+    page = open_page()
+    jobs_before = page.locator(".job").count()
+
+    page.fill("#prompt", "too wide")
+    page.fill("#width", "512")
+    page.press("#width", "Enter")  # Enter in any field submits the form
+    expect(page.locator("#width-error")).to_have_text("Width must be at most 256 (max_width).")
+    expect(page.locator("#width")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#width")).to_be_focused()
+
+    page.fill("#width", "100")  # typing clears the old message
+    expect(page.locator("#width-error")).to_be_hidden()
+    page.press("#width", "Control+Enter")
+    expect(page.locator("#width-error")).to_have_text("Must be a multiple of 8.")
+
+    page.fill("#width", "64")
+    page.fill("#prompt", "")
+    page.fill("#steps", "501")
+    page.click("#generate")
+    expect(page.locator("#prompt-error")).to_have_text("Write a prompt first.")
+    expect(page.locator("#prompt")).to_be_focused()
+    expect(page.locator("#width-error")).to_be_hidden()
+    assert page.locator(".job").count() == jobs_before  # nothing was queued
+
+
+def test_failed_job_shows_its_error_on_the_card(open_page, playwright_api):
+    expect = playwright_api.expect
+    page = open_page()
+    page.select_option("#model", "broken-sd15")
+    page.fill("#width", "64")
+    page.fill("#height", "64")
+    page.fill("#prompt", "a model with no weights")
+    page.press("#prompt", "Enter")
+    card = _newest_card(page)
+    expect(card).to_have_attribute("data-state", "failed", timeout=60_000)
+    expect(card.locator(".job-error")).to_contain_text("The job failed: could not load model 'broken-sd15'")
+
+
+def test_model_picker_switches_size_presets_to_the_family(open_page, playwright_api):
+    expect = playwright_api.expect
+    page = open_page()
+    options = page.locator("#model option")
+    expect(options).to_have_count(3)
+    expect(page.locator("#model")).to_have_value("tiny-sd15")  # the server's default model
+    # Samplers come from the OpenAPI contract.
+    expect(page.locator("#sampler option")).to_have_count(6)
+    chips = page.locator("#size-presets .chip")
+    expect(chips.filter(has_text="4:3")).to_contain_text("88×64")  # SD1.5: the short side stays native
+
+    page.locator("#size-presets .chip", has_text="4:3").click()
+    expect(page.locator("#width")).to_have_value("88")
+    page.select_option("#model", "tiny-sdxl")
+    expect(chips.filter(has_text="4:3")).to_contain_text("72×56")  # SDXL: equal-area buckets
+    # The same aspect ratio at the new family's size.
+    expect(page.locator("#width")).to_have_value("72")
+    expect(page.locator("#height")).to_have_value("56")
+    page.locator("#size-presets .chip", has_text="1:1").click()
+    expect(page.locator("#width")).to_have_value("64")
+
+
+def test_phone_width_stacks_without_horizontal_scroll(open_page, api, playwright_api):
+    prompt = "a quiet harbour town at dawn, fishing boats, mist over the water, watercolour, pastel palette"
+    job = api.post("/v1/jobs", json={"prompt": prompt, "steps": 4, "num_images": 2}).json()
+    wait_job(api, job["id"])
+    page = open_page(viewport=PHONE)
+    playwright_api.expect(_card(page, job["id"])).to_have_attribute("data-state", "succeeded")
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    form, results = page.locator("#generate-form").bounding_box(), page.locator(".results").bounding_box()
+    assert form["y"] + form["height"] <= results["y"], "the form comes first, the results below it"
+    assert results["x"] + results["width"] <= PHONE["width"]
+
+
+def test_readme_screenshot(open_page, api, playwright_api):
+    """docs/screenshot.png: finished results in the gallery, at desktop width."""
+    prompts = [
+        ("a red fox in fresh snow, golden hour", 2),
+        ("isometric cottage, soft light, highly detailed", 1),
+        ("a lighthouse at dusk, oil painting", 1),
+    ]
+    for index, (prompt, count) in enumerate(prompts):
+        body = {
+            "prompt": prompt,
+            "steps": 8,
+            "seed": 40 + index,
+            "num_images": count,
+            "sampler": "dpmpp_2m_karras",
+        }
+        wait_job(api, api.post("/v1/jobs", json=body).json()["id"])
+    page = open_page()
+    newest = _newest_card(page)
+    playwright_api.expect(newest).to_have_attribute("data-state", "succeeded")
+    newest.get_by_role("button", name="Send to form").click()
+    page.fill("#negative_prompt", "blurry, low quality")
+    page.wait_for_function("[...document.querySelectorAll('.job img')].every(img => img.complete)")
+    page.evaluate("document.activeElement.blur()")
+    page.mouse.move(0, DESKTOP["height"] - 1)  # no hover highlight in the picture
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_page_and_assets_are_served_from_the_package(server):
+    page = httpx.get(server.url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    links = re.findall(r'(?:src|href)="([^"]*)"', page.text)
+    assert "/static/app.js" in links
+    assert all(link.startswith(("/", "#")) for link in links), f"no CDN, every asset is local: {links}"
+    script = httpx.get(server.url + "/static/app.js", timeout=10)
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert httpx.get(server.url + "/static/../api/app.py", timeout=10).status_code == 404
