@@ -257,3 +257,33 @@ def test_requests_queued_behind_a_busy_worker_run_as_one_batch(client):
     # Exactly one new batch of 4 images: it lands in the le=4 bucket and not in le=3.
     grew = {bound: after[bound] - before.get(bound, 0) for bound in after}
     assert grew[4.0] - grew[3.0] == 1
+
+
+def test_jobs_carry_queue_estimate_and_standing(client):
+    blocker = submit(client, steps=30, width=96, height=96)
+    waiting = [submit(client, prompt=f"standing {i}") for i in range(2)]
+    second = client.get(f"/v1/jobs/{waiting[1]['id']}").json()
+    assert second["queue"] == "short" and second["estimated_seconds"] > 0
+    if second["state"] == "queued":  # the worker may have reached it already on a fast machine
+        assert second["queue_position"] >= 1 and second["estimated_start_at"] is not None
+    for job in [blocker, *waiting]:
+        wait_job(client, job["id"])
+    estimate = client.post("/v1/estimate", json={"steps": 20, "gpu_price_per_hour": 2.5}).json()
+    assert estimate["model"] == "tiny-sd15" and estimate["seconds_per_image"] > 0
+    assert estimate["cost_per_1000"] == pytest.approx(2.5 / (estimate["images_per_hour"] / 1000), rel=1e-6)
+
+
+def test_long_jobs_go_to_the_long_queue(tiny_models_dir, tmp_path):
+    server = LiveServer(
+        tiny_models_dir,
+        tmp_path,
+        env={"GENSERVE_WORKERS": "0", "GENSERVE_LONG_QUEUE_THRESHOLD_SECONDS": "0.001"},
+    ).start(wait_ready=False)
+    try:
+        with server.client() as client:
+            job = client.post("/v1/jobs", json={"prompt": "x", "steps": 50}).json()
+            assert job["queue"] == "long"
+            metrics = client.get("/metrics").text
+            assert 'genserve_queue_depth{queue="long"} 1.0' in metrics
+    finally:
+        server.stop()

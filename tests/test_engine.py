@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 
+from genserve.engine.denoise import BatchItem, apply_guidance
 from genserve.engine.engine import (
     Engine,
     EngineError,
@@ -18,7 +19,6 @@ from genserve.engine.engine import (
     OutOfMemory,
     UnsupportedSampler,
 )
-from genserve.engine.denoise import BatchItem, apply_guidance
 from genserve.engine.fixtures import write_tiny_pipeline, write_tiny_single_file
 from genserve.engine.registry import SUPPORTED_SAMPLERS, scan_models
 from genserve.engine.samplers import FAMILY_SAMPLERS, build_scheduler

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from datetime import UTC, datetime, timedelta
 
 from genserve.config import Settings
 from genserve.engine.registry import ModelInfo, sampler_supported
+from genserve.scheduler.cost import seconds_per_batch
+from genserve.scheduler.policy import classify
 from genserve.schemas import (
     GenerationParams,
     ImageRef,
@@ -18,6 +21,7 @@ from genserve.schemas import (
     check_limits,
 )
 from genserve.schemas.generation import MAX_SEED
+from genserve.store.calibration import CalibrationStore
 from genserve.store.jobs import JobRecord, JobStore
 
 
@@ -61,6 +65,7 @@ def submit(
     """Validate and store a job. Returns (job, created); an idempotent resubmit returns created=False."""
     generation = GenerationParams.model_validate(body.model_dump(exclude={"request_id", "priority"}))
     resolved = resolve_params(generation, models, settings)
+    seconds = estimated_seconds(resolved, models[resolved.model].family, store)
     return store.submit(
         resolved.model_dump(),
         request_id=body.request_id,
@@ -68,10 +73,30 @@ def submit(
         priority=body.priority,
         max_attempts=settings.max_attempts,
         client_id=client_id,
+        queue=classify(seconds, settings.long_queue_threshold_seconds),
+        estimated_seconds=seconds,
     )
 
 
-def to_public(job: JobRecord, store: JobStore) -> JobPublic:
+def estimated_seconds(params: GenerationParams, family: str, store: JobStore) -> float:
+    """The cost model's run time for this request alone, on the device it was calibrated on."""
+    calibration = CalibrationStore(store.engine)
+    timing = calibration.lookup(
+        device=calibration.default_device(params.model),
+        model=params.model,
+        family=family,
+        width=params.width,
+        height=params.height,
+        batch=params.num_images,
+    )
+    return seconds_per_batch(timing, params.steps)
+
+
+def to_public(job: JobRecord, store: JobStore, live_workers: int = 1) -> JobPublic:
+    standing = store.queue_standing(job.id) if job.state == JobState.queued else None
+    start = None
+    if standing is not None:
+        start = datetime.now(UTC) + timedelta(seconds=standing[1] / max(1, live_workers))
     return JobPublic(
         id=job.id,
         request_id=job.request_id,
@@ -85,6 +110,9 @@ def to_public(job: JobRecord, store: JobStore) -> JobPublic:
         max_attempts=job.max_attempts,
         error=job.error,
         images=[ImageRef(id=image_id, url=f"/v1/images/{image_id}") for image_id in job.image_ids],
-        queue_position=store.queue_position(job.id) if job.state == JobState.queued else None,
+        queue=job.queue,
+        estimated_seconds=job.estimated_seconds,
+        queue_position=standing[0] if standing else None,
+        estimated_start_at=start,
         events_url=f"/v1/jobs/{job.id}/events",
     )

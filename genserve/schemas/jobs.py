@@ -53,7 +53,14 @@ class JobPublic(BaseModel):
     max_attempts: int
     error: str | None
     images: list[ImageRef]
-    queue_position: int | None = Field(None, description="0 = next to run; only while queued.")
+    queue: str = Field("short", description="short or long, chosen from the estimated cost at submit.")
+    estimated_seconds: float | None = Field(None, description="The cost model's estimate of the run time.")
+    queue_position: int | None = Field(
+        None, description="Jobs ahead in the same queue (0 = next); only while queued."
+    )
+    estimated_start_at: datetime | None = Field(
+        None, description="Estimated start: the estimated work ahead in its queue over the live workers."
+    )
     events_url: str
 
 

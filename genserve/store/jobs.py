@@ -228,6 +228,26 @@ class JobStore:
             ahead = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == QUEUED, _ahead_of(job))
             return conn.execute(ahead).scalar_one()
 
+    def queue_standing(self, job_id: str) -> tuple[int, float] | None:
+        """(jobs ahead in the same queue, their estimated seconds in total); None unless queued.
+
+        The scheduler interleaves the two queues by share and batches compatible jobs, so this is
+        an estimate: an upper bound on the wait for the job's own queue.
+        """
+        with self.engine.connect() as conn:
+            job = conn.execute(
+                sa.select(jobs.c.id, jobs.c.priority, jobs.c.created_at, jobs.c.queue).where(
+                    jobs.c.id == job_id, jobs.c.state == QUEUED
+                )
+            ).first()
+            if job is None:
+                return None
+            ahead = sa.select(
+                sa.func.count(), sa.func.coalesce(sa.func.sum(jobs.c.estimated_seconds), 0.0)
+            ).where(jobs.c.state == QUEUED, jobs.c.queue == job.queue, _ahead_of(job))
+            count, seconds = conn.execute(ahead).one()
+            return int(count), float(seconds)
+
     def counts_by_state(self) -> dict[str, int]:
         counts = {state.value: 0 for state in JobState}
         with self.engine.connect() as conn:

@@ -25,8 +25,11 @@ from genserve.engine.engine import Engine, EngineError
 from genserve.engine.gpu_metrics import publish_gpu_metrics
 from genserve.engine.registry import scan_models
 from genserve.metrics import BATCH_IMAGES, IMAGES_GENERATED, JOB_SECONDS, QUEUE_WAIT_SECONDS, STEP_SECONDS
+from genserve.scheduler.calibrate import device_name
+from genserve.scheduler.cost import steady_step_seconds
 from genserve.scheduler.policy import SchedulerState, batch_limit, plan_batch, record_served
 from genserve.schemas import GenerationParams
+from genserve.store.calibration import CalibrationStore
 from genserve.store.jobs import JobRecord, JobStore
 from genserve.worker.lease import JobCanceled, LeaseKeeper, LeaseLost
 
@@ -113,6 +116,8 @@ class Worker:
         self.worker_id = worker_id
         self.state = "starting"
         self.scheduler_state = SchedulerState()
+        self.calibration = CalibrationStore(store.engine)
+        self.device_name = device_name(engine.device)  # the name `genserve calibrate` stores rows under
 
     def announce(self) -> None:
         """Refresh this worker's row: readiness and loaded models for /readyz and /v1/models."""
@@ -253,7 +258,14 @@ class Worker:
         }
 
     def observe_step_times(self, params: GenerationParams, timer: StepTimer) -> None:
-        """Hook for the cost model's refinement with steady-state step times (see scheduler/cost)."""
+        """Refine the cost model with this batch's steady-state step times (one write per batch size)."""
+        for rows, step_s in steady_step_seconds(timer.samples).items():
+            try:
+                self.calibration.observe(
+                    self.device_name, params.model, params.width, params.height, rows, step_s
+                )
+            except Exception:  # the cost model is advisory; a failed write must not fail the batch
+                log.warning("could not record a step time", exc_info=True)
 
     def _finish(
         self, job: JobRecord, params: GenerationParams, outcome: ItemOutcome, lease: LeaseKeeper

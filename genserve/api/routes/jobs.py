@@ -41,7 +41,7 @@ def create_job(
     if not created:
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return to_public(job, services.store)
+    return to_public(job, services.store, _live_workers(services))
 
 
 @router.get("/v1/jobs", response_model=JobList, operation_id="list_jobs")
@@ -53,9 +53,17 @@ def list_jobs(
 ) -> JobList:
     """Jobs, newest first."""
     jobs, total = services.store.list_jobs(limit=limit, offset=offset, state=state)
+    workers = _live_workers(services)
     return JobList(
-        items=[to_public(job, services.store) for job in jobs], total=total, limit=limit, offset=offset
+        items=[to_public(job, services.store, workers) for job in jobs],
+        total=total,
+        limit=limit,
+        offset=offset,
     )
+
+
+def _live_workers(services: ServicesDep) -> int:
+    return len(services.store.live_workers(max_age_seconds=10.0))
 
 
 def _get_job_or_404(services: ServicesDep, job_id: str):  # noqa: ANN202 - JobRecord
@@ -67,7 +75,7 @@ def _get_job_or_404(services: ServicesDep, job_id: str):  # noqa: ANN202 - JobRe
 
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic, operation_id="get_job")
 def get_job(job_id: str, services: ServicesDep) -> JobPublic:
-    return to_public(_get_job_or_404(services, job_id), services.store)
+    return to_public(_get_job_or_404(services, job_id), services.store, _live_workers(services))
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobPublic, operation_id="cancel_job")
@@ -75,7 +83,7 @@ def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
     """Cancel: a queued job at once, a running one at its next denoising step."""
     _get_job_or_404(services, job_id)
     job = services.store.request_cancel(job_id)
-    return to_public(job, services.store)
+    return to_public(job, services.store, _live_workers(services))
 
 
 @router.get(
