@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32
     warmup: bool = True
+    # Prompts are user data: they reach the logs only when this is set.
+    log_prompts: bool = False
     # Model cache budgets per worker in GiB, weights only (None: unbounded). On CUDA, vram bounds models
     # on the GPU and ram bounds models offloaded to CPU RAM; on a CPU, ram bounds the cache.
     vram_budget_gib: float | None = Field(None, gt=0)

@@ -59,8 +59,21 @@ def request_hash(body: JobCreate) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def trace_id_from(traceparent: str | None) -> str:
+    """The W3C trace id of an incoming `traceparent` header, or a new one."""
+    parts = (traceparent or "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
+        return parts[1]
+    return secrets.token_hex(16)
+
+
 def submit(
-    body: JobCreate, models: dict[str, ModelInfo], settings: Settings, store: JobStore, client_id: str | None
+    body: JobCreate,
+    models: dict[str, ModelInfo],
+    settings: Settings,
+    store: JobStore,
+    client_id: str | None,
+    trace_id: str | None = None,
 ) -> tuple[JobRecord, bool]:
     """Validate and store a job. Returns (job, created); an idempotent resubmit returns created=False."""
     generation = GenerationParams.model_validate(body.model_dump(exclude={"request_id", "priority"}))
@@ -75,6 +88,7 @@ def submit(
         client_id=client_id,
         queue=classify(seconds, settings.long_queue_threshold_seconds),
         estimated_seconds=seconds,
+        trace_id=trace_id,
     )
 
 

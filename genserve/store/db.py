@@ -69,6 +69,8 @@ jobs = sa.Table(
     # Scheduling: short or long queue, chosen at submit from the cost model's estimate.
     sa.Column("queue", sa.String(16), nullable=False, server_default="short"),
     sa.Column("estimated_seconds", sa.Float),
+    # The request's trace (W3C trace id), so worker logs and spans join the API's trace.
+    sa.Column("trace_id", sa.String(32)),
     # The claim order, so picking the next job is an index scan.
     sa.Index("ix_jobs_queue", "state", sa.desc("priority"), "created_at", "id"),
     sa.Index("ix_jobs_lease", "state", "lease_until"),

@@ -60,6 +60,7 @@ class JobRecord:
     image_ids: list[str]
     queue: str = "short"
     estimated_seconds: float | None = None
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class JobStore:
         client_id: str | None = None,
         queue: str = "short",
         estimated_seconds: float | None = None,
+        trace_id: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Queue a job; returns (job, created). A known request_id returns its job instead.
 
@@ -160,6 +162,7 @@ class JobStore:
                             image_ids=[],
                             queue=queue,
                             estimated_seconds=estimated_seconds,
+                            trace_id=trace_id,
                         )
                         .returning(*jobs.c)
                     ).one()

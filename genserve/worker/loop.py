@@ -200,9 +200,11 @@ class Worker:
         running = [job for job in jobs if job.id not in outcomes]
         if running:
             BATCH_IMAGES.observe(sum(params[job.id].num_images for job in running))
-            log.info(
-                "batch started", extra={"worker_id": self.worker_id, "jobs": [job.id for job in running]}
-            )
+            for job in running:
+                context = {"job_id": job.id, "trace_id": job.trace_id, "worker_id": self.worker_id}
+                if self.settings.log_prompts:
+                    context["prompt"] = params[job.id].prompt
+                log.info("job started", extra={**context, "batch": len(running), "attempt": job.attempt})
             held = [(job.id, job.attempt) for job in running]
             with LeaseKeeper(
                 self.store, self.worker_id, held, self.settings.lease_seconds, self.settings.heartbeat_seconds
@@ -215,6 +217,7 @@ class Worker:
                 "job finished",
                 extra={
                     "job_id": job.id,
+                    "trace_id": job.trace_id,
                     "attempt": job.attempt,
                     "worker_id": self.worker_id,
                     "outcome": outcomes[job.id],

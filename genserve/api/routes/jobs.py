@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from genserve.api.deps import ServicesDep
 from genserve.api.sse import SSE_HEADERS, job_event_stream, parse_last_event_id
-from genserve.api.submission import submit, to_public
+from genserve.api.submission import submit, to_public, trace_id_from
 from genserve.schemas import JobCreate, JobList, JobPublic, JobState, LimitError
 
 router = APIRouter(tags=["jobs"])
@@ -17,6 +17,7 @@ router = APIRouter(tags=["jobs"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 ClientId = Annotated[str | None, Header(alias="X-Client-Id", max_length=200)]
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
+TraceParent = Annotated[str | None, Header(alias="traceparent", description="W3C trace context (optional)")]
 
 
 def _with_key(body: JobCreate, idempotency_key: str | None) -> JobCreate:
@@ -34,10 +35,15 @@ def create_job(
     response: Response,
     idempotency_key: IdempotencyKey = None,
     client_id: ClientId = None,
+    traceparent: TraceParent = None,
 ) -> JobPublic:
     """Queue a generation job. With a request_id (or Idempotency-Key), a resubmit returns the same job."""
     body = _with_key(body, idempotency_key)
-    job, created = submit(body, services.catalog.models(), services.settings, services.store, client_id)
+    trace_id = trace_id_from(traceparent)
+    job, created = submit(
+        body, services.catalog.models(), services.settings, services.store, client_id, trace_id
+    )
+    response.headers["X-Trace-Id"] = job.trace_id or trace_id
     if not created:
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -110,10 +116,17 @@ def generate_stream(
     services: ServicesDep,
     idempotency_key: IdempotencyKey = None,
     client_id: ClientId = None,
+    traceparent: TraceParent = None,
 ) -> StreamingResponse:
     """Submit a job and stream its events in one call (`curl -N`)."""
     body = _with_key(body, idempotency_key)
-    job, _ = submit(body, services.catalog.models(), services.settings, services.store, client_id)
-    headers = {**SSE_HEADERS, "X-Job-Id": job.id, "Location": f"/v1/jobs/{job.id}"}
+    trace_id = trace_id_from(traceparent)
+    job, _ = submit(body, services.catalog.models(), services.settings, services.store, client_id, trace_id)
+    headers = {
+        **SSE_HEADERS,
+        "X-Job-Id": job.id,
+        "Location": f"/v1/jobs/{job.id}",
+        "X-Trace-Id": job.trace_id or trace_id,
+    }
     stream = job_event_stream(services.store, job.id)
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
