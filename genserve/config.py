@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     # How often an idle worker looks for queued work.
     poll_seconds: float = Field(0.2, gt=0)
     max_attempts: int = Field(3, ge=1)
+    # First retry delay of jobs that retry engine failures (batch items); doubles per attempt.
+    retry_backoff_seconds: float = Field(2.0, ge=0)
 
     # Default preview cadence in steps when a request does not say (0 disables previews).
     preview_every: int = Field(2, ge=0)

@@ -406,3 +406,26 @@ def test_every_transition_writes_exactly_one_event(store: JobStore) -> None:
     assert d.id == c.id  # a released job keeps its place in line
     totals = Counter(t for job in store.list_jobs()[0] for t in event_types(store, job.id))
     assert totals == {"queued": 4, "started": 4, "succeeded": 1, "failed": 1, "requeued": 1}
+
+
+def test_retrying_jobs_back_off_then_fail_after_max_attempts(store: JobStore) -> None:
+    job, _ = store.submit({"p": 1}, max_attempts=2, retry_on_error=True)
+    first = store.claim_jobs([job.id], "w", 30)[0]
+    assert store.fail(job.id, "w", first.attempt, "boom", retry_delay_seconds=0.3)
+    assert store.get(job.id).state == JobState.queued
+    assert store.queued_jobs() == []  # not due yet
+    time.sleep(0.35)
+    assert [j.id for j in store.queued_jobs()] == [job.id]
+    second = store.claim_jobs([job.id], "w", 30)[0]
+    assert second.attempt == 2
+    assert store.fail(job.id, "w", 2, "boom again", retry_delay_seconds=0.3)
+    final = store.get(job.id)
+    assert final.state == JobState.failed and final.error == "boom again"
+    assert event_types(store, job.id) == ["queued", "started", "requeued", "started", "failed"]
+
+
+def test_interactive_jobs_fail_at_once(store: JobStore) -> None:
+    job, _ = store.submit({"p": 1}, max_attempts=3)
+    claimed = store.claim_jobs([job.id], "w", 30)[0]
+    assert store.fail(job.id, "w", claimed.attempt, "engine error", retry_delay_seconds=1)
+    assert store.get(job.id).state == JobState.failed

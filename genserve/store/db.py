@@ -71,6 +71,10 @@ jobs = sa.Table(
     sa.Column("estimated_seconds", sa.Float),
     # The request's trace (W3C trace id), so worker logs and spans join the API's trace.
     sa.Column("trace_id", sa.String(32)),
+    # Retries of engine failures (batch items): a failed attempt goes back to the queue, not
+    # before `not_before`, until max_attempts. Interactive jobs fail at once (retry_on_error null).
+    sa.Column("retry_on_error", sa.Boolean),
+    sa.Column("not_before", UTCDateTime),
     # The claim order, so picking the next job is an index scan.
     sa.Index("ix_jobs_queue", "state", sa.desc("priority"), "created_at", "id"),
     sa.Index("ix_jobs_lease", "state", "lease_until"),

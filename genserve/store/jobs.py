@@ -61,6 +61,8 @@ class JobRecord:
     queue: str = "short"
     estimated_seconds: float | None = None
     trace_id: str | None = None
+    retry_on_error: bool | None = None
+    not_before: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class JobStore:
         queue: str = "short",
         estimated_seconds: float | None = None,
         trace_id: str | None = None,
+        retry_on_error: bool = False,
     ) -> tuple[JobRecord, bool]:
         """Queue a job; returns (job, created). A known request_id returns its job instead.
 
@@ -163,6 +166,7 @@ class JobStore:
                             queue=queue,
                             estimated_seconds=estimated_seconds,
                             trace_id=trace_id,
+                            retry_on_error=retry_on_error or None,
                         )
                         .returning(*jobs.c)
                     ).one()
@@ -309,8 +313,9 @@ class JobStore:
     def queued_jobs(self, limit: int = 500) -> list[JobRecord]:
         """The head of the queue (priority, then arrival): what a scheduler chooses a batch from."""
         with self.engine.connect() as conn:
+            due = sa.or_(jobs.c.not_before.is_(None), jobs.c.not_before <= db_now(conn))
             rows = conn.execute(
-                sa.select(jobs).where(jobs.c.state == QUEUED).order_by(*_QUEUE_ORDER).limit(limit)
+                sa.select(jobs).where(jobs.c.state == QUEUED, due).order_by(*_QUEUE_ORDER).limit(limit)
             ).all()
         return [_record(row) for row in rows]
 
@@ -391,7 +396,34 @@ class JobStore:
         values = {"state": JobState.succeeded.value, "image_ids": list(image_ids)}
         return self._finish(job_id, worker_id, attempt, values, "succeeded", {"images": list(image_ids)})
 
-    def fail(self, job_id: str, worker_id: str, attempt: int, error: str) -> bool:
+    def fail(
+        self, job_id: str, worker_id: str, attempt: int, error: str, retry_delay_seconds: float = 0.0
+    ) -> bool:
+        """Fenced. A job submitted with retry_on_error goes back to the queue (after the delay) while
+        attempts remain; any other job, or the last attempt, becomes failed with the error."""
+        with write_transaction(self.engine) as conn:
+            row = conn.execute(
+                sa.select(jobs).where(_owned(job_id, worker_id, attempt)).with_for_update()
+            ).first()
+            if row is None:
+                return False
+            if row.retry_on_error and row.attempt < row.max_attempts:
+                now = db_now(conn)
+                conn.execute(
+                    jobs.update()
+                    .where(_owned(job_id, worker_id, attempt))
+                    .values(
+                        state=QUEUED,
+                        lease_owner=None,
+                        lease_until=None,
+                        error=error,
+                        not_before=now + timedelta(seconds=retry_delay_seconds),
+                        updated_at=now,
+                    )
+                )
+                data = {"reason": error, "attempt": row.attempt, "retry_in_s": retry_delay_seconds}
+                append_event(conn, job_id, "requeued", data)
+                return True
         values = {"state": JobState.failed.value, "error": error}
         return self._finish(job_id, worker_id, attempt, values, "failed", {"error": error})
 

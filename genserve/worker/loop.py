@@ -303,5 +303,7 @@ class Worker:
         return "succeeded"
 
     def _finish_failed(self, job: JobRecord, error: str) -> str:
-        self.store.fail(job.id, self.worker_id, job.attempt, error)
+        # Jobs that retry (batch items) back off exponentially: 2 s, 4 s, 8 s, ... at most 5 minutes.
+        delay = min(300.0, self.settings.retry_backoff_seconds * 2 ** (job.attempt - 1))
+        self.store.fail(job.id, self.worker_id, job.attempt, error, retry_delay_seconds=delay)
         return "failed"
