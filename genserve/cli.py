@@ -18,10 +18,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from genserve.config import Settings
+from genserve.auth.cli import keys_app
+from genserve.batch.cli import batch_app
+from genserve.config import Settings, is_loopback
+from genserve.distributed.worker_cli import worker as distributed_worker
 from genserve.schemas import SAMPLER_NAMES, GenerationParams, LimitError
 
 app = typer.Typer(help="genserve: a self-hosted image generation server.", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+app.add_typer(keys_app, name="keys")
+app.command(name="worker")(distributed_worker)  # multi-node: docs/scaling.md
 console = Console(stderr=True)
 
 
@@ -47,19 +53,41 @@ def serve(
     models_dir: Annotated[Path | None, typer.Option(help="Models directory.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory (store, images).")] = None,
     store: Annotated[str | None, typer.Option("--store", help="Job store URL (SQLite default).")] = None,
+    broker: Annotated[
+        str | None, typer.Option("--broker", help="redis://... : stateless API replica for genserve workers.")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes to supervise (0: API only).")] = None,
     default_model: Annotated[str | None, typer.Option(help="Default model name.")] = None,
+    auth: Annotated[
+        str | None, typer.Option(help="API keys: auto (required off loopback), on or off.")
+    ] = None,
+    allow_open: Annotated[
+        bool | None, typer.Option("--allow-open", help="Serve without API keys on a public address.")
+    ] = None,
 ) -> None:
     """Start the HTTP server and its supervised engine workers."""
+    if auth not in (None, "auto", "on", "off"):
+        raise typer.BadParameter(f"--auth must be auto, on or off, not '{auth}'")
     settings = _settings(
         host=host,
         port=port,
         models_dir=models_dir,
         data_dir=data_dir,
         store_url=store,
+        broker_url=broker,
         workers=workers,
         default_model=default_model,
+        auth=auth,
+        allow_open_public=allow_open,
     )
+    if not settings.auth_enabled and not is_loopback(settings.host) and not settings.allow_open_public:
+        console.print(
+            f"[red]refusing to serve without API keys on {settings.host}: anyone who can reach it could "
+            "use it. Use --auth on (create keys with `genserve keys create`), or --allow-open.[/red]"
+        )
+        raise typer.Exit(2)
+    if settings.auth_enabled:
+        console.print("API keys required (Bearer gs_...); create one with: genserve keys create NAME")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     # Workers are separate processes: metrics they observe reach /metrics through these files.
@@ -72,6 +100,10 @@ def serve(
 
     configure_logging()
     ensure_default_model(settings)
+
+    from genserve.tracing import configure_tracing
+
+    configure_tracing(settings, "genserve-api")
 
     import uvicorn
 
@@ -422,6 +454,79 @@ def plan(
     out = Console()
     out.print(table)
     out.print(f"basis: {result.basis}", soft_wrap=True)
+
+
+@app.command()
+def bench(
+    models: Annotated[str, typer.Option(help="Comma-separated: sd15, sdxl, sd3.")] = "sd15,sdxl,sd3",
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes (images).")] = "1,4",
+    steps: Annotated[int | None, typer.Option(min=1, help="Steps (default: 30; 28 for sd3).")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each path (median).")] = 3,
+    tiny: Annotated[bool, typer.Option(help="Tiny random-weight models: the CPU smoke test.")] = False,
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT (default: each model's native).")] = None,
+    cfg_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (fp16; bf16 for sd3; fp32 on CPU) | float16 | ...")
+    ] = "auto",
+    opt: Annotated[
+        list[str] | None,
+        typer.Option("--opt", help="An engine optimization KEY=VALUE (repeat), e.g. compile=off."),
+    ] = None,
+    compile_cache: Annotated[Path | None, typer.Option(help="Compile cache directory.")] = None,
+    fresh_cache: Annotated[bool, typer.Option(help="Empty the compile cache first (cold start).")] = False,
+    restart: Annotated[
+        bool, typer.Option(help="Also time a restarted process to ready, with the caches written.")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
+    tag: Annotated[str | None, typer.Option(help="Results file name suffix (default: the models).")] = None,
+    out: Annotated[Path, typer.Option(help="Results directory.")] = Path("benchmarks/results"),
+) -> None:
+    """Plain diffusers against genserve's engine on random-weight real architectures; writes a table."""
+    from genserve.bench.report import table_rows, write_report
+    from genserve.bench.run import BenchConfig, BenchError, run_bench
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    options = {}
+    for pair in opt or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--opt '{pair}' is not KEY=VALUE")
+        options[key.strip()] = value.strip()
+    config = BenchConfig(
+        models=[m.strip() for m in models.split(",") if m.strip()],
+        batches=[int(b) for b in batch.split(",") if b.strip()],
+        steps=steps,
+        repeats=repeats,
+        tiny=tiny,
+        cfg_scale=cfg_scale,
+        size=_parse_size(size) if size else None,
+        device=device,
+        dtype=dtype,
+        options=options,
+        compile_cache_dir=compile_cache,
+        fresh_cache=fresh_cache,
+        restart=restart,
+        tag=tag,
+    )
+    try:
+        report = run_bench(config, command=config.command_line(threads), echo=console.print)
+    except (BenchError, ValueError) as error:
+        console.print(f"[red]bench: {error}[/red]")
+        raise typer.Exit(2) from None
+    header, *rows = table_rows(report)
+    table = Table(*header, title=f"genserve bench: {report.device}, {report.date}")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(200, Console().width)).print(table)
+    for path in write_report(report, out):
+        console.print(f"wrote {path}")
+    if any(case.accuracy_passed is False for case in report.cases):
+        console.print("[red]accuracy check failed (relative L2 above the limit)[/red]")
+        raise typer.Exit(1)
 
 
 def main() -> None:

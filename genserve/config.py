@@ -7,8 +7,10 @@ for example `GENSERVE_LIMITS__MAX_STEPS=50`.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +19,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1); False for 0.0.0.0 and the rest."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
 
 
 class Limits(BaseModel):
@@ -85,6 +97,50 @@ class Settings(BaseSettings):
     default_max_batch_images: int = Field(8, ge=1)
 
     limits: Limits = Limits()
+
+    # Access control (docs/api-compat.md). auto: API keys are required when `host` is not a loopback
+    # address. Serving open (no keys) on a non-loopback address also needs allow_open_public.
+    auth: Literal["auto", "on", "off"] = "auto"
+    allow_open_public: bool = False
+    # Origins allowed to call the API from a browser (CORS); empty: no CORS headers.
+    cors_origins: list[str] = []
+    # A new key's defaults: token-bucket rate (requests per second) and burst; None means unlimited.
+    default_rate_per_second: float | None = Field(10.0, gt=0)
+    default_rate_burst: int = Field(20, ge=1)
+    # OpenTelemetry: spans are exported over OTLP/HTTP to this endpoint; None: no exporter.
+    otlp_endpoint: str | None = None
+    # API key ids reach the logs only when this is set; a key's secret never does.
+    log_keys: bool = False
+    # How long the synchronous compatibility endpoints (OpenAI, AUTOMATIC1111) wait for their job.
+    compat_timeout_seconds: float = Field(600.0, gt=0)
+
+    # Multi-node mode (docs/scaling.md). A broker URL (redis://...) makes API replicas stateless: no
+    # supervised workers; `genserve worker` processes take jobs woken through Celery.
+    broker_url: str | None = None
+    broker_queue: str = "genserve"
+    # Above the longest job: a message redelivers only after this; the lease reaper recovers faster.
+    visibility_timeout_seconds: float = Field(3600.0, gt=0)
+    # Spot pools: on SIGTERM a running job still unfinished after this many seconds goes back to the
+    # queue (below the grace the node gives: 10 on GKE spot, 100 on AWS spot). None: warm shutdown.
+    spot_shutdown_seconds: float | None = Field(None, ge=0)
+    # Progress events go to Redis Streams (one capped stream per job, with a TTL); None: the SQL log.
+    redis_events_url: str | None = None
+    event_stream_maxlen: int = Field(2000, ge=10)
+    event_stream_ttl_seconds: int = Field(3600, ge=1)
+    # The reaper in each API replica: lease expiry checks, and wakes for queued jobs left unwoken.
+    reaper_seconds: float = Field(2.0, gt=0)
+    wake_sweep_seconds: float = Field(30.0, gt=0)
+    # The artifact store shared by replicas and workers: None is `<data_dir>/images` (a shared
+    # directory in multi-node mode); s3://bucket/prefix stores images in S3 (boto3 credentials).
+    artifact_url: str | None = None
+    s3_endpoint_url: str | None = None
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether requests need an API key: `auth`, with auto meaning "when not on loopback"."""
+        if self.auth == "auto":
+            return not is_loopback(self.host)
+        return self.auth == "on"
 
     @property
     def resolved_store_url(self) -> str:

@@ -5,16 +5,20 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from genserve import __version__
 from genserve.api.deps import ModelCatalog, Services
-from genserve.api.routes import estimate, health, images, jobs, models, web
-from genserve.artifacts.images import ImageStore
+from genserve.api.routes import a1111, admin, batches, estimate, health, images, jobs, models, openai, web
+from genserve.artifacts.s3 import make_image_store
+from genserve.auth.deps import get_principal, install_auth
+from genserve.auth.keys import KeyStore
 from genserve.config import Settings
+from genserve.distributed.api import attach_distributed
 from genserve.schemas import LimitError
 from genserve.store.jobs import IdempotencyConflict, JobStore
+from genserve.tracing import TracingMiddleware
 from genserve.worker.supervisor import Supervisor
 
 
@@ -23,17 +27,23 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
     services = Services(
         settings=settings,
         store=store,
-        images=ImageStore(settings.images_dir),
+        images=make_image_store(settings),  # a directory, or S3 (docs/scaling.md)
         catalog=ModelCatalog(settings.models_dir),
     )
-    if supervise_workers and settings.workers > 0:
+    # Multi-node mode (a broker): `genserve worker` processes run the jobs; this replica runs the reaper.
+    reaper = attach_distributed(settings, store)
+    if supervise_workers and settings.workers > 0 and reaper is None:
         services.supervisor = Supervisor(settings, store, settings.workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if services.supervisor:
             services.supervisor.start()
+        if reaper:
+            reaper.start()
         yield
+        if reaper:
+            reaper.stop()
         if services.supervisor:
             services.supervisor.stop()
 
@@ -44,8 +54,13 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
         lifespan=lifespan,
     )
     app.state.services = services
-    for module in (jobs, models, images, health, estimate, web):
+    install_auth(app, settings, KeyStore(store.engine))  # keys, rate limits, CORS
+    app.add_middleware(TracingMiddleware, log_keys=settings.log_keys)
+    for module in (health, web):
         app.include_router(module.router)
+    # Everything else needs an API key when auth is on; the key is the caller's identity.
+    for module in (jobs, batches, models, images, estimate, openai, a1111, admin):
+        app.include_router(module.router, dependencies=[Depends(get_principal)])
 
     @app.exception_handler(LimitError)
     async def limit_error(request: Request, error: LimitError) -> JSONResponse:
@@ -58,4 +73,5 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
         message = "this request_id was already used with different parameters"
         return JSONResponse({"detail": message, "job_id": error.job_id}, status_code=409)
 
+    openai.install_error_shape(app)  # OpenAI's error shape on /v1/images/generations only
     return app

@@ -79,7 +79,7 @@ def submit(
     generation = GenerationParams.model_validate(body.model_dump(exclude={"request_id", "priority"}))
     resolved = resolve_params(generation, models, settings)
     seconds = estimated_seconds(resolved, models[resolved.model].family, store)
-    return store.submit(
+    job, created = store.submit(
         resolved.model_dump(),
         request_id=body.request_id,
         request_hash=request_hash(body),
@@ -90,6 +90,12 @@ def submit(
         estimated_seconds=seconds,
         trace_id=trace_id,
     )
+    if created and settings.broker_url:  # multi-node mode: wake a worker (best-effort; the reaper sweeps)
+        from genserve.distributed.celery_app import publish_wake, wake_queue
+
+        warm = {model for worker in store.live_workers(max_age_seconds=10.0) for model in worker.models_loaded}
+        publish_wake(settings, [job.id], queue=wake_queue(settings, warm, resolved.model))
+    return job, created
 
 
 def estimated_seconds(params: GenerationParams, family: str, store: JobStore) -> float:

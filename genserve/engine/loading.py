@@ -19,9 +19,15 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from genserve.engine.errors import ModelLoadError, OutOfMemory
 from genserve.engine.registry import Family, ModelInfo
+
+# Loading progress bars would interleave with the JSON logs and the CLI's own progress bar.
+diffusers_logging.disable_progress_bar()
+transformers_logging.disable_progress_bar()
 
 PIPELINE_CLASSES: dict[Family, type[DiffusionPipeline]] = {
     "sd15": StableDiffusionPipeline,

@@ -300,6 +300,40 @@ class JobStore:
             # Another worker claimed that job between our read and our update; look again.
         return None
 
+    def get_many(self, job_ids: list[str]) -> dict[str, JobRecord]:
+        """Jobs by id (missing ids are left out), in chunks so the IN list stays small."""
+        found: dict[str, JobRecord] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(job_ids), 500):
+                chunk = job_ids[start : start + 500]
+                for row in conn.execute(sa.select(jobs).where(jobs.c.id.in_(chunk))):
+                    found[row.id] = _record(row)
+        return found
+
+    def reopen(self, job_id: str, extra_attempts: int) -> bool:
+        """A failed or canceled job goes back to the queue with `extra_attempts` more attempts (a batch re-run)."""
+        with write_transaction(self.engine) as conn:
+            now = db_now(conn)
+            row = conn.execute(
+                jobs.update()
+                .where(
+                    jobs.c.id == job_id, jobs.c.state.in_([JobState.failed.value, JobState.canceled.value])
+                )
+                .values(
+                    state=QUEUED,
+                    max_attempts=jobs.c.attempt + extra_attempts,
+                    cancel_requested=False,
+                    not_before=None,
+                    finished_at=None,
+                    updated_at=now,
+                )
+                .returning(jobs.c.attempt)
+            ).first()
+            if row is None:
+                return False
+            append_event(conn, job_id, "requeued", {"reason": "reopened by a re-run", "attempt": row.attempt})
+            return True
+
     def queued_by_queue(self) -> dict[str, int]:
         """Queued jobs per queue; both queues always present."""
         counts = {"short": 0, "long": 0}

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 
+from genserve import tracing
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine
@@ -28,6 +29,7 @@ def main() -> int:
     raw = os.environ.get("GENSERVE_WORKER_SETTINGS")
     settings = Settings.model_validate_json(raw) if raw else Settings()
     worker_id = os.environ.get("GENSERVE_WORKER_ID") or new_worker_id()
+    tracing.configure_tracing(settings, "genserve-worker")
 
     stop = threading.Event()
     # SIGTERM/SIGINT: finish the job at hand, then exit (a warm shutdown).
@@ -51,6 +53,7 @@ def main() -> int:
         worker.run_forever(stop)
     finally:
         store.remove_worker(worker_id)
+        tracing.shutdown()  # flush the last spans
     return 0
 
 

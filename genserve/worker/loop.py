@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 import PIL.Image
 
+from genserve import tracing
 from genserve.artifacts.images import ImageStore, image_id_for
 from genserve.artifacts.png import encode_png, preview_data_url
 from genserve.config import Settings
@@ -97,6 +98,7 @@ class StepTimer:
         self.samples: list[tuple[int, float]] = []  # (rows, seconds) for calibration refinement
 
     def __call__(self, step: int, total: int, rows: int) -> None:
+        tracing.step_event(step, total, rows)
         self.events.flush()
         now = time.perf_counter()
         seconds, self.last = now - self.last, now
@@ -176,6 +178,7 @@ class Worker:
         jobs = self.store.claim_jobs([job.id for job in chosen], self.worker_id, self.settings.lease_seconds)
         if jobs:  # empty: another worker took them first; look again at once
             record_served(self.scheduler_state, chosen[0])
+            tracing.record_queue_wait(jobs)
             now = datetime.now(UTC)
             for job in jobs:
                 QUEUE_WAIT_SECONDS.labels(job.queue).observe((now - job.created_at).total_seconds())
@@ -206,9 +209,16 @@ class Worker:
                     context["prompt"] = params[job.id].prompt
                 log.info("job started", extra={**context, "batch": len(running), "attempt": job.attempt})
             held = [(job.id, job.attempt) for job in running]
-            with LeaseKeeper(
-                self.store, self.worker_id, held, self.settings.lease_seconds, self.settings.heartbeat_seconds
-            ) as lease:
+            with (
+                tracing.batch_spans(running),
+                LeaseKeeper(
+                    self.store,
+                    self.worker_id,
+                    held,
+                    self.settings.lease_seconds,
+                    self.settings.heartbeat_seconds,
+                ) as lease,
+            ):
                 outcomes.update(self._generate(running, params, lease))
         elapsed = time.perf_counter() - started
         for job in jobs:
@@ -238,7 +248,8 @@ class Worker:
         ]
         timer = StepTimer(first, events)
         try:
-            results = self.engine.generate_batch(items, on_batch_step=timer)
+            with tracing.steps_span([job.id for job in jobs]):
+                results = self.engine.generate_batch(items, on_batch_step=timer)
         except EngineError as error:
             if len(jobs) > 1:
                 # One member may be what broke the batch (say, out of memory at its size): give each its own run.
@@ -294,8 +305,12 @@ class Worker:
         image_ids = []
         for index, picture in enumerate(outcome.images):
             image_id = image_id_for(job.id, index)
-            png = encode_png(picture, params, seed=params.seed + index, index=index, extra={"job_id": job.id})
-            self.images.save(image_id, png)
+            with tracing.job_span(job.id, "genserve.encode"):
+                png = encode_png(
+                    picture, params, seed=params.seed + index, index=index, extra={"job_id": job.id}
+                )
+            with tracing.job_span(job.id, "genserve.store"):
+                self.images.save(image_id, png)
             image_ids.append(image_id)
         if not self.store.complete(*fence, image_ids):
             return "lease_lost"

@@ -58,6 +58,25 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
+def recover_dead_local_workers(store: JobStore, exclude: set[str] = frozenset()) -> list[str]:
+    """Requeue jobs of workers on this host whose process is gone (a server or batch run that died).
+
+    Returns the requeued job ids. Workers on other hosts are left to the lease reaper.
+    """
+    host = socket.gethostname()
+    requeued_all = []
+    for worker in store.live_workers(max_age_seconds=None):
+        if worker.host == host and worker.id not in exclude and not _pid_alive(worker.pid):
+            requeued = store.requeue_owner(worker.id, "worker process gone")
+            store.remove_worker(worker.id)
+            if requeued:
+                log.warning(
+                    "requeued jobs of a dead worker", extra={"worker_id": worker.id, "jobs": requeued}
+                )
+            requeued_all.extend(requeued)
+    return requeued_all
+
+
 class Supervisor:
     def __init__(self, settings: Settings, store: JobStore, count: int) -> None:
         self.settings = settings
@@ -74,20 +93,8 @@ class Supervisor:
         self._thread.start()
 
     def recover_dead_local_workers(self) -> None:
-        """Requeue jobs of other workers on this host whose process is gone (a previous server died).
-
-        Runs at start and then periodically: a killed worker may take a moment to exit.
-        """
-        host = socket.gethostname()
-        ours = {slot.worker_id for slot in self.slots}
-        for worker in self.store.live_workers(max_age_seconds=None):
-            if worker.host == host and worker.id not in ours and not _pid_alive(worker.pid):
-                requeued = self.store.requeue_owner(worker.id, "worker process gone after a server restart")
-                self.store.remove_worker(worker.id)
-                if requeued:
-                    log.warning(
-                        "requeued jobs of a dead worker", extra={"worker_id": worker.id, "jobs": requeued}
-                    )
+        """Runs at start and then periodically: a killed worker may take a moment to exit."""
+        recover_dead_local_workers(self.store, exclude={slot.worker_id for slot in self.slots})
 
     def _spawn(self, slot: WorkerSlot) -> None:
         slot.worker_id = f"{socket.gethostname()}:w{slot.index}:{uuid.uuid4().hex[:8]}"

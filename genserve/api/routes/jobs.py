@@ -9,8 +9,10 @@ from fastapi.responses import StreamingResponse
 
 from genserve.api.deps import ServicesDep
 from genserve.api.sse import SSE_HEADERS, job_event_stream, parse_last_event_id
-from genserve.api.submission import submit, to_public, trace_id_from
+from genserve.api.submission import to_public, trace_id_from
+from genserve.auth.deps import Principal, PrincipalDep, submit_as
 from genserve.schemas import JobCreate, JobList, JobPublic, JobState, LimitError
+from genserve.store.jobs import JobRecord
 
 router = APIRouter(tags=["jobs"])
 
@@ -32,6 +34,7 @@ def _with_key(body: JobCreate, idempotency_key: str | None) -> JobCreate:
 def create_job(
     body: JobCreate,
     services: ServicesDep,
+    principal: PrincipalDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
     client_id: ClientId = None,
@@ -40,28 +43,32 @@ def create_job(
     """Queue a generation job. With a request_id (or Idempotency-Key), a resubmit returns the same job."""
     body = _with_key(body, idempotency_key)
     trace_id = trace_id_from(traceparent)
-    job, created = submit(
-        body, services.catalog.models(), services.settings, services.store, client_id, trace_id
-    )
+    job, created = submit_as(principal, body, services, client_id, trace_id)
     response.headers["X-Trace-Id"] = job.trace_id or trace_id
     if not created:
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return to_public(job, services.store, _live_workers(services))
+    return _public(job, services, principal)
 
 
 @router.get("/v1/jobs", response_model=JobList, operation_id="list_jobs")
 def list_jobs(
     services: ServicesDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
     state: JobState | None = None,
 ) -> JobList:
-    """Jobs, newest first."""
-    jobs, total = services.store.list_jobs(limit=limit, offset=offset, state=state)
+    """Jobs, newest first (with API keys: this key's jobs)."""
+    jobs, total = services.store.list_jobs(
+        limit=limit,
+        offset=offset,
+        state=state,
+        client_id=principal.key_id if principal.authenticated else None,
+    )
     workers = _live_workers(services)
     return JobList(
-        items=[to_public(job, services.store, workers) for job in jobs],
+        items=[_public(job, services, principal, workers) for job in jobs],
         total=total,
         limit=limit,
         offset=offset,
@@ -72,24 +79,32 @@ def _live_workers(services: ServicesDep) -> int:
     return len(services.store.live_workers(max_age_seconds=10.0))
 
 
-def _get_job_or_404(services: ServicesDep, job_id: str):  # noqa: ANN202 - JobRecord
+def _public(
+    job: JobRecord, services: ServicesDep, principal: Principal, workers: int | None = None
+) -> JobPublic:
+    public = to_public(job, services.store, _live_workers(services) if workers is None else workers)
+    return public.model_copy(update={"request_id": principal.public_request_id(public.request_id)})
+
+
+def _get_job_or_404(services: ServicesDep, job_id: str, principal: Principal) -> JobRecord:
+    """The job, if this caller may see it: another key's job is 404, exactly like a missing one."""
     job = services.store.get(job_id)
-    if job is None:
+    if job is None or not principal.owns(job):
         raise HTTPException(404, f"job {job_id} not found")
     return job
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic, operation_id="get_job")
-def get_job(job_id: str, services: ServicesDep) -> JobPublic:
-    return to_public(_get_job_or_404(services, job_id), services.store, _live_workers(services))
+def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
+    return _public(_get_job_or_404(services, job_id, principal), services, principal)
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobPublic, operation_id="cancel_job")
-def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
+def cancel_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
     """Cancel: a queued job at once, a running one at its next denoising step."""
-    _get_job_or_404(services, job_id)
+    _get_job_or_404(services, job_id, principal)
     job = services.store.request_cancel(job_id)
-    return to_public(job, services.store, _live_workers(services))
+    return _public(job, services, principal)
 
 
 @router.get(
@@ -98,9 +113,11 @@ def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "SSE stream of job events"}},
 )
-def job_events(job_id: str, services: ServicesDep, last_event_id: LastEventId = None) -> StreamingResponse:
+def job_events(
+    job_id: str, services: ServicesDep, principal: PrincipalDep, last_event_id: LastEventId = None
+) -> StreamingResponse:
     """Events: queued, started, progress, requeued, succeeded, failed, canceled. Resumable via Last-Event-ID."""
-    _get_job_or_404(services, job_id)
+    _get_job_or_404(services, job_id, principal)
     stream = job_event_stream(services.store, job_id, parse_last_event_id(last_event_id))
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -114,6 +131,7 @@ def job_events(job_id: str, services: ServicesDep, last_event_id: LastEventId = 
 def generate_stream(
     body: JobCreate,
     services: ServicesDep,
+    principal: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
     client_id: ClientId = None,
     traceparent: TraceParent = None,
@@ -121,7 +139,7 @@ def generate_stream(
     """Submit a job and stream its events in one call (`curl -N`)."""
     body = _with_key(body, idempotency_key)
     trace_id = trace_id_from(traceparent)
-    job, _ = submit(body, services.catalog.models(), services.settings, services.store, client_id, trace_id)
+    job, _ = submit_as(principal, body, services, client_id, trace_id)
     headers = {
         **SSE_HEADERS,
         "X-Job-Id": job.id,

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from genserve.api.deps import ServicesDep
+from genserve.auth.deps import PrincipalDep
 
 router = APIRouter(tags=["models"])
 
@@ -14,6 +15,8 @@ WORKER_FRESH_SECONDS = 10.0
 
 
 class ModelPublic(BaseModel):
+    id: str  # the name again, where OpenAI's clients look for it
+    object: str = "model"
     name: str
     family: str
     format: str
@@ -25,11 +28,14 @@ class ModelPublic(BaseModel):
 
 
 class ModelList(BaseModel):
+    object: str = "list"
     data: list[ModelPublic]
 
 
 @router.get("/v1/models", response_model=ModelList, operation_id="list_models")
-def list_models(services: ServicesDep) -> ModelList:
+def list_models(services: ServicesDep, principal: PrincipalDep) -> ModelList:
+    """The models this caller may use (an API key may be limited to some)."""
+    allowed = principal.limits.allowed_models
     loaded = {
         name
         for worker in services.store.live_workers(max_age_seconds=WORKER_FRESH_SECONDS)
@@ -38,6 +44,7 @@ def list_models(services: ServicesDep) -> ModelList:
     return ModelList(
         data=[
             ModelPublic(
+                id=info.name,
                 name=info.name,
                 family=info.family,
                 format=info.format,
@@ -48,5 +55,6 @@ def list_models(services: ServicesDep) -> ModelList:
                 default=info.name == services.settings.default_model,
             )
             for info in sorted(services.catalog.models().values(), key=lambda m: m.name)
+            if allowed is None or info.name in allowed
         ]
     )

@@ -1,0 +1,143 @@
+"""Batches on the server: submit a spec, follow its progress, cancel it, download its manifest."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, Header, HTTPException, Query
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from genserve.api.deps import ServicesDep
+from genserve.api.sse import SSE_HEADERS
+from genserve.batch.expand import expand
+from genserve.batch.runner import manifest_csv, manifest_jsonl, manifest_rows, progress_counts, submit_items
+from genserve.batch.spec import BatchSpec, PromptFile, SpecError, load_spec
+from genserve.store.batches import BatchStore
+
+router = APIRouter(tags=["batches"])
+
+ClientId = Annotated[str | None, Header(alias="X-Client-Id", max_length=200)]
+
+
+class BatchPublic(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+    counts: dict[str, int]
+    done: bool
+    events_url: str
+    manifest_url: str
+
+
+def _public(services: ServicesDep, batch_id: str) -> BatchPublic:
+    batch = BatchStore(services.store.engine).get(batch_id)
+    if batch is None:
+        raise HTTPException(404, f"batch {batch_id} not found")
+    job_ids = BatchStore(services.store.engine).job_ids(batch_id)
+    counts = progress_counts(services.store.get_many(list(job_ids.values())), len(job_ids))
+    finished = counts["succeeded"] + counts["failed"] + counts["canceled"]
+    return BatchPublic(
+        id=batch.id,
+        name=batch.name,
+        created_at=batch.created_at,
+        counts=counts,
+        done=finished == counts["total"],
+        events_url=f"/v1/batches/{batch.id}/events",
+        manifest_url=f"/v1/batches/{batch.id}/manifest",
+    )
+
+
+@router.post("/v1/batches", status_code=202, response_model=BatchPublic, operation_id="create_batch")
+def create_batch(
+    spec: BatchSpec, services: ServicesDep, client_id: ClientId = None
+) -> BatchPublic | JSONResponse:
+    """Expand a spec (prompts inline or as a template) into items on the long queue.
+
+    Items already rendered (by this spec before, or another spec sharing them) are not rendered again.
+    """
+    if isinstance(spec.prompts, PromptFile):
+        detail = [{"loc": ["body", "prompts", "file"], "msg": "prompt files are read locally only; "
+                   "send the prompts inline or as a template", "type": "value_error"}]  # fmt: skip
+        return JSONResponse({"detail": detail}, status_code=422)
+    models = services.catalog.models()
+    try:
+        parsed, base_dir = load_spec(spec.model_dump())
+        items = expand(parsed, base_dir, models, services.settings)
+    except SpecError as error:
+        detail = [
+            {"loc": ["body", line.split(":", 1)[0]], "msg": line, "type": "spec_error"}
+            for line in error.errors
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+    job_ids = submit_items(services.store, items, parsed, models)
+    batch_id = BatchStore(services.store.engine).create(
+        parsed.name, spec.model_dump(), [(item.key, job_ids[item.key]) for item in items], client_id
+    )
+    return _public(services, batch_id)
+
+
+@router.get("/v1/batches/{batch_id}", response_model=BatchPublic, operation_id="get_batch")
+def get_batch(batch_id: str, services: ServicesDep) -> BatchPublic:
+    return _public(services, batch_id)
+
+
+@router.delete("/v1/batches/{batch_id}", response_model=BatchPublic, operation_id="cancel_batch")
+def cancel_batch(batch_id: str, services: ServicesDep) -> BatchPublic:
+    """Cancel every unfinished item (queued at once, running at the next step)."""
+    _public(services, batch_id)
+    for job_id in BatchStore(services.store.engine).job_ids(batch_id).values():
+        services.store.request_cancel(job_id)
+    return _public(services, batch_id)
+
+
+@router.get(
+    "/v1/batches/{batch_id}/manifest", operation_id="batch_manifest", response_class=PlainTextResponse
+)
+def batch_manifest(
+    batch_id: str, services: ServicesDep, format: Annotated[Literal["jsonl", "csv"], Query()] = "jsonl"
+) -> PlainTextResponse:
+    """One row per item: key, prompt, parameters, seed, image URL, sha256, timings, errors."""
+    batch = BatchStore(services.store.engine).get(batch_id)
+    if batch is None:
+        raise HTTPException(404, f"batch {batch_id} not found")
+    parsed, base_dir = load_spec(batch.spec)
+    items = expand(parsed, base_dir, services.catalog.models(), services.settings)
+    job_ids = BatchStore(services.store.engine).job_ids(batch_id)
+    rows = manifest_rows(
+        parsed, items, job_ids, services.store.get_many(list(job_ids.values())), services.images, None
+    )
+    if format == "csv":
+        return PlainTextResponse(manifest_csv(rows), media_type="text/csv")
+    return PlainTextResponse(manifest_jsonl(rows), media_type="application/x-ndjson")
+
+
+@router.get(
+    "/v1/batches/{batch_id}/events",
+    operation_id="batch_events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "SSE stream of batch progress"}},
+)
+def batch_events(batch_id: str, services: ServicesDep) -> StreamingResponse:
+    """`progress` events with the counts whenever they change (id = items finished), then `completed`."""
+    _public(services, batch_id)
+
+    async def stream():  # noqa: ANN202
+        last = None
+        while True:
+            batch = await run_in_threadpool(_public, services, batch_id)
+            counts = batch.counts
+            if counts != last:
+                finished = counts["succeeded"] + counts["failed"] + counts["canceled"]
+                kind = "completed" if batch.done else "progress"
+                yield f"id: {finished}\nevent: {kind}\ndata: {json.dumps(counts)}\n\n"
+                last = counts
+                if batch.done:
+                    return
+            await anyio.sleep(0.5)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,114 @@
+"""Per-key rate limits, daily quotas and model/size limits.
+
+The token buckets live in this process: exact for one API replica. With several replicas behind a
+load balancer each keeps its own buckets, so a key's effective rate is up to replicas × rate; the
+quotas are read from the shared job store and hold across replicas.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+from genserve.auth.keys import KeyStore, seconds_until_next_utc_day
+from genserve.schemas import GenerationParams, LimitError
+
+
+class RateLimited(Exception):
+    """Too many requests (429). `retry_after` is whole seconds until the request would pass."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class QuotaExceeded(RateLimited):
+    """A daily quota is used up (429, Retry-After: until the next UTC day)."""
+
+
+@dataclass
+class TokenBucket:
+    """`burst` tokens at most, refilled at `rate` per second; each request takes one."""
+
+    rate: float
+    burst: int
+    tokens: float
+    updated: float
+
+    def take(self, now: float) -> float:
+        """0 when a token was taken, else the seconds until one is available."""
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class RateLimiter:
+    """One token bucket per key id, created on the key's first request."""
+
+    def __init__(self, clock: object = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    def check(self, key_id: str, rate: float | None, burst: int) -> None:
+        """Take a token for `key_id` or raise RateLimited; rate None means unlimited."""
+        if rate is None:
+            return
+        with self._lock:
+            now = self._clock()
+            bucket = self._buckets.get(key_id)
+            if bucket is None or (bucket.rate, bucket.burst) != (rate, burst):
+                bucket = self._buckets[key_id] = TokenBucket(rate, burst, float(burst), now)
+            wait = bucket.take(now)
+        if wait > 0:
+            raise RateLimited(
+                f"rate limit of {rate:g} requests/s (burst {burst}) exceeded for this API key",
+                retry_after=max(1, math.ceil(wait)),
+            )
+
+
+def check_key_limits(params: GenerationParams, allowed_models: list[str] | None, max_size: tuple) -> None:
+    """The key's own model and resolution limits on resolved params; LimitError (422) names the field."""
+    if allowed_models is not None and params.model not in allowed_models:
+        raise LimitError(
+            "model", f"this API key may use only the models {allowed_models}, not '{params.model}'"
+        )
+    max_width, max_height = max_size
+    if max_width is not None and (params.width or 0) > max_width:
+        raise LimitError("width", f"width {params.width} exceeds this API key's maximum width {max_width}")
+    if max_height is not None and (params.height or 0) > max_height:
+        raise LimitError(
+            "height", f"height {params.height} exceeds this API key's maximum height {max_height}"
+        )
+
+
+def check_quota(
+    keys: KeyStore,
+    key_id: str,
+    images: int,
+    seconds: float,
+    images_per_day: int | None,
+    gpu_seconds_per_day: float | None,
+) -> None:
+    """Raise QuotaExceeded when this request would take the key past a daily quota."""
+    if images_per_day is None and gpu_seconds_per_day is None:
+        return
+    used = keys.usage(key_id)
+    if images_per_day is not None and used.images + images > images_per_day:
+        raise QuotaExceeded(
+            f"daily image quota exhausted: {used.images} of {images_per_day} images used today (UTC); "
+            f"this request asks for {images}",
+            retry_after=seconds_until_next_utc_day(),
+        )
+    if gpu_seconds_per_day is not None and used.gpu_seconds + seconds > gpu_seconds_per_day:
+        raise QuotaExceeded(
+            f"daily GPU-seconds quota exhausted: {used.gpu_seconds:.1f} of {gpu_seconds_per_day:g} s used "
+            f"today (UTC); this request needs about {seconds:.1f} s",
+            retry_after=seconds_until_next_utc_day(),
+        )

@@ -1,0 +1,187 @@
+"""`genserve batch validate|run SPEC`: render a batch on this machine with a local worker.
+
+Items are jobs in the configured job store (idempotent by item key), so a re-run after Ctrl-C, a
+crash or a kill resumes: finished items are skipped, interrupted ones run again, failed ones retry.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from genserve.batch.expand import RenderItem, expand
+from genserve.batch.runner import manifest_rows, progress_counts, submit_items, write_manifest
+from genserve.batch.spec import BatchSpec, SpecError, load_spec
+from genserve.config import Settings
+from genserve.engine.registry import ModelInfo, scan_models
+from genserve.schemas.generation import batch_key
+
+batch_app = typer.Typer(help="Render N prompts × variants, resumable, with a manifest.", no_args_is_help=True)
+console = Console(stderr=True)
+
+SpecPath = Annotated[Path, typer.Argument(help="Batch spec, YAML or JSON.")]
+
+
+def _load(
+    spec_path: Path, settings: Settings
+) -> tuple[BatchSpec, Path, list[RenderItem], dict[str, ModelInfo]]:
+    models = scan_models(settings.models_dir)
+    try:
+        spec, base_dir = load_spec(spec_path)
+        items = expand(spec, base_dir, models, settings)
+    except SpecError as error:
+        console.print(f"[red]{spec_path}: {len(error.errors)} problem(s)[/red]")
+        for line in error.errors:
+            console.print(f"  [red]{line}[/red]")
+        raise typer.Exit(2) from None
+    return spec, base_dir, items, models
+
+
+@batch_app.command()
+def validate(spec_path: SpecPath) -> None:
+    """Check a spec against the server's limits and count its items."""
+    _, _, items, _ = _load(spec_path, Settings())
+    console.print(f"[green]ok[/green]: {len(items)} unique item(s)")
+
+
+def print_estimate(
+    items: list[RenderItem], models: dict[str, ModelInfo], settings: Settings, price: float | None
+) -> None:
+    """The cost model's time for the whole batch, per batch key, before anything runs."""
+    from genserve.scheduler.cost import estimate
+    from genserve.store.calibration import CalibrationStore
+
+    calibration = CalibrationStore.from_url(settings.resolved_store_url)
+    groups: dict[tuple, list[RenderItem]] = {}
+    for item in items:
+        groups.setdefault(batch_key(item.params), []).append(item)
+    table = Table("model", "size", "steps", "images", "batch", "s/image", "images/hour", "hours", "cost")
+    total_hours, total_cost = 0.0, 0.0
+    for group in groups.values():
+        params = group[0].params
+        batch = min(len(group), settings.default_max_batch_images)
+        timing = calibration.lookup(
+            device=calibration.default_device(params.model),
+            model=params.model,
+            family=models[params.model].family,
+            width=params.width,
+            height=params.height,
+            batch=batch,
+        )
+        result = estimate(
+            timing, steps=params.steps, batch=batch, gpu_price_per_hour=price, images=len(group)
+        )
+        total_hours += result.gpu_hours or 0.0
+        total_cost += result.total_cost or 0.0
+        table.add_row(
+            params.model, f"{params.width}x{params.height}", str(params.steps), str(len(group)), str(batch),
+            f"{result.seconds_per_image:.3f}", f"{result.images_per_hour:,.0f}", f"{result.gpu_hours:.3f}",
+            f"{result.total_cost:.2f}" if result.total_cost is not None else "-",
+        )  # fmt: skip
+        console.print(f"basis ({params.model}): {result.basis}")
+    Console().print(table)
+    cost = f", cost {total_cost:.2f}" if price is not None else ""
+    console.print(f"total: {len(items)} images, {total_hours:.3f} GPU-hours{cost}")
+
+
+@batch_app.command()
+def run(
+    spec_path: SpecPath,
+    estimate_only: Annotated[
+        bool, typer.Option("--estimate", help="Print time and cost; render nothing.")
+    ] = False,
+    gpu_price: Annotated[float | None, typer.Option(help="GPU-hour price for --estimate.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: the spec's output.dir).")] = None,
+) -> None:
+    """Render a spec here. Ctrl-C stops after the batch on the GPU; run again to resume."""
+    settings = Settings()
+    spec, base_dir, items, models = _load(spec_path, settings)
+    if estimate_only:
+        print_estimate(items, models, settings, gpu_price)
+        return
+    out_dir = out or (base_dir / spec.output.dir)
+    summary = run_local(spec, items, models, settings, out_dir)
+    raise typer.Exit(0 if summary["failed"] == 0 and summary["stopped"] is False else 1)
+
+
+def run_local(
+    spec: BatchSpec, items: list[RenderItem], models: dict[str, ModelInfo], settings: Settings, out_dir: Path
+) -> dict:
+    from genserve.artifacts.images import ImageStore
+    from genserve.engine.engine import Engine
+    from genserve.store.jobs import JobStore
+    from genserve.worker.loop import Worker, new_worker_id
+    from genserve.worker.supervisor import recover_dead_local_workers
+
+    store = JobStore.from_url(settings.resolved_store_url)
+    recovered = recover_dead_local_workers(store)  # an earlier run that was killed mid-batch
+    if recovered:
+        console.print(f"resuming: {len(recovered)} interrupted item(s) queued again")
+    job_ids = submit_items(store, items, spec, models)
+    engine = Engine(
+        models,
+        device=settings.device,
+        dtype=settings.dtype,
+        threads=settings.torch_threads,
+        vram_budget_gib=settings.vram_budget_gib,
+        ram_budget_gib=settings.ram_budget_gib,
+        offload_to_cpu=settings.offload_to_cpu,
+    )
+    images = ImageStore(settings.images_dir)
+    worker = Worker(settings, store, engine, images, new_worker_id())
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now; the next run resumes the items
+        stop.set()
+        console.print("\n[yellow]stopping after the batch on the GPU (Ctrl-C again to stop now)[/yellow]")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    ids = list(job_ids.values())
+    started, done_at_start = time.monotonic(), None
+    try:
+        worker.announce()
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} img/s · failed {task.fields[failed]}"),
+            TimeRemainingColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task(spec.name, total=len(items), rate="-", failed=0)
+            while True:
+                counts = progress_counts(store.get_many(ids), len(items))
+                finished = counts["succeeded"] + counts["failed"] + counts["canceled"]
+                done_at_start = counts["succeeded"] if done_at_start is None else done_at_start
+                rate = (counts["succeeded"] - done_at_start) / max(1e-9, time.monotonic() - started)
+                progress.update(task, completed=finished, rate=f"{rate:.2f}", failed=counts["failed"])
+                if finished == len(items) or stop.is_set():
+                    break
+                worker.announce()
+                if not worker.run_next():
+                    time.sleep(settings.poll_seconds)  # retries waiting for their backoff
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        store.remove_worker(worker.worker_id)
+    jobs = store.get_many(ids)
+    rows = manifest_rows(spec, items, job_ids, jobs, images, out_dir)
+    files = write_manifest(rows, out_dir)
+    counts = progress_counts(jobs, len(items))
+    summary = {**counts, "stopped": stop.is_set(), "manifest": str(files.jsonl)}
+    console.print(
+        f"{counts['succeeded']}/{len(items)} done, {counts['failed']} failed"
+        + (" — stopped; run again to resume" if stop.is_set() else "")
+        + f"; manifest: {files.jsonl} and {files.csv.name}"
+    )
+    return summary

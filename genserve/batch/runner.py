@@ -1,0 +1,162 @@
+"""Running a batch: submit its items as jobs (idempotent by item key), follow them, write outputs
+and the manifest. The same functions serve `genserve batch run` (local worker) and /v1/batches."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import PIL.Image
+
+from genserve.api.submission import estimated_seconds
+from genserve.artifacts.images import ImageStore
+from genserve.batch.expand import RenderItem
+from genserve.batch.spec import BatchSpec
+from genserve.engine.registry import ModelInfo
+from genserve.schemas import JobState
+from genserve.schemas.generation import batch_key
+from genserve.store.jobs import JobRecord, JobStore
+
+MANIFEST_FIELDS = [
+    "index", "key", "state", "prompt", "negative_prompt", "model", "width", "height", "steps",
+    "cfg_scale", "sampler", "seed", "file", "sha256", "job_id", "attempts", "error",
+    "created_at", "started_at", "finished_at", "seconds",
+]  # fmt: skip
+
+
+def request_id_for(item: RenderItem) -> str:
+    return f"item:{item.key}"
+
+
+def submit_items(
+    store: JobStore, items: list[RenderItem], spec: BatchSpec, models: dict[str, ModelInfo]
+) -> dict[str, str]:
+    """Queue every item on the long queue; returns item key → job id.
+
+    An item already known (this spec run before, or another spec sharing it) keeps its job: done items
+    are not rendered again, and failed or canceled ones get `retries` more attempts.
+    """
+    estimates: dict[tuple, float] = {}
+    job_ids = {}
+    for item in items:
+        group = batch_key(item.params)
+        if group not in estimates:
+            estimates[group] = estimated_seconds(item.params, models[item.params.model].family, store)
+        job, created = store.submit(
+            item.params.model_dump(),
+            request_id=request_id_for(item),
+            request_hash=item.key,
+            priority=spec.priority,
+            max_attempts=spec.retries,
+            queue="long",
+            estimated_seconds=estimates[group],
+            retry_on_error=True,
+        )
+        if not created and job.state in (JobState.failed, JobState.canceled):
+            store.reopen(job.id, spec.retries)
+        job_ids[item.key] = job.id
+    return job_ids
+
+
+def progress_counts(jobs: dict[str, JobRecord], total: int) -> dict[str, int]:
+    counts = Counter(job.state.value for job in jobs.values())
+    return {"total": total, **{state.value: counts.get(state.value, 0) for state in JobState}}
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "item"
+
+
+def output_name(spec: BatchSpec, item: RenderItem) -> str:
+    p = item.params
+    ext = "jpg" if spec.output.format == "jpeg" else spec.output.format
+    fields = dict(
+        index=item.index, key=item.key, seed=p.seed, model=p.model, width=p.width, height=p.height,
+        steps=p.steps, cfg_scale=p.cfg_scale, sampler=p.sampler, slug=slug(p.prompt), ext=ext,
+    )  # fmt: skip
+    return spec.output.pattern.format(**fields)
+
+
+def write_output(png_path: Path, target: Path, fmt: str) -> str:
+    """Write the item's image in the spec's format (atomically); returns its sha256."""
+    if fmt == "png":
+        data = png_path.read_bytes()  # the PNG as generated, with its parameters chunks
+    else:
+        buffer = io.BytesIO()
+        PIL.Image.open(png_path).convert("RGB").save(buffer, format=fmt.upper(), quality=92)
+        data = buffer.getvalue()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_bytes(data)
+    temporary.replace(target)
+    return hashlib.sha256(data).hexdigest()
+
+
+def manifest_rows(
+    spec: BatchSpec,
+    items: list[RenderItem],
+    job_ids: dict[str, str],
+    jobs: dict[str, JobRecord],
+    images: ImageStore,
+    out_dir: Path | None,
+) -> list[dict]:
+    """One row per item; writes output files for finished items when `out_dir` is given."""
+    rows = []
+    for item in items:
+        job = jobs.get(job_ids.get(item.key, ""))
+        p = item.params
+        row = {
+            "index": item.index, "key": item.key, "state": job.state.value if job else "unknown",
+            "prompt": p.prompt, "negative_prompt": p.negative_prompt, "model": p.model, "width": p.width,
+            "height": p.height, "steps": p.steps, "cfg_scale": p.cfg_scale, "sampler": p.sampler, "seed": p.seed,
+            "file": None, "sha256": None, "job_id": job.id if job else None, "attempts": job.attempt if job else 0,
+            "error": job.error if job and job.state != JobState.succeeded else None,
+            "created_at": job.created_at.isoformat() if job else None,
+            "started_at": job.started_at.isoformat() if job and job.started_at else None,
+            "finished_at": job.finished_at.isoformat() if job and job.finished_at else None,
+            "seconds": round((job.finished_at - job.started_at).total_seconds(), 3)
+            if job and job.finished_at and job.started_at else None,
+        }  # fmt: skip
+        if job and job.state == JobState.succeeded and job.image_ids:
+            source = images.path(job.image_ids[0])
+            if out_dir is not None:
+                name = output_name(spec, item)
+                row["sha256"] = write_output(source, out_dir / name, spec.output.format)
+                row["file"] = name
+            else:
+                row["file"] = f"/v1/images/{job.image_ids[0]}"
+                row["sha256"] = hashlib.sha256(source.read_bytes()).hexdigest()
+        rows.append(row)
+    return rows
+
+
+def manifest_jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def manifest_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+@dataclass
+class ManifestFiles:
+    jsonl: Path
+    csv: Path
+
+
+def write_manifest(rows: list[dict], out_dir: Path) -> ManifestFiles:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = ManifestFiles(out_dir / "manifest.jsonl", out_dir / "manifest.csv")
+    files.jsonl.write_text(manifest_jsonl(rows))
+    files.csv.write_text(manifest_csv(rows))
+    return files

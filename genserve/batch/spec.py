@@ -1,0 +1,181 @@
+"""The batch spec: N prompts × variants, read from YAML or JSON and checked up front.
+
+    name: catalog
+    prompts:                         # a list, {file: prompts.txt | prompts.jsonl}, or a template
+      template: "a {size} {color} {shape} on a {background} background"
+      values: {size: [small, large], color: [red, blue], shape: [circle, star], background: [black]}
+    negative_prompt: ""
+    variants:                        # grid (every combination) or zip (element-wise)
+      mode: grid
+      seed: [1, 2]
+      size: ["64x64"]
+      steps: [20]
+      cfg_scale: [3.5]
+      sampler: [euler]
+      model: [genserve-shapes]
+      n: 1                           # images per combination: seeds seed, seed+1, ...
+    output: {dir: out/catalog, pattern: "{index:05d}-{seed}.{ext}", format: png}
+    retries: 3
+
+Every error names its place in the spec, e.g. `variants.size[1]: expected WIDTHxHEIGHT`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+
+from genserve.schemas.generation import MAX_SEED, SamplerName
+
+
+class SpecError(ValueError):
+    """A spec problem, with every error located: ["prompts[3]: ...", "variants.size[1]: ..."]."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class PromptFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file: str = Field(description="A text file (one prompt per line) or JSONL ({'prompt': ...} per line).")
+
+
+class PromptTemplate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    template: str = Field(description='Placeholders in braces, e.g. "a {color} {object}".')
+    values: dict[str, list[str]] = Field(description="Every combination of the lists fills the template.")
+
+
+class PromptItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    negative_prompt: str | None = None
+
+
+class Variants(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    mode: Literal["grid", "zip"] = "grid"
+    seed: list[int] = Field(default_factory=lambda: [0])
+    size: list[str] | None = Field(None, description='"WIDTHxHEIGHT"; the model\'s native size if omitted.')
+    steps: list[int] = Field(default_factory=lambda: [20])
+    cfg_scale: list[float] = Field(default_factory=lambda: [7.0])
+    sampler: list[SamplerName] = Field(default_factory=lambda: ["euler"])
+    model: list[str | None] = Field(default_factory=lambda: [None])
+    n: int = Field(1, ge=1, le=1000, description="Images per combination (seeds seed, seed+1, ...).")
+
+    @field_validator("seed")
+    @classmethod
+    def _seeds_in_range(cls, seeds: list[int]) -> list[int]:
+        for index, seed in enumerate(seeds):
+            if not 0 <= seed <= MAX_SEED:
+                raise ValueError(f"seed[{index}] = {seed} is outside 0..{MAX_SEED}")
+        return seeds
+
+    @field_validator("size")
+    @classmethod
+    def _sizes_parse(cls, sizes: list[str] | None) -> list[str] | None:
+        for index, size in enumerate(sizes or []):
+            parse_size(size, f"size[{index}]")
+        return sizes
+
+
+class Output(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dir: str = "batch-output"
+    pattern: str = Field(
+        "{index:05d}-{seed}.{ext}",
+        description="Fields: index, key, seed, model, width, height, steps, cfg_scale, sampler, slug, ext.",
+    )
+    format: Literal["png", "jpeg", "webp"] = "png"
+
+
+def _prompt_kind(value: object) -> str:
+    return "text" if isinstance(value, str) else "item"
+
+
+def _prompts_kind(value: object) -> str:
+    if isinstance(value, dict) or isinstance(value, BaseModel):
+        return (
+            "template"
+            if "template" in (value if isinstance(value, dict) else value.model_fields_set)
+            else "file"
+        )
+    return "list"
+
+
+# Tagged unions, so an error names the one shape the value was meant to have, not every alternative.
+PromptEntry = Annotated[
+    Annotated[str, Field(min_length=1), Tag("text")] | Annotated[PromptItem, Tag("item")],
+    Discriminator(_prompt_kind),
+]
+Prompts = Annotated[
+    Annotated[list[PromptEntry], Field(min_length=1), Tag("list")]
+    | Annotated[PromptFile, Tag("file")]
+    | Annotated[PromptTemplate, Tag("template")],
+    Discriminator(_prompts_kind),
+]
+_UNION_TAGS = {"list", "file", "template", "text", "item"}
+
+
+class BatchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("batch", min_length=1, max_length=200)
+    prompts: Prompts
+    negative_prompt: str = ""
+    variants: Variants = Variants()
+    output: Output = Output()
+    retries: int = Field(3, ge=1, le=20, description="Attempts per item before it is recorded as failed.")
+    priority: int = Field(-1, ge=-10, le=10)
+
+
+def parse_size(size: str, where: str = "size") -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{where}: expected WIDTHxHEIGHT, got {size!r}") from None
+    return width, height
+
+
+def locate(loc: tuple) -> str:
+    """('variants', 'size', 1) -> 'variants.size[1]'."""
+    text = ""
+    for part in loc:
+        if isinstance(part, str) and part in _UNION_TAGS:
+            continue  # which alternative of a tagged union: not a place in the spec
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "spec"
+
+
+def load_spec(source: str | Path | dict, base_dir: Path | None = None) -> tuple[BatchSpec, Path]:
+    """Parse and validate a spec (a path to YAML/JSON, or a dict). Raises SpecError with locations.
+
+    Returns the spec and the directory relative paths in it (prompt files, output dir) resolve against.
+    """
+    if isinstance(source, dict):
+        data, base = source, base_dir or Path.cwd()
+    else:
+        path = Path(source)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise SpecError([f"{path}: cannot read the spec ({error.strerror})"]) from None
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise SpecError(
+                [f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}"]
+            ) from None
+        base = base_dir or path.parent
+    if not isinstance(data, dict):
+        raise SpecError(["spec: expected a mapping with at least 'prompts'"])
+    try:
+        return BatchSpec.model_validate(data), base
+    except ValidationError as error:
+        raise SpecError(
+            [f"{locate(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors()]
+        ) from None

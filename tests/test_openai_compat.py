@@ -1,0 +1,123 @@
+"""The OpenAI Images API, driven by the official `openai` package against a live server."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.helpers import LiveServer
+
+FAST = {"steps": 3}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models_dir, tmp_path_factory):
+    live = LiveServer(
+        models_dir=tiny_models_dir,
+        data_dir=tmp_path_factory.mktemp("data"),
+        env={"GENSERVE_LIMITS__MAX_WIDTH": "512", "GENSERVE_LIMITS__MAX_HEIGHT": "512"},
+    ).start()
+    yield live
+    live.kill_all()  # nothing to keep: a graceful stop would only cost seconds
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    # Auth is off on loopback; the client insists on a key all the same.
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_b64_json_images_with_parameters(client):
+    raw = client.images.with_raw_response.generate(
+        model="tiny-sd15",
+        prompt="a red circle",
+        n=2,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={**FAST, "seed": 7, "negative_prompt": "blue", "sampler": "euler_a"},
+    )
+    assert len(raw.headers["x-trace-id"]) == 32
+    result = raw.parse()
+    assert result.created > 0 and result.size == "64x64" and result.output_format == "png"
+    assert len(result.data) == 2
+    for index, item in enumerate(result.data):
+        image = decode(item.b64_json)
+        assert image.format == "PNG" and image.size == (64, 64)
+        assert f"Seed: {7 + index}" in image.text["parameters"]
+        assert "Negative prompt: blue" in image.text["parameters"]
+        assert "Sampler: Euler a" in image.text["parameters"]
+
+
+def test_url_format_and_jpeg_webp_output(client, server):
+    result = client.images.generate(
+        model="tiny-sd15", prompt="a lighthouse", size="64x64", response_format="url",
+        output_format="jpeg", output_compression=80, extra_body=FAST,
+    )  # fmt: skip
+    url = result.data[0].url
+    assert url.startswith(server.url + "/v1/images/") and "format=jpeg" in url
+    response = httpx.get(url, timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(response.content)).format == "JPEG"
+
+    webp = client.images.generate(prompt="a lighthouse", size="auto", output_format="webp", extra_body=FAST)
+    image = decode(webp.data[0].b64_json)
+    assert image.format == "WEBP" and image.size == (64, 64)  # auto: the default model's native size
+    assert webp.output_format == "webp"
+
+
+def test_stream_maps_previews_to_partial_images(client):
+    stream = client.images.generate(
+        model="tiny-sd15", prompt="a fox", size="64x64", stream=True, partial_images=2,
+        extra_body={"steps": 6, "seed": 1},
+    )  # fmt: skip
+    events = list(stream)
+    types = [event.type for event in events]
+    assert types == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], types
+    assert [event.partial_image_index for event in events[:2]] == [0, 1]
+    for event in events:
+        image = decode(event.b64_json)
+        assert image.format == "PNG" and image.size == (64, 64)
+    assert events[-1].size == "64x64" and events[-1].output_format == "png"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "param", "text"),
+    [
+        ({"size": "100x100"}, "size", "multiple of 8"),
+        ({"size": "1024x1024"}, "size", "max_width"),
+        ({"size": "big"}, "size", "WIDTHxHEIGHT"),
+        ({"model": "dall-e-3"}, "model", "not registered"),
+        ({"n": 11}, "n", "less than or equal to 10"),
+        ({"background": "transparent"}, "background", "opaque"),
+        ({"extra_body": {"strength": 0.5}}, "strength", "Unrecognized request argument"),
+        ({"extra_body": {"sampler": "plms"}}, "sampler", "euler"),
+    ],
+)
+def test_what_the_model_cannot_do_is_an_openai_error(client, arguments, param, text):
+    arguments = {"model": "tiny-sd15", "size": "64x64", **arguments}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="x", **arguments)
+    error = caught.value
+    assert error.status_code == 400
+    assert error.body["param"] == param and error.body["type"] == "invalid_request_error"
+    assert text in error.body["message"], error.body
+
+
+def test_models_list_reads_as_openai_models(client):
+    ids = {model.id for model in client.models.list()}
+    assert {"tiny-sd15", "tiny-sdxl", "tiny-sd3"} <= ids
+
+
+def test_other_routes_keep_their_error_shape(server):
+    response = httpx.post(server.url + "/v1/jobs", json={"prompt": "x", "width": 100}, timeout=30)
+    assert response.status_code == 422 and "detail" in response.json()
