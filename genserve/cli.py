@@ -134,6 +134,7 @@ def _generate_local(params: GenerationParams, output: Path) -> list[Path]:
     from genserve.api.submission import resolve_params
     from genserve.artifacts.png import encode_png
     from genserve.engine.engine import Engine, EngineError
+    from genserve.engine.optimize import engine_optimizations
     from genserve.engine.registry import scan_models
 
     settings = Settings()
@@ -144,7 +145,15 @@ def _generate_local(params: GenerationParams, output: Path) -> list[Path]:
     except LimitError as error:
         console.print(f"[red]{error.field}: {error.message}[/red]")
         raise typer.Exit(2) from None
-    engine = Engine(models, device=settings.device, dtype=settings.dtype, threads=settings.torch_threads)
+    # One image: a compile would cost more than it saves, so this path runs eager.
+    levers = settings.optimizations.model_copy(update={"compile": "off"})
+    engine = Engine(
+        models,
+        device=settings.device,
+        dtype=settings.dtype,
+        threads=settings.torch_threads,
+        optimizations=engine_optimizations(settings.model_copy(update={"optimizations": levers})),
+    )
     with _progress() as progress:
         task = progress.add_task(f"{params.model} seed {params.seed}", total=params.steps)
         try:
@@ -321,6 +330,7 @@ def calibrate(
 ) -> None:
     """Measure the cost model's O and t_step on this machine and store them for `plan` and the server."""
     from genserve.engine.engine import Engine, EngineError
+    from genserve.engine.optimize import engine_optimizations
     from genserve.engine.registry import scan_models
     from genserve.scheduler.calibrate import calibrate as run_calibration
     from genserve.scheduler.calibrate import runs_per_point
@@ -336,7 +346,13 @@ def calibrate(
     info = models[name]
     sizes = [_parse_size(text) for text in size] if size else [(info.native_width, info.native_height)]
     batches = batch or [1, 2, 4]
-    engine = Engine(models, device=settings.device, dtype=settings.dtype, threads=settings.torch_threads)
+    engine = Engine(
+        models,
+        device=settings.device,
+        dtype=settings.dtype,
+        threads=settings.torch_threads,
+        optimizations=engine_optimizations(settings),  # calibrate what serving runs
+    )
     calibration = CalibrationStore.from_url(settings.resolved_store_url)
     with _progress() as progress:
         task = progress.add_task(f"loading {name}", total=len(sizes) * len(batches) * runs_per_point(repeats))

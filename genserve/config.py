@@ -46,6 +46,28 @@ class Limits(BaseModel):
     allowed_models: list[str] | None = None
 
 
+class Optimizations(BaseModel):
+    """Engine speed levers (docs/performance.md); None / "auto" = the device's default."""
+
+    channels_last: bool | None = None
+    fuse_qkv: bool | None = None
+    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    compile: Literal["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "auto"
+    compile_vae: bool | None = None
+    compile_backend: str = "inductor"
+    compile_cache_dir: Path | None = None  # None: <data_dir>/compile-cache
+    batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
+    warm_sizes: list[str] = Field(default_factory=list)  # "WxH" warmed besides the native size
+    fp16_safe_vae: bool = True
+    vae_tiling: Literal["auto", "on", "off"] = "auto"
+    vae_tile_above_pixels: int = Field(1536 * 1536, ge=1)
+    vae_tile_size: int = Field(1024, ge=64)
+    vae_slicing: Literal["auto", "on", "off"] = "auto"
+    vae_slice_above_pixels: int = Field(4 * 1024 * 1024, ge=1)
+    deepcache: int = Field(0, ge=0)
+    fp8: bool = False
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GENSERVE_", env_nested_delimiter="__", extra="ignore")
 
@@ -95,6 +117,9 @@ class Settings(BaseSettings):
     # Without one, the worker estimates from free GPU memory, or uses the default below on CPU.
     batch_limits: dict[str, int] = {}
     default_max_batch_images: int = Field(8, ge=1)
+
+    # GENSERVE_OPTIMIZATIONS__COMPILE=off, GENSERVE_OPTIMIZATIONS__BATCH_BUCKETS='[1,4]', ...
+    optimizations: Optimizations = Optimizations()
 
     limits: Limits = Limits()
 

@@ -117,6 +117,7 @@ def run_local(
 ) -> dict:
     from genserve.artifacts.images import ImageStore
     from genserve.engine.engine import Engine
+    from genserve.engine.optimize import engine_optimizations
     from genserve.store.jobs import JobStore
     from genserve.worker.loop import Worker, new_worker_id
     from genserve.worker.supervisor import recover_dead_local_workers
@@ -134,6 +135,7 @@ def run_local(
         vram_budget_gib=settings.vram_budget_gib,
         ram_budget_gib=settings.ram_budget_gib,
         offload_to_cpu=settings.offload_to_cpu,
+        optimizations=engine_optimizations(settings),
     )
     images = ImageStore(settings.images_dir)
     worker = Worker(settings, store, engine, images, new_worker_id())

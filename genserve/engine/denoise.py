@@ -24,6 +24,7 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
+from genserve.engine.deepcache import begin_run
 from genserve.engine.previews import LatentRgbMap, preview_images
 from genserve.engine.registry import Family
 from genserve.schemas.generation import GenerationParams
@@ -264,6 +265,7 @@ def denoise_batch(
     # 3. Initial noise, drawn on the CPU per row so it is the same on every GPU
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     denoiser = pipe.transformer if family == "sd3" else pipe.unet
+    begin_run(denoiser)  # DeepCache (opt-in) starts each run with a full step; a no-op otherwise
     shape = (
         denoiser.config.in_channels,
         params.height // pipe.vae_scale_factor,

@@ -12,6 +12,7 @@ start from the same noise, but batched kernels round differently: they agree to 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import PIL.Image
@@ -29,10 +30,13 @@ from genserve.engine.denoise import (
 )
 from genserve.engine.errors import EngineError, ModelLoadError, OutOfMemory, UnsupportedSampler
 from genserve.engine.loading import load_pipeline, resolve_device, resolve_dtype
+from genserve.engine.optimize import AppliedOptimizations, EngineOptimizations, WarmupRun, apply_optimizations
 from genserve.engine.previews import LatentRgbMap, fit_latent_rgb_map
 from genserve.engine.registry import SUPPORTED_SAMPLERS, ModelInfo, sampler_supported
 from genserve.engine.samplers import build_scheduler
 from genserve.schemas.generation import GenerationParams, batch_key
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineError", "ModelLoadError", "OutOfMemory", "UnsupportedSampler"]
 
@@ -54,6 +58,7 @@ class Engine:
         ram_budget_gib: float | None = None,
         offload_to_cpu: bool = True,
         warmup_on_load: bool = False,
+        optimizations: EngineOptimizations | None = None,
     ) -> None:
         if threads:
             # On a shared CPU, more torch threads than free cores is ~10x slower, not faster.
@@ -63,6 +68,8 @@ class Engine:
         self._dtype = resolve_dtype(dtype, self._device)
         self._preview_maps: dict[str, LatentRgbMap] = {}
         self._warmup_on_load = warmup_on_load
+        self._optimizations = optimizations or EngineOptimizations()
+        self._applied: dict[str, AppliedOptimizations] = {}
         # Loaded pipelines live in an LRU cache bounded by the memory budgets (weights only).
         self._cache = ModelCache(
             lambda name: load_pipeline(
@@ -97,6 +104,13 @@ class Engine:
     def _prepare(self, name: str, pipe: DiffusionPipeline) -> None:
         """After every fresh load (never on a cache hit): fit the preview map, warm up if asked."""
         self._preview_maps[name] = fit_latent_rgb_map(pipe.vae, pipe.vae_scale_factor)
+        family = self._models[name].family
+        self._applied[name] = apply_optimizations(
+            pipe, family, self._optimizations, self._device, self._dtype
+        )
+        log.info(
+            "optimizations applied", extra={"model": name, "optimizations": self._applied[name].summary()}
+        )
         if self._warmup_on_load:
             self.warmup(name)
 
@@ -128,19 +142,29 @@ class Engine:
         return self._cache.loaded()
 
     def warmup(self, name: str) -> None:
-        """Load `name` and run one 1-step generation at its native size (first-call kernels, allocator)."""
+        """Load `name` and run its warm-up plan (first-call kernels, allocator, compiled shapes)."""
         info = self._model_info(name)
         self.load(name)
-        self.generate(
-            GenerationParams(
-                prompt="warmup",
-                model=name,
-                seed=0,
-                steps=1,
-                width=info.native_width,
-                height=info.native_height,
-            )
+        applied = self._applied.get(name)
+        runs = (
+            applied.warmup_plan(info.native_width, info.native_height)
+            if applied
+            else [WarmupRun(info.native_width, info.native_height, 1, 1)]
         )
+        for run in runs:
+            self.generate(
+                GenerationParams(
+                    prompt="warmup",
+                    model=name,
+                    seed=0,
+                    steps=run.steps,
+                    width=run.width,
+                    height=run.height,
+                    num_images=run.num_images,
+                )
+            )
+        if applied:
+            applied.finish_warmup()
 
     def generate(
         self,

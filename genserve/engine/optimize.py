@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -489,3 +489,16 @@ def device_name(device: str) -> str:
     import platform
 
     return platform.processor() or platform.machine() or "cpu"
+
+
+if TYPE_CHECKING:
+    from genserve.config import Settings
+
+
+def engine_optimizations(settings: Settings) -> EngineOptimizations:
+    """The engine's levers from the settings; compile caches default to <data_dir>/compile-cache."""
+    options = settings.optimizations.model_dump()
+    options["compile_cache_dir"] = (
+        settings.optimizations.compile_cache_dir or settings.data_dir / "compile-cache"
+    )
+    return EngineOptimizations.from_dict(options)

@@ -16,6 +16,7 @@ from genserve import tracing
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine
+from genserve.engine.optimize import engine_optimizations
 from genserve.engine.registry import scan_models
 from genserve.logs import configure_logging
 from genserve.store.jobs import JobStore
@@ -46,6 +47,7 @@ def main() -> int:
         ram_budget_gib=settings.ram_budget_gib,
         offload_to_cpu=settings.offload_to_cpu,
         warmup_on_load=settings.warmup,
+        optimizations=engine_optimizations(settings),
     )
     worker = Worker(settings, store, engine, ImageStore(settings.images_dir), worker_id)
     log.info("worker starting", extra={"worker_id": worker_id, "device": engine.device})
