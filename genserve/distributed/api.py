@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from genserve.config import Settings
-from genserve.distributed.reaper import Reaper
 from genserve.store.jobs import JobStore
+
+if TYPE_CHECKING:
+    from genserve.distributed.reaper import Reaper
 
 
 def attach_distributed(settings: Settings, store: JobStore) -> Reaper | None:
@@ -18,4 +22,8 @@ def attach_distributed(settings: Settings, store: JobStore) -> Reaper | None:
             maxlen=settings.event_stream_maxlen,
             ttl_seconds=settings.event_stream_ttl_seconds,
         )
-    return Reaper(settings, store) if settings.broker_url else None
+    if not settings.broker_url:
+        return None
+    from genserve.distributed.reaper import Reaper  # imports Celery: multi-node mode only
+
+    return Reaper(settings, store)
