@@ -116,8 +116,7 @@ def run_local(
     spec: BatchSpec, items: list[RenderItem], models: dict[str, ModelInfo], settings: Settings, out_dir: Path
 ) -> dict:
     from genserve.artifacts.images import ImageStore
-    from genserve.engine.engine import Engine
-    from genserve.engine.optimize import engine_optimizations
+    from genserve.engine.optimize import engine_from_settings
     from genserve.store.jobs import JobStore
     from genserve.worker.loop import Worker, new_worker_id
     from genserve.worker.supervisor import recover_dead_local_workers
@@ -127,16 +126,7 @@ def run_local(
     if recovered:
         console.print(f"resuming: {len(recovered)} interrupted item(s) queued again")
     job_ids = submit_items(store, items, spec, models)
-    engine = Engine(
-        models,
-        device=settings.device,
-        dtype=settings.dtype,
-        threads=settings.torch_threads,
-        vram_budget_gib=settings.vram_budget_gib,
-        ram_budget_gib=settings.ram_budget_gib,
-        offload_to_cpu=settings.offload_to_cpu,
-        optimizations=engine_optimizations(settings),
-    )
+    engine = engine_from_settings(models, settings, warmup=False)
     images = ImageStore(settings.images_dir)
     worker = Worker(settings, store, engine, images, new_worker_id())
 

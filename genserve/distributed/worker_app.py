@@ -51,7 +51,7 @@ class WorkerRuntime:
 
     def start_child(self) -> None:
         from genserve.artifacts.s3 import make_image_store
-        from genserve.engine.engine import Engine
+        from genserve.engine.optimize import engine_from_settings
         from genserve.engine.registry import scan_models
         from genserve.store.jobs import JobStore
         from genserve.worker.loop import Worker
@@ -67,16 +67,7 @@ class WorkerRuntime:
                 maxlen=settings.event_stream_maxlen,
                 ttl_seconds=settings.event_stream_ttl_seconds,
             )
-        engine = Engine(
-            scan_models(settings.models_dir),
-            device=settings.device,
-            dtype=settings.dtype,
-            threads=settings.torch_threads,
-            vram_budget_gib=settings.vram_budget_gib,
-            ram_budget_gib=settings.ram_budget_gib,
-            offload_to_cpu=settings.offload_to_cpu,
-            warmup_on_load=settings.warmup,
-        )
+        engine = engine_from_settings(scan_models(settings.models_dir), settings)
         self.worker = Worker(settings, store, engine, make_image_store(settings), self.worker_id)
         metrics_port = int(os.environ.get("GENSERVE_WORKER_METRICS_PORT", "0"))
         if metrics_port:

@@ -492,7 +492,11 @@ def device_name(device: str) -> str:
 
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from genserve.config import Settings
+    from genserve.engine.engine import Engine
+    from genserve.engine.registry import ModelInfo
 
 
 def engine_optimizations(settings: Settings) -> EngineOptimizations:
@@ -502,3 +506,22 @@ def engine_optimizations(settings: Settings) -> EngineOptimizations:
         settings.optimizations.compile_cache_dir or settings.data_dir / "compile-cache"
     )
     return EngineOptimizations.from_dict(options)
+
+
+def engine_from_settings(
+    models: Mapping[str, ModelInfo], settings: Settings, *, warmup: bool | None = None
+) -> Engine:
+    """The serving engine as the settings describe it: device, dtype, threads, cache budgets, levers."""
+    from genserve.engine.engine import Engine
+
+    return Engine(
+        models,
+        device=settings.device,
+        dtype=settings.dtype,
+        threads=settings.torch_threads,
+        vram_budget_gib=settings.vram_budget_gib,
+        ram_budget_gib=settings.ram_budget_gib,
+        offload_to_cpu=settings.offload_to_cpu,
+        warmup_on_load=settings.warmup if warmup is None else warmup,
+        optimizations=engine_optimizations(settings),
+    )

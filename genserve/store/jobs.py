@@ -265,39 +265,12 @@ class JobStore:
     # -- a worker's side of a job ----------------------------------------------------------------
 
     def claim_next(self, worker_id: str, lease_seconds: float) -> JobRecord | None:
-        """Lease the next queued job to this worker; None when nothing is queued."""
-        # SKIP LOCKED lets workers on PostgreSQL pass over a job another worker is claiming right
-        # now; SQLite ignores FOR UPDATE and serializes the whole transaction instead.
-        candidate = (
-            sa.select(jobs.c.id)
-            .where(jobs.c.state == QUEUED)
-            .order_by(*_QUEUE_ORDER)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-        for _ in range(_MAX_CLAIM_TRIES):
-            with write_transaction(self.engine) as conn:
-                job_id = conn.execute(candidate).scalar_one_or_none()
-                if job_id is None:
-                    return None
-                now = db_now(conn)
-                row = conn.execute(
-                    jobs.update()
-                    .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
-                    .values(
-                        state=RUNNING,
-                        attempt=jobs.c.attempt + 1,
-                        lease_owner=worker_id,
-                        lease_until=now + timedelta(seconds=lease_seconds),
-                        started_at=now,
-                        updated_at=now,
-                    )
-                    .returning(*jobs.c)
-                ).first()
-                if row is not None:
-                    append_event(conn, job_id, "started", {"attempt": row.attempt, "worker": worker_id})
-                    return _record(row)
-            # Another worker claimed that job between our read and our update; look again.
+        """Lease the next queued job (priority, then arrival) to this worker; None when nothing is queued."""
+        while head := self.queued_jobs(limit=_MAX_CLAIM_TRIES):
+            for job in head:  # in queue order; a job another worker took meanwhile is skipped
+                claimed = self.claim_jobs([job.id], worker_id, lease_seconds)
+                if claimed:
+                    return claimed[0]
         return None
 
     def get_many(self, job_ids: list[str]) -> dict[str, JobRecord]:

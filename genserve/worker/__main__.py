@@ -15,8 +15,7 @@ import threading
 from genserve import tracing
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
-from genserve.engine.engine import Engine
-from genserve.engine.optimize import engine_optimizations
+from genserve.engine.optimize import engine_from_settings
 from genserve.engine.registry import scan_models
 from genserve.logs import configure_logging
 from genserve.store.jobs import JobStore
@@ -38,17 +37,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     store = JobStore.from_url(settings.resolved_store_url)
-    engine = Engine(
-        scan_models(settings.models_dir),
-        device=settings.device,
-        dtype=settings.dtype,
-        threads=settings.torch_threads,
-        vram_budget_gib=settings.vram_budget_gib,
-        ram_budget_gib=settings.ram_budget_gib,
-        offload_to_cpu=settings.offload_to_cpu,
-        warmup_on_load=settings.warmup,
-        optimizations=engine_optimizations(settings),
-    )
+    engine = engine_from_settings(scan_models(settings.models_dir), settings)
     worker = Worker(settings, store, engine, ImageStore(settings.images_dir), worker_id)
     log.info("worker starting", extra={"worker_id": worker_id, "device": engine.device})
     try:
