@@ -7,7 +7,7 @@ run stopped; the UNet phase also checkpoints every few minutes):
 
 0. Render the synthetic dataset (seeded; combinations in the held-out split are left out).
 1. Train the shape classifier used by the evaluation (on drawn images only).
-2. Train the VAE (64x64 RGB <-> 16x16x4 latents), then encode the dataset once.
+2. Train the VAE (64x64 RGB <-> 16x16x8 latents), then encode the dataset once.
 3. Train the UNet and the text encoder together on the latents: v-prediction, min-SNR loss
    weighting, 10% caption dropout for classifier-free guidance, EMA weights.
 4. Write the pipeline with `save_pretrained` (fp16 safetensors) plus the classifier and split.

@@ -1,0 +1,218 @@
+"""The built-in shapes model: grammar, drawing, tokenizer, measuring tools, and its quality bar.
+
+The quality test loads the committed pipeline exactly as genserve serves it and checks the held-out
+evaluation against the bar of issue 3. The committed weights do not reach that bar yet (issue 3 is
+open: background 1.00, foreground 0.44, shape 0.18 on 2026-11-23), so the test runs only when asked:
+GENSERVE_TOYMODEL_QUALITY=1 .venv/bin/pytest tests/test_toymodel.py. Once a retrained model passes,
+remove the skip so `make test` holds the bar.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from genserve.toymodel import dataset, pixels
+from genserve.toymodel.evaluate import DEFAULT_CFG, DEFAULT_STEPS, held_out_scenes, score, swap_pairs
+from genserve.toymodel.tokenizer import build_tokenizer
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "genserve" / "builtin_models" / "genserve-shapes"
+
+
+# 1. Grammar and split
+
+
+def test_grammar_has_the_required_variety():
+    assert {"circle", "square", "triangle", "star"} <= set(dataset.SHAPES)
+    assert len(dataset.FOREGROUNDS) >= 8 and len(dataset.BACKGROUNDS) >= 6
+    assert len(dataset.POSITIONS) >= 5 and len(dataset.SIZES) == 2
+
+
+def test_captions_name_shape_and_colours_and_vary():
+    rng = random.Random(0)
+    scene = dataset.Scene("star", "red", "blue", "top left", "small")
+    captions = {dataset.caption_for(scene, rng) for _ in range(200)}
+    assert len(captions) > 50
+    for caption in captions:
+        words = caption.split()
+        assert "star" in words and "red" in words and "blue" in words
+        assert words.index("red") != words.index("blue")
+
+
+def test_every_caption_word_is_in_the_vocabulary():
+    vocab = set(dataset.vocabulary())
+    rng = random.Random(1)
+    for _ in range(500):
+        caption = dataset.caption_for(dataset.sample_scene(rng, dataset.all_triples()), rng)
+        assert set(caption.split()) <= vocab, caption
+
+
+def test_held_out_split_is_fixed_balanced_and_excluded_from_training():
+    held_out = dataset.held_out_triples()
+    assert held_out == dataset.held_out_triples()
+    assert len(held_out) == len(set(held_out)) == 40
+    assert not set(held_out) & set(dataset.training_triples(held_out))
+    assert {shape for shape, _, _ in held_out} == set(dataset.SHAPES)
+    assert all(fg != bg for _, fg, bg in held_out)
+
+
+def test_committed_split_matches_the_code():
+    import json
+
+    split = json.loads((MODEL_DIR / "eval" / "heldout.json").read_text())
+    assert [tuple(t) for t in split["held_out_triples"]] == dataset.held_out_triples()
+    assert split["eval_captions"] == [dataset.canonical_caption(s) for s in held_out_scenes()]
+
+
+# 2. Drawing and measuring
+
+
+def test_drawn_scene_has_background_at_borders_and_shape_inside():
+    scene = dataset.Scene("square", "yellow", "black", "center", "large")
+    image = np.asarray(dataset.draw_scene(scene, 64))
+    assert image.shape == (64, 64, 3)
+    assert tuple(image[0, 0]) == dataset.COLORS["black"]
+    assert tuple(image[32, 32]) == dataset.COLORS["yellow"]
+
+
+def test_measurements_read_drawn_scenes_exactly():
+    rng = random.Random(2)
+    scenes = [dataset.sample_scene(rng, dataset.all_triples()) for _ in range(200)]
+    images = [np.asarray(dataset.draw_scene(s, 64, rng)) for s in scenes]
+    assert score(scenes, images, [s.shape for s in scenes]) == {
+        "background": 1.0,
+        "foreground": 1.0,
+        "shape": 1.0,
+        "position": 1.0,
+        "size": 1.0,
+    }
+
+
+def test_blank_image_has_no_foreground():
+    image = np.full((64, 64, 3), dataset.COLORS["gray"], dtype=np.uint8)
+    measurement = pixels.measure(image)
+    assert measurement.bg == "gray" and measurement.fg is None
+
+
+def test_swap_pairs_differ_only_by_swapped_colours():
+    for a, b in swap_pairs():
+        assert (a.fg, a.bg) == (b.bg, b.fg) and (a.shape, a.position, a.size) == (b.shape, b.position, b.size)
+
+
+# 3. Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(dataset.vocabulary())
+
+
+def test_unknown_words_map_to_unk(tokenizer):
+    ids = tokenizer("a green zebra on a black background").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert ids.count(tokenizer.unk_token_id) == 1
+
+
+def test_case_does_not_matter_and_punctuation_is_unknown(tokenizer):
+    assert tokenizer("A GREEN Star").input_ids == tokenizer("a green star").input_ids
+    ids = tokenizer("green star, on black!").input_ids
+    assert ids.count(tokenizer.unk_token_id) == 2
+
+
+def test_long_prompts_are_truncated_keeping_eos(tokenizer):
+    ids = tokenizer(
+        "red " * 100, padding="max_length", truncation=True, max_length=tokenizer.model_max_length
+    ).input_ids
+    assert len(ids) == tokenizer.model_max_length and ids[-1] == tokenizer.eos_token_id
+
+
+def test_empty_prompt_is_bos_eos_then_padding(tokenizer):
+    ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    assert ids[:2] == [tokenizer.bos_token_id, tokenizer.eos_token_id]
+    assert set(ids[2:]) == {tokenizer.pad_token_id}
+
+
+def test_tokenizer_round_trips_through_save_pretrained(tokenizer, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer.save_pretrained(tmp_path)
+    loaded = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    prompt = "a small red circle at the top left on a blue background"
+    assert loaded(prompt).input_ids == tokenizer(prompt).input_ids
+    assert loaded.model_max_length == tokenizer.model_max_length
+
+
+# 4. The committed model
+
+
+def _load_pipeline():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    assert (MODEL_DIR / "model_index.json").is_file(), f"the built-in model is missing from {MODEL_DIR}"
+    pipe = StableDiffusionPipeline.from_pretrained(
+        MODEL_DIR, local_files_only=True, torch_dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_committed_model_is_a_small_plain_sd15_folder():
+    from genserve.engine.registry import read_model_info
+
+    info = read_model_info(MODEL_DIR)
+    assert (info.family, info.format, info.native_width, info.native_height) == ("sd15", "diffusers", 64, 64)
+    size = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
+    assert size <= 30 * 1024 * 1024
+
+
+def test_pipeline_encodes_any_prompt():
+    pipe = _load_pipeline()
+    long_prompt = "a big green star " * 30
+    for prompt, negative in (
+        ("a green star on a black background", ""),
+        ("zebra quantum!!", None),
+        (long_prompt, "blurry"),
+    ):
+        embeds, negative_embeds = pipe.encode_prompt(prompt, "cpu", 1, True, negative)
+        assert embeds.shape == negative_embeds.shape
+        assert embeds.shape[1] == pipe.tokenizer.model_max_length
+
+
+def _generator():
+    """The serving path (genserve's Engine) when it is available, else the plain pipeline."""
+    from genserve.toymodel import evaluate
+
+    try:
+        return evaluate.engine_generator(MODEL_DIR, DEFAULT_CFG, DEFAULT_STEPS)
+    except ImportError:
+        return evaluate.pipeline_generator(_load_pipeline(), DEFAULT_CFG, DEFAULT_STEPS)
+
+
+@pytest.mark.skipif(
+    os.environ.get("GENSERVE_TOYMODEL_QUALITY") != "1",
+    reason="issue 3 open: the committed shapes model is undertrained (fg 0.44, shape 0.18 < bar); "
+    "set GENSERVE_TOYMODEL_QUALITY=1 to run the bar",
+)
+def test_held_out_quality_bar():
+    """Issue 3's bar: 40 unseen combinations x 2 seeds at 20 steps and the default CFG."""
+    import torch
+
+    from genserve.toymodel.evaluate import evaluate
+    from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
+
+    assert (MODEL_DIR / "model_index.json").is_file(), f"the built-in model is missing from {MODEL_DIR}"
+    classifier = load_classifier(MODEL_DIR / "eval" / CLASSIFIER_FILE)
+    with torch.inference_mode():
+        report = evaluate(_generator(), lambda images: classify_shapes(classifier, images), held_out_scenes())
+    print(report.summary())
+    assert report.images == 80
+    assert report.background >= 0.90, report.summary()
+    assert report.foreground >= 0.80, report.summary()
+    assert report.shape >= 0.70, report.summary()
+    # Control: the same seed with the colours swapped in the prompt swaps them in the image.
+    assert report.swap_background >= 0.80 and report.swap_foreground >= 0.75, report.summary()
