@@ -28,7 +28,9 @@ from tests.helpers import LiveServer, free_port, read_events, wait_for, wait_job
 
 LEASE_SECONDS = 2.0
 SPOT_SECONDS = 1.0
-LONG = {"prompt": "long job", "steps": 40, "width": 32, "height": 32}
+# Long enough (~5 s on a quiet 2-core CPU, longer under load) that a job is still running when a
+# signal or kill arrives; a shorter job finished before the 1 s spot timeout on an idle machine.
+LONG = {"prompt": "long job", "steps": 400, "width": 32, "height": 32}
 SHORT = {"prompt": "short job", "steps": 2, "width": 32, "height": 32}
 HOST = socket.gethostname()
 
@@ -280,7 +282,7 @@ def test_sigterm_on_demand_lets_the_running_job_finish(cluster):
     cluster.wait_workers_ready()
     target = f"{HOST}:{name}"
     job_id = None
-    for steps in range(30, 36):  # distinct steps: no two of these batch together
+    for steps in range(400, 406):  # distinct steps: no two of these batch together
         candidate = submit(cluster.apis[0], {**LONG, "steps": steps})
         wait_for(lambda c=candidate: "started" in cluster.events(c), timeout=60, message="start")
         if started_worker(cluster, candidate) == target:
