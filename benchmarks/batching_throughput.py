@@ -5,7 +5,8 @@ PNGs → fenced completion) on a SQLite store, in this process. The two modes al
 16 requests (different prompts, seeds and CFG). Also reports the scheduler's own cost per job:
 time spent listing the queue, planning the batch and claiming it.
 
-    .venv/bin/python benchmarks/batching_throughput.py --models-dir models --model genserve-tiny
+    .venv/bin/python benchmarks/batching_throughput.py            # the built-in default model
+    .venv/bin/python benchmarks/batching_throughput.py --models-dir models --model my-model
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def run_round(
         )
         store = TimedStore(JobStore.from_url(settings.resolved_store_url).engine)
         worker = Worker(settings, store, engine, ImageStore(settings.images_dir), "bench")
-        info = scan_models(models_dir)[model]
+        info = scan_models(models_dir, builtin=True)[model]
         for i in range(requests):
             params = GenerationParams(
                 prompt=f"request {i}",
@@ -88,7 +89,7 @@ def run_round(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--model", default="genserve-tiny")
+    parser.add_argument("--model", default="genserve-shapes")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    engine = Engine(scan_models(args.models_dir), threads=args.threads)
+    engine = Engine(scan_models(args.models_dir, builtin=True), threads=args.threads)
     engine.warmup(args.model)
     rounds: dict[str, list[dict]] = {"one_at_a_time": [], "batched": []}
     for _ in range(args.repeats):

@@ -35,17 +35,6 @@ def _settings(**overrides: object) -> Settings:
     return Settings(**{key: value for key, value in overrides.items() if value is not None})
 
 
-def ensure_default_model(settings: Settings) -> None:
-    """Write the tiny random-weight SD1.5 default model on first start (see README)."""
-    path = settings.models_dir / settings.default_model
-    if path.exists() or not settings.bootstrap_default_model:
-        return
-    from genserve.engine.fixtures import write_tiny_pipeline
-
-    console.print(f"[yellow]Writing the tiny default model to {path} (random weights)[/yellow]")
-    write_tiny_pipeline("sd15", path)
-
-
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
@@ -99,7 +88,6 @@ def serve(
     from genserve.logs import configure_logging
 
     configure_logging()
-    ensure_default_model(settings)
 
     from genserve.tracing import configure_tracing
 
@@ -138,8 +126,7 @@ def _generate_local(params: GenerationParams, output: Path) -> list[Path]:
     from genserve.engine.registry import scan_models
 
     settings = Settings()
-    ensure_default_model(settings)
-    models = scan_models(settings.models_dir)
+    models = scan_models(settings.models_dir, builtin=settings.builtin_models)
     try:
         params = resolve_params(params, models, settings)
     except LimitError as error:
@@ -228,7 +215,9 @@ def generate(
     model: Annotated[str | None, typer.Option(help="Model name (default model if omitted).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (random if omitted).")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
-    cfg_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.0,
+    cfg_scale: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance scale (the model's default if omitted).")
+    ] = None,
     width: Annotated[int | None, typer.Option(help="Width in pixels (model native if omitted).")] = None,
     height: Annotated[int | None, typer.Option(help="Height in pixels (model native if omitted).")] = None,
     sampler: Annotated[str, typer.Option(help=f"One of: {', '.join(SAMPLER_NAMES)}.")] = "euler",
@@ -283,7 +272,7 @@ def models(
                 "dtype": m.dtype,
                 "loaded": False,
             }
-            for m in scan_models(settings.models_dir).values()
+            for m in scan_models(settings.models_dir, builtin=settings.builtin_models).values()
         ]
     table = Table("name", "family", "format", "native size", "dtype", "loaded")
     for row in rows:
@@ -337,8 +326,7 @@ def calibrate(
     from genserve.store.calibration import CalibrationStore
 
     settings = _settings(models_dir=models_dir, store_url=store, device=device)
-    ensure_default_model(settings)
-    models = scan_models(settings.models_dir)
+    models = scan_models(settings.models_dir, builtin=settings.builtin_models)
     name = model or settings.default_model
     if name not in models:
         console.print(f"[red]model '{name}' is not in {settings.models_dir}[/red]")
@@ -427,7 +415,7 @@ def plan(
 
     settings = _settings(models_dir=models_dir, store_url=store)
     name = model or settings.default_model
-    info = scan_models(settings.models_dir).get(name)
+    info = scan_models(settings.models_dir, builtin=settings.builtin_models).get(name)
     if info is not None:
         family = family or info.family
         native = (info.native_width, info.native_height)

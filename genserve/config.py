@@ -77,9 +77,11 @@ class Settings(BaseSettings):
     models_dir: Path = Path("models")
     # SQLAlchemy URL of the job store; None means SQLite at <data_dir>/genserve.db.
     store_url: str | None = None
-    default_model: str = "genserve-tiny"
-    # Write a tiny random-weight SD1.5 pipeline as the default model when it is missing.
-    bootstrap_default_model: bool = True
+    # The trained toy model shipped in the package (genserve/builtin_models/genserve-shapes).
+    default_model: str = "genserve-shapes"
+    # Serve the models shipped with genserve besides those in models_dir (a models_dir entry of the
+    # same name takes precedence).
+    builtin_models: bool = True
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32

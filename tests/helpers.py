@@ -45,7 +45,7 @@ class LiveServer:
             "GENSERVE_MODELS_DIR": str(self.models_dir),
             "GENSERVE_DATA_DIR": str(self.data_dir),
             "GENSERVE_DEFAULT_MODEL": "tiny-sd15",
-            "GENSERVE_BOOTSTRAP_DEFAULT_MODEL": "false",
+            "GENSERVE_BUILTIN_MODELS": "false",
             "GENSERVE_HEARTBEAT_SECONDS": "0.02",
             "GENSERVE_POLL_SECONDS": "0.05",
             "GENSERVE_TORCH_THREADS": "1",

@@ -213,7 +213,7 @@ def test_cors_preflight_for_a_configured_origin(server):
 
 def serve(tmp_path, *args: str, **env: str) -> subprocess.Popen:
     environment = {**os.environ, "GENSERVE_DATA_DIR": str(tmp_path), "GENSERVE_MODELS_DIR": str(tmp_path)}
-    environment.update({"GENSERVE_WORKERS": "0", "GENSERVE_BOOTSTRAP_DEFAULT_MODEL": "false", **env})
+    environment.update({"GENSERVE_WORKERS": "0", "GENSERVE_BUILTIN_MODELS": "false", **env})
     command = [sys.executable, "-m", "genserve.cli", "serve", *args]
     return subprocess.Popen(
         command, env=environment, stderr=subprocess.PIPE, text=True, start_new_session=True

@@ -237,7 +237,7 @@ def api(tiny_models_dir, tmp_path):
         data_dir=tmp_path / "data",
         models_dir=tiny_models_dir,
         default_model="tiny-sd15",
-        bootstrap_default_model=False,
+        builtin_models=False,
         workers=0,
     )
     from genserve.api.app import create_app
@@ -296,7 +296,7 @@ def cli_env(tiny_models_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("GENSERVE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("GENSERVE_MODELS_DIR", str(tiny_models_dir))
     monkeypatch.setenv("GENSERVE_DEFAULT_MODEL", "tiny-sd15")
-    monkeypatch.setenv("GENSERVE_BOOTSTRAP_DEFAULT_MODEL", "false")
+    monkeypatch.setenv("GENSERVE_BUILTIN_MODELS", "false")
     monkeypatch.delenv("GENSERVE_STORE_URL", raising=False)
     return Settings()
 

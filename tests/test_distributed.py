@@ -96,7 +96,7 @@ class Cluster:
             "GENSERVE_MODELS_DIR": str(models_dir),
             "GENSERVE_DATA_DIR": str(data_dir),
             "GENSERVE_DEFAULT_MODEL": "tiny-sd15",
-            "GENSERVE_BOOTSTRAP_DEFAULT_MODEL": "false",
+            "GENSERVE_BUILTIN_MODELS": "false",
             "GENSERVE_TORCH_THREADS": "1",
             "GENSERVE_WARMUP": "false",
             "GENSERVE_HEARTBEAT_SECONDS": "0.05",

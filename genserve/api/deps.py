@@ -21,8 +21,9 @@ class ModelCatalog:
     """The models directory as the API sees it: rescanned at most every `ttl` seconds, so new models
     show up without a restart, and every request does not walk the disk."""
 
-    def __init__(self, models_dir: Path, ttl: float = 5.0) -> None:
+    def __init__(self, models_dir: Path, *, builtin: bool = True, ttl: float = 5.0) -> None:
         self.models_dir = models_dir
+        self.builtin = builtin
         self.ttl = ttl
         self._models: dict[str, ModelInfo] = {}
         self._scanned_at = float("-inf")
@@ -31,7 +32,7 @@ class ModelCatalog:
     def models(self) -> dict[str, ModelInfo]:
         with self._lock:
             if time.monotonic() - self._scanned_at > self.ttl:
-                self._models = scan_models(self.models_dir)
+                self._models = scan_models(self.models_dir, builtin=self.builtin)
                 self._scanned_at = time.monotonic()
             return self._models
 

@@ -20,7 +20,7 @@ from genserve.schemas import (
     LimitError,
     check_limits,
 )
-from genserve.schemas.generation import MAX_SEED
+from genserve.schemas.generation import DEFAULT_CFG_SCALE, MAX_SEED
 from genserve.store.calibration import CalibrationStore
 from genserve.store.jobs import JobRecord, JobStore
 
@@ -28,7 +28,7 @@ from genserve.store.jobs import JobRecord, JobStore
 def resolve_params(
     params: GenerationParams, models: dict[str, ModelInfo], settings: Settings
 ) -> GenerationParams:
-    """Fill in the model, its native size and a random seed, then check every limit.
+    """Fill in the model, its native size and default CFG scale and a random seed, then check every limit.
 
     The stored job holds the resolved values, so a job always says exactly what ran and can be
     reproduced. Raises LimitError naming the field.
@@ -44,6 +44,9 @@ def resolve_params(
             "width": params.width or info.native_width,
             "height": params.height or info.native_height,
             "seed": params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1),
+            "cfg_scale": params.cfg_scale
+            if params.cfg_scale is not None
+            else (info.default_cfg_scale or DEFAULT_CFG_SCALE),
             "preview_every": params.preview_every
             if params.preview_every is not None
             else settings.preview_every,

@@ -33,7 +33,7 @@ SpecPath = Annotated[Path, typer.Argument(help="Batch spec, YAML or JSON.")]
 def _load(
     spec_path: Path, settings: Settings
 ) -> tuple[BatchSpec, Path, list[RenderItem], dict[str, ModelInfo]]:
-    models = scan_models(settings.models_dir)
+    models = scan_models(settings.models_dir, builtin=settings.builtin_models)
     try:
         spec, base_dir = load_spec(spec_path)
         items = expand(spec, base_dir, models, settings)

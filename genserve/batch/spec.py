@@ -63,7 +63,9 @@ class Variants(BaseModel):
     seed: list[int] = Field(default_factory=lambda: [0])
     size: list[str] | None = Field(None, description='"WIDTHxHEIGHT"; the model\'s native size if omitted.')
     steps: list[int] = Field(default_factory=lambda: [20])
-    cfg_scale: list[float] = Field(default_factory=lambda: [7.0])
+    cfg_scale: list[float | None] = Field(
+        default_factory=lambda: [None], description="The model's default CFG scale if omitted."
+    )
     sampler: list[SamplerName] = Field(default_factory=lambda: ["euler"])
     model: list[str | None] = Field(default_factory=lambda: [None])
     n: int = Field(1, ge=1, le=1000, description="Images per combination (seeds seed, seed+1, ...).")

@@ -67,7 +67,7 @@ class WorkerRuntime:
                 maxlen=settings.event_stream_maxlen,
                 ttl_seconds=settings.event_stream_ttl_seconds,
             )
-        engine = engine_from_settings(scan_models(settings.models_dir), settings)
+        engine = engine_from_settings(scan_models(settings.models_dir, builtin=settings.builtin_models), settings)
         self.worker = Worker(settings, store, engine, make_image_store(settings), self.worker_id)
         metrics_port = int(os.environ.get("GENSERVE_WORKER_METRICS_PORT", "0"))
         if metrics_port:

@@ -12,6 +12,7 @@ start from the same noise, but batched kernels round differently: they agree to 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -34,7 +35,7 @@ from genserve.engine.optimize import AppliedOptimizations, EngineOptimizations, 
 from genserve.engine.previews import LatentRgbMap, fit_latent_rgb_map
 from genserve.engine.registry import SUPPORTED_SAMPLERS, ModelInfo, sampler_supported
 from genserve.engine.samplers import build_scheduler
-from genserve.schemas.generation import GenerationParams, batch_key
+from genserve.schemas.generation import DEFAULT_CFG_SCALE, GenerationParams, batch_key
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ class Engine:
                 raise ValueError("a batch needs the same model, size, steps and sampler for every item")
         params = items[0].params
         info = self._model_info(params.model)
+        items = [_with_default_cfg_scale(item, info) for item in items]
         if not sampler_supported(info.family, params.sampler):
             raise UnsupportedSampler(
                 f"sampler '{params.sampler}' is not supported for {info.family} model '{info.name}'; "
@@ -273,3 +275,11 @@ def is_out_of_memory(error: BaseException) -> bool:
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else "(no message)"
+
+
+def _with_default_cfg_scale(item: BatchItem, info: ModelInfo) -> BatchItem:
+    """A request that names no CFG scale gets the model's (API requests arrive resolved already)."""
+    if item.params.cfg_scale is not None:
+        return item
+    cfg_scale = info.default_cfg_scale or DEFAULT_CFG_SCALE
+    return dataclasses.replace(item, params=item.params.model_copy(update={"cfg_scale": cfg_scale}))

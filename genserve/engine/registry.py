@@ -40,6 +40,8 @@ from math import prod
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from genserve.schemas.generation import SAMPLER_NAMES
 
 logger = logging.getLogger(__name__)
@@ -83,16 +85,31 @@ class ModelInfo:
     native_width: int
     native_height: int
     dtype: str  # dtype of the stored denoiser weights ("float16", "float32", ...), or "unknown"
+    # The CFG scale a request gets when it names none, from the model card (None: the global default).
+    default_cfg_scale: float | None = None
 
 
-def scan_models(models_dir: Path) -> dict[str, ModelInfo]:
-    """Every readable model in `models_dir`, by name (folder name or file stem).
+# Models shipped inside the package (the trained default, genserve-shapes); see builtin_models/.
+BUILTIN_MODELS_DIR = Path(__file__).resolve().parent.parent / "builtin_models"
+
+
+def scan_models(models_dir: Path, *, builtin: bool = False) -> dict[str, ModelInfo]:
+    """Every readable model in `models_dir`, by name (folder name or file stem), plus the models
+    shipped with genserve when `builtin` is set (a models_dir entry of the same name wins).
 
     Entries that are not models, or cannot be read, are skipped with a logged warning.
     """
-    models_dir = Path(models_dir)
+    models = _scan_dir(Path(models_dir), quiet_if_missing=builtin)
+    if builtin:
+        for name, info in _scan_dir(BUILTIN_MODELS_DIR, quiet_if_missing=False).items():
+            models.setdefault(name, info)
+    return models
+
+
+def _scan_dir(models_dir: Path, *, quiet_if_missing: bool) -> dict[str, ModelInfo]:
     if not models_dir.is_dir():
-        logger.warning("models directory %s does not exist; no models registered", models_dir)
+        if not quiet_if_missing:
+            logger.warning("models directory %s does not exist; no models registered from it", models_dir)
         return {}
     models: dict[str, ModelInfo] = {}
     for entry in sorted(models_dir.iterdir()):
@@ -121,7 +138,16 @@ def read_model_info(path: Path) -> ModelInfo:
     family = detect_family(path)
     if path.is_dir():
         width, height = _diffusers_native_size(path, family)
-        return ModelInfo(path.name, path, family, "diffusers", width, height, _diffusers_dtype(path))
+        return ModelInfo(
+            path.name,
+            path,
+            family,
+            "diffusers",
+            width,
+            height,
+            _diffusers_dtype(path),
+            default_cfg_scale=_model_card_cfg_scale(path / "README.md"),
+        )
     keys_and_dtypes = _safetensors_header(path)
     size = SD2_NATIVE_SIZE if family == "sd15" and _is_sd2(keys_and_dtypes) else DEFAULT_NATIVE_SIZE[family]
     return ModelInfo(path.stem, path, family, "single_file", size, size, _majority_dtype(keys_and_dtypes))
@@ -188,6 +214,23 @@ def _diffusers_dtype(folder: Path) -> str:
             except (OSError, UnknownModelFormat):
                 return "unknown"
     return "unknown"
+
+
+def _model_card_cfg_scale(card: Path) -> float | None:
+    """`genserve: {default_cfg_scale: ...}` from a model card's YAML front matter, if it has one."""
+    try:
+        text = card.read_text()
+    except OSError:
+        return None
+    if not text.startswith("---"):
+        return None
+    front_matter = text.split("---", 2)[1]
+    try:
+        value = (yaml.safe_load(front_matter) or {}).get("genserve", {}).get("default_cfg_scale")
+        return float(value) if value is not None else None
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError) as error:
+        logger.warning("%s: ignoring unreadable front matter (%s)", card, error)
+        return None
 
 
 def _read_json(path: Path) -> dict:

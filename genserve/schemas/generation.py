@@ -13,6 +13,7 @@ SamplerName = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim",
 SAMPLER_NAMES: tuple[str, ...] = SamplerName.__args__  # type: ignore[attr-defined]
 
 MAX_SEED = 2**32 - 1
+DEFAULT_CFG_SCALE = 7.0  # for models whose card names no default
 
 
 class GenerationParams(BaseModel):
@@ -27,7 +28,11 @@ class GenerationParams(BaseModel):
         None, ge=0, le=MAX_SEED, description="Image i uses seed+i. Random (and recorded) if omitted."
     )
     steps: int = Field(20, ge=1, description="Denoising steps.")
-    cfg_scale: float = Field(7.0, description="Classifier-free guidance scale.")
+    cfg_scale: float | None = Field(
+        None,
+        description="Classifier-free guidance scale; the model's default if omitted (its model card's, "
+        "else 7.0).",
+    )
     width: int | None = Field(None, ge=8, multiple_of=8, description="Pixels; model native width if omitted.")
     height: int | None = Field(
         None, ge=8, multiple_of=8, description="Pixels; model native height if omitted."
@@ -76,7 +81,7 @@ def check_limits(params: GenerationParams, limits: Limits, known_models: set[str
             )
     if params.steps > limits.max_steps:
         raise LimitError("steps", f"steps must be between 1 and {limits.max_steps} (max_steps)")
-    if not limits.min_cfg_scale <= params.cfg_scale <= limits.max_cfg_scale:
+    if params.cfg_scale is not None and not limits.min_cfg_scale <= params.cfg_scale <= limits.max_cfg_scale:
         raise LimitError(
             "cfg_scale", f"cfg_scale must be between {limits.min_cfg_scale} and {limits.max_cfg_scale}"
         )

@@ -90,7 +90,7 @@ export class GenerateForm {
     if (!props.preview_every) this.form.querySelector("#preview-every-field").hidden = true;
     const defaults = { steps: 20, cfg_scale: 7, sampler: samplers[0], num_images: 1 };
     for (const key of Object.keys(defaults)) {
-      if (props[key]?.default !== undefined) defaults[key] = props[key].default;
+      if (props[key]?.default != null) defaults[key] = props[key].default;
       this.el[key].value = defaults[key];
     }
     const fallback = models.find((m) => m.default) ?? models[0];
@@ -133,6 +133,9 @@ export class GenerateForm {
     if (!keepSize) {
       const same = presets.find((p) => p.label === previous) ?? presets[0];
       if (same) this.choosePreset(same);
+      // Each model has its own best guidance (the built-in shapes model draws best at a low one).
+      const cfg = this.model()?.default_cfg_scale;
+      if (cfg != null) this.el.cfg_scale.value = cfg;
     }
     this.syncPresetChoice();
   }

@@ -37,7 +37,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     store = JobStore.from_url(settings.resolved_store_url)
-    engine = engine_from_settings(scan_models(settings.models_dir), settings)
+    engine = engine_from_settings(scan_models(settings.models_dir, builtin=settings.builtin_models), settings)
     worker = Worker(settings, store, engine, ImageStore(settings.images_dir), worker_id)
     log.info("worker starting", extra={"worker_id": worker_id, "device": engine.device})
     try:

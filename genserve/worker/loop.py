@@ -144,7 +144,7 @@ class Worker:
         """Load (and warm up) the default model before taking work, so /readyz means ready."""
         self.announce()
         default = self.settings.default_model
-        if default in scan_models(self.settings.models_dir):
+        if default in scan_models(self.settings.models_dir, builtin=self.settings.builtin_models):
             self.engine.load(default)  # warms up too when the engine was built with warmup_on_load
         else:
             log.warning("default model not found; serving other models only", extra={"model": default})
@@ -239,7 +239,7 @@ class Worker:
     ) -> dict[str, str]:
         first = params[jobs[0].id]
         if not self.engine.knows(first.model):
-            self.engine.update_models(scan_models(self.settings.models_dir))
+            self.engine.update_models(scan_models(self.settings.models_dir, builtin=self.settings.builtin_models))
         events = EventBuffer(self.store)
         reporters = {job.id: ProgressReporter(job.id, lease, events) for job in jobs}
         items = [

@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from genserve.api.deps import ServicesDep
 from genserve.auth.deps import PrincipalDep
+from genserve.schemas.generation import DEFAULT_CFG_SCALE
 
 router = APIRouter(tags=["models"])
 
@@ -25,6 +26,7 @@ class ModelPublic(BaseModel):
     dtype: str
     loaded: bool
     default: bool
+    default_cfg_scale: float  # what a request that names no cfg_scale gets with this model
 
 
 class ModelList(BaseModel):
@@ -53,6 +55,7 @@ def list_models(services: ServicesDep, principal: PrincipalDep) -> ModelList:
                 dtype=info.dtype,
                 loaded=info.name in loaded,
                 default=info.name == services.settings.default_model,
+                default_cfg_scale=info.default_cfg_scale or DEFAULT_CFG_SCALE,
             )
             for info in sorted(services.catalog.models().values(), key=lambda m: m.name)
             if allowed is None or info.name in allowed

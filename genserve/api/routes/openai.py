@@ -76,7 +76,9 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str = Field("", description="genserve: what to steer away from.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="genserve: image i uses seed+i.")
     steps: int = Field(20, ge=1, description="genserve: denoising steps.")
-    cfg_scale: float = Field(7.0, description="genserve: classifier-free guidance scale.")
+    cfg_scale: float | None = Field(
+        None, description="genserve: classifier-free guidance scale (the model's default if omitted)."
+    )
     sampler: SamplerName = Field("euler", description="genserve: sampler name.")
 
 
