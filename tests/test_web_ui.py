@@ -79,7 +79,8 @@ def browser(playwright_api):
 
 @pytest.fixture(scope="module")
 def server(tiny_models_dir, tmp_path_factory):
-    # The tiny models, plus one whose weights are missing: its jobs fail, as a broken checkpoint would.
+    # The tiny models, plus one whose weights are missing: its jobs fail, as a broken checkpoint would;
+    # and the built-in shapes model, which draws the README screenshot.
     models = tmp_path_factory.mktemp("web-models")
     for family in ("sd15", "sdxl"):
         (models / f"tiny-{family}").symlink_to(tiny_models_dir / f"tiny-{family}")
@@ -92,6 +93,7 @@ def server(tiny_models_dir, tmp_path_factory):
             "GENSERVE_LIMITS__MAX_WIDTH": "256",
             "GENSERVE_LIMITS__MAX_HEIGHT": "256",
             "GENSERVE_LIMITS__MAX_STEPS": "500",
+            "GENSERVE_BUILTIN_MODELS": "true",
         },
     ).start()
     yield live
@@ -294,8 +296,9 @@ def test_model_picker_switches_size_presets_to_the_family(open_page, playwright_
     expect = playwright_api.expect
     page = open_page()
     options = page.locator("#model option")
-    expect(options).to_have_count(3)
+    expect(options).to_have_count(4)
     expect(page.locator("#model")).to_have_value("tiny-sd15")  # the server's default model
+    expect(page.locator("#cfg_scale")).to_have_value("7")
     # Samplers come from the OpenAPI contract.
     expect(page.locator("#sampler option")).to_have_count(6)
     chips = page.locator("#size-presets .chip")
@@ -310,6 +313,11 @@ def test_model_picker_switches_size_presets_to_the_family(open_page, playwright_
     expect(page.locator("#height")).to_have_value("56")
     page.locator("#size-presets .chip", has_text="1:1").click()
     expect(page.locator("#width")).to_have_value("64")
+    # Each model brings its own guidance default: the shapes model's card says 4.
+    page.select_option("#model", "genserve-shapes")
+    expect(page.locator("#cfg_scale")).to_have_value("4")
+    page.select_option("#model", "tiny-sd15")
+    expect(page.locator("#cfg_scale")).to_have_value("7")
 
 
 def test_phone_width_stacks_without_horizontal_scroll(open_page, api, playwright_api):
@@ -327,17 +335,16 @@ def test_phone_width_stacks_without_horizontal_scroll(open_page, api, playwright
 def test_readme_screenshot(open_page, api, playwright_api):
     """docs/screenshot.png: finished results in the gallery, at desktop width."""
     prompts = [
-        ("a red fox in fresh snow, golden hour", 2),
-        ("isometric cottage, soft light, highly detailed", 1),
-        ("a lighthouse at dusk, oil painting", 1),
+        ("a yellow star on a blue background", 2),
+        ("a small red circle at the top left on a black background", 1),
+        ("a big white triangle on a green background", 1),
     ]
     for index, (prompt, count) in enumerate(prompts):
         body = {
             "prompt": prompt,
-            "steps": 8,
+            "model": "genserve-shapes",
             "seed": 40 + index,
             "num_images": count,
-            "sampler": "dpmpp_2m_karras",
         }
         wait_job(api, api.post("/v1/jobs", json=body).json()["id"])
     page = open_page()

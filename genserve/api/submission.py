@@ -20,7 +20,7 @@ from genserve.schemas import (
     LimitError,
     check_limits,
 )
-from genserve.schemas.generation import DEFAULT_CFG_SCALE, MAX_SEED
+from genserve.schemas.generation import MAX_SEED
 from genserve.store.calibration import CalibrationStore
 from genserve.store.jobs import JobRecord, JobStore
 
@@ -44,9 +44,7 @@ def resolve_params(
             "width": params.width or info.native_width,
             "height": params.height or info.native_height,
             "seed": params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1),
-            "cfg_scale": params.cfg_scale
-            if params.cfg_scale is not None
-            else (info.default_cfg_scale or DEFAULT_CFG_SCALE),
+            "cfg_scale": params.cfg_scale if params.cfg_scale is not None else info.request_cfg_scale,
             "preview_every": params.preview_every
             if params.preview_every is not None
             else settings.preview_every,

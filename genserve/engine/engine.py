@@ -35,7 +35,7 @@ from genserve.engine.optimize import AppliedOptimizations, EngineOptimizations, 
 from genserve.engine.previews import LatentRgbMap, fit_latent_rgb_map
 from genserve.engine.registry import SUPPORTED_SAMPLERS, ModelInfo, sampler_supported
 from genserve.engine.samplers import build_scheduler
-from genserve.schemas.generation import DEFAULT_CFG_SCALE, GenerationParams, batch_key
+from genserve.schemas.generation import GenerationParams, batch_key
 
 log = logging.getLogger(__name__)
 
@@ -281,5 +281,5 @@ def _with_default_cfg_scale(item: BatchItem, info: ModelInfo) -> BatchItem:
     """A request that names no CFG scale gets the model's (API requests arrive resolved already)."""
     if item.params.cfg_scale is not None:
         return item
-    cfg_scale = info.default_cfg_scale or DEFAULT_CFG_SCALE
-    return dataclasses.replace(item, params=item.params.model_copy(update={"cfg_scale": cfg_scale}))
+    update = {"cfg_scale": info.request_cfg_scale}
+    return dataclasses.replace(item, params=item.params.model_copy(update=update))

@@ -42,7 +42,7 @@ from typing import Literal
 
 import yaml
 
-from genserve.schemas.generation import SAMPLER_NAMES
+from genserve.schemas.generation import DEFAULT_CFG_SCALE, SAMPLER_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +85,13 @@ class ModelInfo:
     native_width: int
     native_height: int
     dtype: str  # dtype of the stored denoiser weights ("float16", "float32", ...), or "unknown"
-    # The CFG scale a request gets when it names none, from the model card (None: the global default).
+    # The CFG scale from the model card's front matter, if it names one.
     default_cfg_scale: float | None = None
+
+    @property
+    def request_cfg_scale(self) -> float:
+        """The CFG scale a request that names none gets: the model card's, else the global default."""
+        return self.default_cfg_scale if self.default_cfg_scale is not None else DEFAULT_CFG_SCALE
 
 
 # Models shipped inside the package (the trained default, genserve-shapes); see builtin_models/.

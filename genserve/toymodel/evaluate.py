@@ -143,9 +143,12 @@ def pipeline_generator(
 
 
 def engine_generator(
-    folder: Path, cfg: float = DEFAULT_CFG, steps: int = DEFAULT_STEPS, sampler: str = "euler"
+    folder: Path, cfg: float | None = None, steps: int = DEFAULT_STEPS, sampler: str = "euler"
 ) -> Generate:
-    """A `Generate` function through genserve's serving path: the registry and the Engine."""
+    """A `Generate` function through genserve's serving path: the registry and the Engine.
+
+    `cfg=None` leaves the CFG scale to the model, as a request that names none: its card's default.
+    """
     from genserve.engine.engine import Engine
     from genserve.engine.registry import read_model_info
     from genserve.schemas.generation import GenerationParams
@@ -172,30 +175,31 @@ def engine_generator(
     return generate
 
 
-def evaluate_folder(folder: Path, cfg: float = DEFAULT_CFG, steps: int = DEFAULT_STEPS) -> EvalReport:
-    """Evaluate a saved pipeline folder with its committed shape classifier."""
+def evaluate_folder(
+    folder: Path, cfg: float | None = None, steps: int = DEFAULT_STEPS, sampler: str = "euler"
+) -> EvalReport:
+    """Evaluate a saved pipeline folder through genserve's Engine with its committed shape classifier."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
     classifier = load_classifier(folder / "eval" / CLASSIFIER_FILE)
-    return evaluate(
-        pipeline_generator(pipe, cfg, steps),
-        lambda images: classify_shapes(classifier, images),
-        held_out_scenes(),
-    )
+    with torch.inference_mode():
+        return evaluate(
+            engine_generator(folder, cfg, steps, sampler),
+            lambda images: classify_shapes(classifier, images),
+            held_out_scenes(),
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Held-out quality evaluation of a shapes pipeline.")
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--cfg", type=float, default=DEFAULT_CFG)
+    parser.add_argument("--cfg", type=float, default=None, help="default: the model card's")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--sampler", default="euler")
     args = parser.parse_args()
-    report = evaluate_folder(args.folder, args.cfg, args.steps)
+    report = evaluate_folder(args.folder, args.cfg, args.steps, args.sampler)
     print(report.summary())
     print(json.dumps(asdict(report)))
 

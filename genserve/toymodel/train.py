@@ -462,7 +462,8 @@ def quick_eval(
     classifier: nn.Module,
 ) -> EvalReport:
     """Half the held-out set, one seed, EMA weights: a cheap progress figure for the log."""
-    vae.config.scaling_factor = scaling_factor
+    # register_to_config, not attribute assignment: only the registered value reaches save_pretrained.
+    vae.register_to_config(scaling_factor=scaling_factor)
     pipe = assemble_pipeline(vae, state.ema_text_encoder, tokenizer, state.ema_unet)
     scenes = held_out_scenes()[::2]
     with torch.no_grad():
@@ -577,7 +578,8 @@ def run(config: TrainConfig) -> None:
         means, stds = encode_dataset(vae, data, config.device)
         scaling_factor = float(1.0 / means.std())
         torch.save({"means": means, "stds": stds, "scaling_factor": scaling_factor}, ckpt / "latents.pt")
-    vae.config.scaling_factor = scaling_factor
+    # register_to_config, not attribute assignment: only the registered value reaches save_pretrained.
+    vae.register_to_config(scaling_factor=scaling_factor)
     logger.info(
         "latents %s, mean %.3f, scaling factor %.4f", tuple(means.shape), means.mean(), scaling_factor
     )

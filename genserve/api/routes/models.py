@@ -7,7 +7,6 @@ from pydantic import BaseModel
 
 from genserve.api.deps import ServicesDep
 from genserve.auth.deps import PrincipalDep
-from genserve.schemas.generation import DEFAULT_CFG_SCALE
 
 router = APIRouter(tags=["models"])
 
@@ -55,7 +54,7 @@ def list_models(services: ServicesDep, principal: PrincipalDep) -> ModelList:
                 dtype=info.dtype,
                 loaded=info.name in loaded,
                 default=info.name == services.settings.default_model,
-                default_cfg_scale=info.default_cfg_scale or DEFAULT_CFG_SCALE,
+                default_cfg_scale=info.request_cfg_scale,
             )
             for info in sorted(services.catalog.models().values(), key=lambda m: m.name)
             if allowed is None or info.name in allowed
