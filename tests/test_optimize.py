@@ -33,10 +33,11 @@ torch.set_num_threads(1)
 FAMILIES = ("sd15", "sdxl", "sd3")
 
 
-def params(num_images: int = 1, steps: int = 3, **kwargs) -> GenerationParams:
+def params(num_images: int = 1, steps: int = 3, cfg_scale: float = 7.0, **kwargs) -> GenerationParams:
+    # Resolved params, as the engine paths get them (cfg_scale included: no model card to ask here).
     return GenerationParams(
         prompt="a red fox", model="tiny", seed=7, steps=steps, width=64, height=64,
-        num_images=num_images, preview_every=0, **kwargs,
+        cfg_scale=cfg_scale, num_images=num_images, preview_every=0, **kwargs,
     )  # fmt: skip
 
 

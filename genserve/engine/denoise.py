@@ -247,6 +247,8 @@ def denoise_batch(
 ) -> list[ItemOutcome]:
     """Run compatible requests as one batch. Item i's images use seeds seed_i, seed_i + 1, ..."""
     params = items[0].params
+    if any(item.params.cfg_scale is None for item in items):
+        raise ValueError("denoise_batch needs resolved params: cfg_scale is unset (Engine fills the model's)")
     outcomes = [ItemOutcome() for _ in items]
 
     # 0. Rows: one per image, remembering which item each belongs to
