@@ -52,7 +52,7 @@ from genserve.engine.loading import DTYPES, resolve_device
 from genserve.engine.optimize import EngineOptimizations, apply_optimizations, device_name, preferred_dtype
 from genserve.engine.previews import LatentRgbMap, fit_latent_rgb_map
 from genserve.engine.registry import Family
-from genserve.schemas.generation import GenerationParams
+from genserve.schemas.generation import DEFAULT_CFG_SCALE, GenerationParams
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 SEED = 1234
@@ -390,7 +390,7 @@ def restart_probe(probe: dict[str, Any]) -> dict[str, Any]:
         for batch in probe["batches"]:
             params = GenerationParams(
                 prompt="warmup", model=built.name, seed=0, steps=probe["steps"], width=width, height=height,
-                num_images=batch, preview_every=0,
+                num_images=batch, preview_every=0, cfg_scale=DEFAULT_CFG_SCALE,
             )  # fmt: skip
             run_engine(pipe, family, params, device, dtype, rgb_map)
             runs += 1
