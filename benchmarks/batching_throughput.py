@@ -24,7 +24,7 @@ import torch
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine
-from genserve.engine.registry import scan_models
+from genserve.engine.registry import ModelInfo, scan_models
 from genserve.schemas import GenerationParams
 from genserve.store.jobs import JobStore
 from genserve.worker.loop import Worker
@@ -51,8 +51,9 @@ class TimedStore(JobStore):
 
 
 def run_round(
-    engine: Engine, models_dir: Path, model: str, requests: int, max_batch: int, steps: int
+    engine: Engine, models_dir: Path, info: ModelInfo, requests: int, max_batch: int, steps: int
 ) -> dict:
+    model = info.name
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
             models_dir=models_dir,
@@ -63,7 +64,6 @@ def run_round(
         )
         store = TimedStore(JobStore.from_url(settings.resolved_store_url).engine)
         worker = Worker(settings, store, engine, ImageStore(settings.images_dir), "bench")
-        info = scan_models(models_dir, builtin=True)[model]
         for i in range(requests):
             params = GenerationParams(
                 prompt=f"request {i}",
@@ -97,13 +97,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    engine = Engine(scan_models(args.models_dir, builtin=True), threads=args.threads)
+    models = scan_models(args.models_dir, builtin=True)
+    engine = Engine(models, threads=args.threads)
     engine.warmup(args.model)
     rounds: dict[str, list[dict]] = {"one_at_a_time": [], "batched": []}
     for _ in range(args.repeats):
         for mode, max_batch in (("one_at_a_time", 1), ("batched", args.requests)):
             rounds[mode].append(
-                run_round(engine, args.models_dir, args.model, args.requests, max_batch, args.steps)
+                run_round(engine, args.models_dir, models[args.model], args.requests, max_batch, args.steps)
             )
     summary = {}
     for mode, results in rounds.items():

@@ -123,10 +123,10 @@ def _generate_local(params: GenerationParams, output: Path) -> list[Path]:
     from genserve.artifacts.png import encode_png
     from genserve.engine.engine import Engine, EngineError
     from genserve.engine.optimize import engine_optimizations
-    from genserve.engine.registry import scan_models
+    from genserve.engine.registry import registered_models
 
     settings = Settings()
-    models = scan_models(settings.models_dir, builtin=settings.builtin_models)
+    models = registered_models(settings)
     try:
         params = resolve_params(params, models, settings)
     except LimitError as error:
@@ -259,7 +259,7 @@ def models(
 
         rows = httpx.get(server.rstrip("/") + "/v1/models", timeout=30).raise_for_status().json()["data"]
     else:
-        from genserve.engine.registry import scan_models
+        from genserve.engine.registry import registered_models
 
         settings = Settings()
         rows = [
@@ -272,7 +272,7 @@ def models(
                 "dtype": m.dtype,
                 "loaded": False,
             }
-            for m in scan_models(settings.models_dir, builtin=settings.builtin_models).values()
+            for m in registered_models(settings).values()
         ]
     table = Table("name", "family", "format", "native size", "dtype", "loaded")
     for row in rows:
@@ -320,13 +320,13 @@ def calibrate(
     """Measure the cost model's O and t_step on this machine and store them for `plan` and the server."""
     from genserve.engine.engine import Engine, EngineError
     from genserve.engine.optimize import engine_optimizations
-    from genserve.engine.registry import scan_models
+    from genserve.engine.registry import registered_models
     from genserve.scheduler.calibrate import calibrate as run_calibration
     from genserve.scheduler.calibrate import runs_per_point
     from genserve.store.calibration import CalibrationStore
 
     settings = _settings(models_dir=models_dir, store_url=store, device=device)
-    models = scan_models(settings.models_dir, builtin=settings.builtin_models)
+    models = registered_models(settings)
     name = model or settings.default_model
     if name not in models:
         console.print(f"[red]model '{name}' is not in {settings.models_dir}[/red]")
@@ -410,12 +410,12 @@ def plan(
     ] = None,
 ) -> None:
     """Time per image, images/hour, cost per 1,000 images and GPU-hours, from the cost model."""
-    from genserve.engine.registry import DEFAULT_NATIVE_SIZE, scan_models
+    from genserve.engine.registry import DEFAULT_NATIVE_SIZE, registered_models
     from genserve.scheduler.cost import default_device, estimate, lookup
 
     settings = _settings(models_dir=models_dir, store_url=store)
     name = model or settings.default_model
-    info = scan_models(settings.models_dir, builtin=settings.builtin_models).get(name)
+    info = registered_models(settings).get(name)
     if info is not None:
         family = family or info.family
         native = (info.native_width, info.native_height)

@@ -28,7 +28,7 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
         settings=settings,
         store=store,
         images=make_image_store(settings),  # a directory, or S3 (docs/scaling.md)
-        catalog=ModelCatalog(settings.models_dir, builtin=settings.builtin_models),
+        catalog=ModelCatalog(settings),
     )
     # Multi-node mode (a broker): `genserve worker` processes run the jobs; this replica runs the reaper.
     reaper = attach_distributed(settings, store)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
-from genserve.engine.registry import ModelInfo, scan_models
+from genserve.engine.registry import ModelInfo, registered_models
 from genserve.store.jobs import JobStore
 from genserve.worker.supervisor import Supervisor
 
@@ -21,9 +20,8 @@ class ModelCatalog:
     """The models directory as the API sees it: rescanned at most every `ttl` seconds, so new models
     show up without a restart, and every request does not walk the disk."""
 
-    def __init__(self, models_dir: Path, *, builtin: bool = True, ttl: float = 5.0) -> None:
-        self.models_dir = models_dir
-        self.builtin = builtin
+    def __init__(self, settings: Settings, ttl: float = 5.0) -> None:
+        self.settings = settings
         self.ttl = ttl
         self._models: dict[str, ModelInfo] = {}
         self._scanned_at = float("-inf")
@@ -32,7 +30,7 @@ class ModelCatalog:
     def models(self) -> dict[str, ModelInfo]:
         with self._lock:
             if time.monotonic() - self._scanned_at > self.ttl:
-                self._models = scan_models(self.models_dir, builtin=self.builtin)
+                self._models = registered_models(self.settings)
                 self._scanned_at = time.monotonic()
             return self._models
 

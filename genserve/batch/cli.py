@@ -21,7 +21,7 @@ from genserve.batch.expand import RenderItem, expand
 from genserve.batch.runner import manifest_rows, progress_counts, submit_items, write_manifest
 from genserve.batch.spec import BatchSpec, SpecError, load_spec
 from genserve.config import Settings
-from genserve.engine.registry import ModelInfo, scan_models
+from genserve.engine.registry import ModelInfo, registered_models
 from genserve.schemas.generation import batch_key
 
 batch_app = typer.Typer(help="Render N prompts × variants, resumable, with a manifest.", no_args_is_help=True)
@@ -33,7 +33,7 @@ SpecPath = Annotated[Path, typer.Argument(help="Batch spec, YAML or JSON.")]
 def _load(
     spec_path: Path, settings: Settings
 ) -> tuple[BatchSpec, Path, list[RenderItem], dict[str, ModelInfo]]:
-    models = scan_models(settings.models_dir, builtin=settings.builtin_models)
+    models = registered_models(settings)
     try:
         spec, base_dir = load_spec(spec_path)
         items = expand(spec, base_dir, models, settings)

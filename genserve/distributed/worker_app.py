@@ -52,7 +52,7 @@ class WorkerRuntime:
     def start_child(self) -> None:
         from genserve.artifacts.s3 import make_image_store
         from genserve.engine.optimize import engine_from_settings
-        from genserve.engine.registry import scan_models
+        from genserve.engine.registry import registered_models
         from genserve.store.jobs import JobStore
         from genserve.worker.loop import Worker
 
@@ -67,7 +67,7 @@ class WorkerRuntime:
                 maxlen=settings.event_stream_maxlen,
                 ttl_seconds=settings.event_stream_ttl_seconds,
             )
-        engine = engine_from_settings(scan_models(settings.models_dir, builtin=settings.builtin_models), settings)
+        engine = engine_from_settings(registered_models(settings), settings)
         self.worker = Worker(settings, store, engine, make_image_store(settings), self.worker_id)
         metrics_port = int(os.environ.get("GENSERVE_WORKER_METRICS_PORT", "0"))
         if metrics_port:

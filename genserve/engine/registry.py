@@ -38,11 +38,14 @@ from collections import Counter
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 
 from genserve.schemas.generation import DEFAULT_CFG_SCALE, SAMPLER_NAMES
+
+if TYPE_CHECKING:
+    from genserve.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +112,11 @@ def scan_models(models_dir: Path, *, builtin: bool = False) -> dict[str, ModelIn
         for name, info in _scan_dir(BUILTIN_MODELS_DIR, quiet_if_missing=False).items():
             models.setdefault(name, info)
     return models
+
+
+def registered_models(settings: Settings) -> dict[str, ModelInfo]:
+    """The models a server with these settings serves: models_dir, plus the built-in ones if enabled."""
+    return scan_models(settings.models_dir, builtin=settings.builtin_models)
 
 
 def _scan_dir(models_dir: Path, *, quiet_if_missing: bool) -> dict[str, ModelInfo]:

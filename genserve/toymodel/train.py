@@ -420,7 +420,7 @@ def train_unet(
             start = time.time()
         stop_requested = (config.checkpoint_dir / "STOP").exists()
         if state.step % config.eval_every == 0 or state.step == config.unet_steps:
-            report = quick_eval(state, tokenizer, vae, scaling_factor, classifier)
+            report = quick_eval(state, tokenizer, vae, classifier)
             logger.info("eval step %d: %s", state.step, report.summary())
             state.unet.train()
             state.text_encoder.train()
@@ -458,12 +458,11 @@ def quick_eval(
     state: UnetState,
     tokenizer: PreTrainedTokenizerBase,
     vae: AutoencoderKL,
-    scaling_factor: float,
     classifier: nn.Module,
 ) -> EvalReport:
-    """Half the held-out set, one seed, EMA weights: a cheap progress figure for the log."""
-    # register_to_config, not attribute assignment: only the registered value reaches save_pretrained.
-    vae.register_to_config(scaling_factor=scaling_factor)
+    """Half the held-out set, one seed, EMA weights: a cheap progress figure for the log.
+
+    `vae` carries the latent scaling factor in its config already (run() registers it)."""
     pipe = assemble_pipeline(vae, state.ema_text_encoder, tokenizer, state.ema_unet)
     scenes = held_out_scenes()[::2]
     with torch.no_grad():

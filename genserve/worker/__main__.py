@@ -16,7 +16,7 @@ from genserve import tracing
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.optimize import engine_from_settings
-from genserve.engine.registry import scan_models
+from genserve.engine.registry import registered_models
 from genserve.logs import configure_logging
 from genserve.store.jobs import JobStore
 from genserve.worker.loop import Worker, new_worker_id
@@ -37,7 +37,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     store = JobStore.from_url(settings.resolved_store_url)
-    engine = engine_from_settings(scan_models(settings.models_dir, builtin=settings.builtin_models), settings)
+    engine = engine_from_settings(registered_models(settings), settings)
     worker = Worker(settings, store, engine, ImageStore(settings.images_dir), worker_id)
     log.info("worker starting", extra={"worker_id": worker_id, "device": engine.device})
     try:

@@ -24,7 +24,7 @@ from genserve.config import Settings
 from genserve.engine.denoise import BatchItem, ItemOutcome
 from genserve.engine.engine import Engine, EngineError
 from genserve.engine.gpu_metrics import publish_gpu_metrics
-from genserve.engine.registry import scan_models
+from genserve.engine.registry import registered_models
 from genserve.metrics import BATCH_IMAGES, IMAGES_GENERATED, JOB_SECONDS, QUEUE_WAIT_SECONDS, STEP_SECONDS
 from genserve.scheduler.calibrate import device_name
 from genserve.scheduler.cost import steady_step_seconds
@@ -144,7 +144,7 @@ class Worker:
         """Load (and warm up) the default model before taking work, so /readyz means ready."""
         self.announce()
         default = self.settings.default_model
-        if default in scan_models(self.settings.models_dir, builtin=self.settings.builtin_models):
+        if default in registered_models(self.settings):
             self.engine.load(default)  # warms up too when the engine was built with warmup_on_load
         else:
             log.warning("default model not found; serving other models only", extra={"model": default})
@@ -239,7 +239,7 @@ class Worker:
     ) -> dict[str, str]:
         first = params[jobs[0].id]
         if not self.engine.knows(first.model):
-            self.engine.update_models(scan_models(self.settings.models_dir, builtin=self.settings.builtin_models))
+            self.engine.update_models(registered_models(self.settings))
         events = EventBuffer(self.store)
         reporters = {job.id: ProgressReporter(job.id, lease, events) for job in jobs}
         items = [
