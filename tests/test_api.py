@@ -292,7 +292,9 @@ def test_long_jobs_go_to_the_long_queue(tiny_models_dir, tmp_path):
 def test_trace_id_follows_the_request(client):
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     response = client.post(
-        "/v1/jobs", json={"prompt": "traced", **FAST}, headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}
+        "/v1/jobs",
+        json={"prompt": "traced", **FAST},
+        headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
     )
     assert response.headers["x-trace-id"] == trace
     fresh = client.post("/v1/jobs", json={"prompt": "untraced", **FAST})

@@ -67,7 +67,9 @@ def test_engine_emits_previews_every_n_steps(engine, model):
     params = GenerationParams(
         prompt="x", model=model, seed=1, steps=7, width=64, height=64, num_images=2, preview_every=3
     )
-    images = engine.generate(params, on_preview=lambda step, steps, pics: previews.append((step, steps, pics)))
+    images = engine.generate(
+        params, on_preview=lambda step, steps, pics: previews.append((step, steps, pics))
+    )
     assert [(step, steps) for step, steps, _ in previews] == [(3, 7), (6, 7)]
     for _, _, pictures in previews:
         assert len(pictures) == 2 and pictures[0].mode == "RGB" and min(pictures[0].size) >= 64

@@ -83,7 +83,11 @@ def test_priority_first_then_arrival():
 
 def test_clients_take_turns():
     # Client a floods the queue first; b and c still get every other turn.
-    jobs = [job(i, client="a") for i in range(6)] + [job(10, client="b"), job(11, client="c"), job(12, client="b")]
+    jobs = [job(i, client="a") for i in range(6)] + [
+        job(10, client="b"),
+        job(11, client="c"),
+        job(12, client="b"),
+    ]
     order = [batch[0] for batch in drain(jobs)]
     assert order[:6] == ["j0", "j10", "j11", "j1", "j12", "j2"]
 
@@ -94,7 +98,12 @@ def test_batch_joins_compatible_jobs_across_clients_and_queues_up_to_the_limit()
     other = [job(5, steps=30), job(6, width=128), job(7, sampler="ddim"), job(8, model="other")]
     batch = fill_batch(head, queue_order([head, *same, *other]), max_images=4)
     assert [j.id for j in batch] == ["j1", "j2", "j3"]  # j4 (2 images) would exceed 4 images
-    assert [j.id for j in fill_batch(head, queue_order([head, *same]), max_images=8)] == ["j1", "j2", "j3", "j4"]
+    assert [j.id for j in fill_batch(head, queue_order([head, *same]), max_images=8)] == [
+        "j1",
+        "j2",
+        "j3",
+        "j4",
+    ]
 
 
 def test_batch_limit_precedence():

@@ -41,6 +41,20 @@ def test_captions_name_shape_and_colours_and_vary():
         assert words.index("red") != words.index("blue")
 
 
+def test_a_caption_without_a_size_word_means_a_large_shape():
+    rng = random.Random(2)
+    size_words = {word for words in dataset.SIZE_WORDS.values() for word in words}
+    for size in dataset.SIZES:
+        scene = dataset.Scene("star", "green", "black", "center", size)
+        bare = [
+            c
+            for c in (dataset.caption_for(scene, rng) for _ in range(400))
+            if not size_words & set(c.split())
+        ]
+        # Large shapes drop the size word about half the time; small ones always name it.
+        assert (len(bare) > 100) if size == "large" else not bare
+
+
 def test_every_caption_word_is_in_the_vocabulary():
     vocab = set(dataset.vocabulary())
     rng = random.Random(1)
@@ -237,5 +251,8 @@ def test_a_new_user_gets_a_green_star_on_black(tmp_path):
     plain = _generate_with_the_cli("a green star on a black background", tmp_path / "plain")
     assert [(measure(image).bg, measure(image).fg) for image in plain] == [("black", "green")] * 4
     big = _generate_with_the_cli("a big green star on a black background", tmp_path / "big")
-    measured = [(measure(image).bg, measure(image).fg, shape) for image, shape in zip(big, classify_shapes(classifier, big), strict=True)]
+    measured = [
+        (measure(image).bg, measure(image).fg, shape)
+        for image, shape in zip(big, classify_shapes(classifier, big), strict=True)
+    ]
     assert sum(m == ("black", "green", "star") for m in measured) >= 3, measured

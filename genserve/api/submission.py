@@ -94,7 +94,9 @@ def submit(
     if created and settings.broker_url:  # multi-node mode: wake a worker (best-effort; the reaper sweeps)
         from genserve.distributed.celery_app import publish_wake, wake_queue
 
-        warm = {model for worker in store.live_workers(max_age_seconds=10.0) for model in worker.models_loaded}
+        warm = {
+            model for worker in store.live_workers(max_age_seconds=10.0) for model in worker.models_loaded
+        }
         publish_wake(settings, [job.id], queue=wake_queue(settings, warm, resolved.model))
     return job, created
 

@@ -45,7 +45,9 @@ class BatchStore:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
 
-    def create(self, name: str, spec: dict[str, Any], items: list[tuple[str, str]], client_id: str | None) -> str:
+    def create(
+        self, name: str, spec: dict[str, Any], items: list[tuple[str, str]], client_id: str | None
+    ) -> str:
         """Record a batch and its (item key, job id) pairs, in order; returns the batch id."""
         batch_id = uuid4().hex
         with write_transaction(self.engine) as conn:

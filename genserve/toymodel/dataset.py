@@ -191,10 +191,12 @@ def canonical_caption(scene: Scene) -> str:
 def caption_for(scene: Scene, rng: random.Random) -> str:
     """One random caption for the scene from a small grammar.
 
-    The shape and both colours are always named; size and position are sometimes left out (the
-    model then learns that they are free). Word order of the three phrases varies.
+    The shape and both colours are always named. Position is sometimes left out (the model then
+    learns that it is free). Size is left out only for large shapes, so a bare "a green star" means
+    a large one: when no-size captions covered both sizes, a bare prompt often got a small star,
+    which at 64x64 reads as a pentagon. Word order of the three phrases varies.
     """
-    size = f"{rng.choice(SIZE_WORDS[scene.size])} " if rng.random() < 0.8 else ""
+    size = "" if scene.size == "large" and rng.random() < 0.5 else f"{rng.choice(SIZE_WORDS[scene.size])} "
     article = rng.choice(("a ", "a ", "the ", "one ", ""))
     thing = f"{article}{size}{scene.fg} {rng.choice(SHAPE_WORDS[scene.shape])}"
     background = rng.choice(

@@ -143,7 +143,6 @@ def mixed_precision(device: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-
 def build_vae(resolution: int) -> AutoencoderKL:
     # Few groups per GroupNorm: with a channel per group the VAE was slow to learn flat colours.
     return AutoencoderKL(
