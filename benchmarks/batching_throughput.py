@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -78,8 +79,7 @@ def run_round(
             store.submit(params.model_dump())
         TimedStore.scheduling_seconds = 0.0
         start = time.perf_counter()
-        while worker.run_next():
-            pass
+        worker.work(threading.Event(), until_idle=True)  # the serving loop, finisher thread included
         elapsed = time.perf_counter() - start
         done = store.counts_by_state()["succeeded"]
         assert done == requests, store.counts_by_state()

@@ -119,6 +119,10 @@ class Settings(BaseSettings):
     # Without one, the worker estimates from free GPU memory, or uses the default below on CPU.
     batch_limits: dict[str, int] = {}
     default_max_batch_images: int = Field(8, ge=1)
+    # Store a batch's images and end its jobs on a second thread while the next batch runs, so the
+    # GPU does not wait for PNG encoding and store writes (None: on with a GPU). Off on a CPU: there
+    # the finishing competes with the next batch for the same cores (benchmarks/batch_idle_gap.py).
+    background_finish: bool | None = None
 
     # GENSERVE_OPTIMIZATIONS__COMPILE=off, GENSERVE_OPTIMIZATIONS__BATCH_BUCKETS='[1,4]', ...
     optimizations: Optimizations = Optimizations()

@@ -267,22 +267,35 @@ def record_queue_wait(jobs: Iterable[Any]) -> None:
 @contextmanager
 def batch_spans(jobs: list[Any]) -> Iterator[None]:
     """A `genserve.batch` span in each job's trace while the batch runs (jobs of one batch may come
-    from different requests, so each trace gets its own copy, with the batch's size)."""
-    with ExitStack() as stack:
-        for job in jobs:
-            context = _job_context(job.id, job.trace_id)
-            if context is None:
-                continue
-            attributes = {
-                "genserve.job_id": job.id,
-                "genserve.batch_jobs": len(jobs),
-                "genserve.attempt": job.attempt,
-            }
-            span = tracer().start_span("genserve.batch", context=context, attributes=attributes)
-            stack.enter_context(trace.use_span(span, end_on_exit=True))
-            _batch[job.id] = span
-            stack.callback(_batch.pop, job.id, None)
+    from different requests, so each trace gets its own copy, with the batch's size).
+
+    The spans are parents by reference (`_batch`), never the thread's current span: a batch opens
+    them on the worker thread and its finisher thread closes them.
+    """
+    spans = {}
+    for job in jobs:
+        context = _job_context(job.id, job.trace_id)
+        if context is None:
+            continue
+        attributes = {
+            "genserve.job_id": job.id,
+            "genserve.batch_jobs": len(jobs),
+            "genserve.attempt": job.attempt,
+        }
+        spans[job.id] = _batch[job.id] = tracer().start_span(
+            "genserve.batch", context=context, attributes=attributes
+        )
+    try:
         yield
+    except BaseException as error:
+        for span in spans.values():
+            span.record_exception(error)
+            span.set_status(trace.StatusCode.ERROR)
+        raise
+    finally:
+        for job_id, span in spans.items():
+            _batch.pop(job_id, None)
+            span.end()
 
 
 @contextmanager

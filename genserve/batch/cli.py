@@ -118,7 +118,7 @@ def run_local(
     from genserve.artifacts.images import ImageStore
     from genserve.engine.optimize import engine_from_settings
     from genserve.store.jobs import JobStore
-    from genserve.worker.loop import Worker, new_worker_id
+    from genserve.worker.loop import BatchFinisher, Worker, new_worker_id
     from genserve.worker.supervisor import recover_dead_local_workers
 
     store = JobStore.from_url(settings.resolved_store_url)
@@ -143,14 +143,17 @@ def run_local(
     started, done_at_start = time.monotonic(), None
     try:
         worker.announce()
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} img/s · failed {task.fields[failed]}"),
-            TimeRemainingColumn(),
-            console=console,
-        ) as progress:
+        with (
+            BatchFinisher() as finisher,
+            Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} img/s · failed {task.fields[failed]}"),
+                TimeRemainingColumn(),
+                console=console,
+            ) as progress,
+        ):
             task = progress.add_task(spec.name, total=len(items), rate="-", failed=0)
             while True:
                 counts = progress_counts(store.get_many(ids), len(items))
@@ -161,7 +164,8 @@ def run_local(
                 if finished == len(items) or stop.is_set():
                     break
                 worker.announce()
-                if not worker.run_next():
+                if not worker.run_next(finisher):
+                    finisher.wait()  # the last batch's items count as finished before the next look
                     time.sleep(settings.poll_seconds)  # retries waiting for their backoff
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,174 @@
+"""Idle gaps between consecutive batches under a full queue: the time the device waits while the
+worker stores one batch's images, ends its jobs, and picks and claims the next batch.
+
+A gap is measured from the moment a batch returns from the engine (its images are on the host, so
+the device has nothing queued) to the moment the next batch enters the engine. The serving loop
+(`Worker.work`) runs in both of its modes, alternating, in the same process, on the same queue:
+finishing each batch inline, and finishing it on a second thread while the next one runs
+(`background_finish`, the default with a GPU).
+
+    .venv/bin/python benchmarks/batch_idle_gap.py                        # built-in model, CPU
+    python benchmarks/batch_idle_gap.py --models-dir models --model sd15 --size 512   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from genserve.artifacts.images import ImageStore
+from genserve.config import Settings
+from genserve.engine.engine import Engine
+from genserve.engine.registry import scan_models
+from genserve.schemas import GenerationParams
+from genserve.store.jobs import JobStore
+from genserve.worker.loop import Worker
+
+
+class GapClock:
+    """Wraps Engine.generate_batch: records when each batch enters and leaves the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.inner = engine.generate_batch
+        self.spans: list[tuple[float, float]] = []
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204 - same signature as the engine's
+        entered = time.perf_counter()
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # already idle (images are on the host); makes it explicit
+            self.spans.append((entered, time.perf_counter()))
+
+    def gaps_ms(self) -> list[float]:
+        return [1000 * (nxt[0] - prev[1]) for prev, nxt in zip(self.spans, self.spans[1:], strict=False)]
+
+
+def timed(method: Callable, total: list[float]) -> Callable:
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - start
+
+    return wrapper
+
+
+def run_mode(engine: Engine, args: argparse.Namespace, pipelined: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(
+            models_dir=args.models_dir,
+            data_dir=Path(tmp),
+            default_model=args.model,
+            default_max_batch_images=args.batch,
+            heartbeat_seconds=1.0,
+            background_finish=pipelined,
+        )
+        store = JobStore.from_url(settings.resolved_store_url)
+        worker = Worker(settings, store, engine, ImageStore(settings.images_dir), "bench")
+        for i in range(args.requests):
+            params = GenerationParams(
+                prompt=f"a red star number {i}",
+                model=args.model,
+                seed=i,
+                steps=args.steps,
+                width=args.size,
+                height=args.size,
+                preview_every=0,
+            )
+            store.submit(params.model_dump())
+        clock = GapClock(engine)
+        engine.generate_batch = clock  # instance attribute: only this benchmark's engine
+        scheduling = [0.0]  # seconds spent listing the queue and claiming batches
+        for name in ("queued_jobs", "claim_jobs"):
+            setattr(store, name, timed(getattr(store, name), scheduling))
+        try:
+            start = time.perf_counter()
+            worker.work(threading.Event(), until_idle=True)
+            elapsed = time.perf_counter() - start
+        finally:
+            del engine.generate_batch
+        assert store.counts_by_state()["succeeded"] == args.requests, store.counts_by_state()
+    gaps = sorted(clock.gaps_ms())
+    return {
+        "batches": len(clock.spans),
+        "seconds": elapsed,
+        "scheduling_ms_per_batch": 1000 * scheduling[0] / len(clock.spans),
+        "gap_ms_median": statistics.median(gaps),
+        "gap_ms_p95": gaps[min(len(gaps) - 1, int(0.95 * len(gaps)))],
+        "gap_ms_max": gaps[-1],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--model", default="genserve-shapes")
+    parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native)")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4, help="images per batch")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+
+    models = scan_models(args.models_dir, builtin=True)
+    args.size = args.size or models[args.model].native_width
+    engine = Engine(models, threads=args.threads)
+    engine.warmup(args.model)
+    rounds: dict[str, list[dict]] = {"inline_finish": [], "finisher_thread": []}
+    for _ in range(args.repeats):  # the two modes alternate, so drift in machine speed hits both
+        for mode in rounds:
+            rounds[mode].append(run_mode(engine, args, pipelined=mode == "finisher_thread"))
+    results = {
+        mode: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for mode, runs in rounds.items()
+    }
+    for mode, r in results.items():
+        print(
+            f"{mode:>15}: {r['batches']:.0f} batches in {r['seconds']:.2f} s; gap between batches "
+            f"median {r['gap_ms_median']:.2f} ms, p95 {r['gap_ms_p95']:.2f} ms, max {r['gap_ms_max']:.2f} ms; "
+            f"listing + claiming {r['scheduling_ms_per_batch']:.2f} ms per batch (medians of {args.repeats} rounds)"
+        )
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    record = {
+        "benchmark": "batch_idle_gap",
+        "date": date.today().isoformat(),
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "model": args.model,
+        "size": args.size,
+        "requests": args.requests,
+        "batch": args.batch,
+        "steps": args.steps,
+        "results": results,
+        "rounds": rounds,
+        "command": (
+            f"python benchmarks/batch_idle_gap.py --models-dir {args.models_dir} --model {args.model} "
+            f"--size {args.size} --requests {args.requests} --batch {args.batch} --steps {args.steps} "
+            f"--repeats {args.repeats}"
+        ),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "cpu" if device == "cpu" else device.lower().replace(" ", "-")
+    path = args.out / f"{date.today().isoformat()}-{tag}-batch-idle-gap-{args.model}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The serving loop: a batch's images are stored and its jobs ended on a finisher thread while the
+next batch runs, and nothing is left half-done when the loop stops or the finishing crashes."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from genserve.artifacts.images import ImageStore
+from genserve.config import Settings
+from genserve.engine.engine import Engine
+from genserve.engine.registry import scan_models
+from genserve.schemas import GenerationParams
+from genserve.store.jobs import JobStore
+from genserve.worker.loop import Worker
+
+
+@pytest.fixture
+def worker(tiny_models_dir: Path, tmp_path: Path) -> Worker:
+    settings = Settings(
+        data_dir=tmp_path,
+        models_dir=tiny_models_dir,
+        builtin_models=False,
+        default_model="tiny-sd15",
+        default_max_batch_images=1,  # one job per batch: three jobs are three consecutive batches
+        heartbeat_seconds=0.5,
+        background_finish=True,  # the default only with a GPU
+    )
+    store = JobStore.from_url(settings.resolved_store_url)
+    engine = Engine(scan_models(tiny_models_dir), device="cpu")
+    return Worker(settings, store, engine, ImageStore(settings.images_dir), "worker-test")
+
+
+def submit(worker: Worker, count: int) -> list[str]:
+    params = GenerationParams(
+        prompt="a red star", model="tiny-sd15", steps=2, width=64, height=64, cfg_scale=3.0
+    )
+    return [worker.store.submit({**params.model_dump(), "seed": seed})[0].id for seed in range(count)]
+
+
+def states(worker: Worker, ids: list[str]) -> list[str]:
+    jobs = worker.store.get_many(ids)
+    return [jobs[job_id].state.value for job_id in ids]
+
+
+def test_a_batch_is_finished_on_its_own_thread_while_the_next_one_runs(worker: Worker):
+    ids = submit(worker, 3)
+    next_batch_started = threading.Event()
+    overlapped: list[bool] = []
+    finishing_threads: list[str] = []
+    generate, finish = worker.engine.generate_batch, worker._finish
+
+    def generate_batch(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if finishing_threads:  # a batch before this one is being (or has been) finished
+            next_batch_started.set()
+        return generate(*args, **kwargs)
+
+    def finish_job(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        finishing_threads.append(threading.current_thread().name)
+        if len(finishing_threads) == 1:
+            # Finishing inline, the next batch could not start before this returns: the wait would time out.
+            overlapped.append(next_batch_started.wait(timeout=60))
+        return finish(*args, **kwargs)
+
+    worker.engine.generate_batch = generate_batch
+    worker._finish = finish_job
+    worker.work(threading.Event(), until_idle=True)
+
+    assert overlapped == [True]
+    assert len(finishing_threads) == 3 and all(
+        name.startswith("batch-finisher") for name in finishing_threads
+    )
+    assert states(worker, ids) == ["succeeded"] * 3
+    jobs = worker.store.get_many(ids).values()
+    assert all(len(job.image_ids) == 1 and worker.images.exists(job.image_ids[0]) for job in jobs)
+
+
+def test_stopping_the_loop_still_ends_the_batch_it_generated(worker: Worker):
+    ids = submit(worker, 3)
+    stop = threading.Event()
+    generate = worker.engine.generate_batch
+
+    def generate_then_stop(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        stop.set()  # the stop request arrives while the first batch is on the device
+        return generate(*args, **kwargs)
+
+    worker.engine.generate_batch = generate_then_stop
+    worker.work(stop)
+    assert states(worker, ids) == ["succeeded", "queued", "queued"]
+
+
+def test_a_crash_while_storing_fails_that_job_and_the_loop_goes_on(worker: Worker):
+    ids = submit(worker, 2)
+    save = worker.images.save
+
+    def save_or_fail(image_id: str, png: bytes) -> None:
+        if image_id.startswith(ids[0]):
+            raise OSError("disk full")
+        save(image_id, png)
+
+    worker.images.save = save_or_fail
+    worker.work(threading.Event(), until_idle=True)
+    first = worker.store.get_many(ids)[ids[0]]
+    assert first.state.value == "failed" and "OSError: disk full" in first.error
+    assert states(worker, ids)[1] == "succeeded"
+
+
+def test_on_a_cpu_the_loop_finishes_each_batch_itself(worker: Worker):
+    # There the finishing would compete with the next batch for the same cores (measured slower).
+    worker.settings = worker.settings.model_copy(update={"background_finish": None})
+    ids = submit(worker, 2)
+    threads: list[str] = []
+    finish = worker._finish
+
+    def finish_job(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        threads.append(threading.current_thread().name)
+        return finish(*args, **kwargs)
+
+    worker._finish = finish_job
+    worker.work(threading.Event(), until_idle=True)
+    assert threads == [threading.current_thread().name] * 2
+    assert states(worker, ids) == ["succeeded"] * 2
