@@ -118,7 +118,7 @@ def run_local(
     from genserve.artifacts.images import ImageStore
     from genserve.engine.optimize import engine_from_settings
     from genserve.store.jobs import JobStore
-    from genserve.worker.loop import BatchFinisher, Worker, new_worker_id
+    from genserve.worker.loop import Worker, new_worker_id
     from genserve.worker.supervisor import recover_dead_local_workers
 
     store = JobStore.from_url(settings.resolved_store_url)
@@ -144,7 +144,7 @@ def run_local(
     try:
         worker.announce()
         with (
-            BatchFinisher() as finisher,
+            worker.finisher() as finisher,
             Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),

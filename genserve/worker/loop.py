@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from datetime import UTC, datetime
 
 import PIL.Image
@@ -111,19 +111,24 @@ class StepTimer:
 
 
 class BatchFinisher:
-    """Stores a batch's images and ends its jobs on a background thread, so that the next batch
-    reaches the GPU at once: PNG encoding and store writes would otherwise leave it idle between
-    batches (tens of milliseconds per 512x512 batch).
+    """Stores a batch's images and ends its jobs, inline or on a background thread.
 
-    At most one batch is being finished at a time. `submit` first waits for the previous one, so a
-    slow store slows the worker down instead of piling finished images up in memory.
+    In the background, the next batch reaches the GPU at once instead of waiting for PNG encoding
+    and store writes (benchmarks/batch_idle_gap.py measures the gap). At most one batch is being
+    finished at a time: `submit` first waits for the previous one, so a slow store slows the worker
+    down instead of piling finished images up in memory.
     """
 
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-finisher")
+    def __init__(self, background: bool) -> None:
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-finisher") if background else None
+        )
         self._pending: Future[None] | None = None
 
     def submit(self, finish: Callable[[], None]) -> None:
+        if self._executor is None:
+            finish()
+            return
         self.wait()
         self._pending = self._executor.submit(finish)
 
@@ -140,7 +145,8 @@ class BatchFinisher:
         try:
             self.wait()  # a worker that stops still stores what it generated
         finally:
-            self._executor.shutdown(wait=True)
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
 
 
 class Worker:
@@ -202,15 +208,19 @@ class Worker:
         """Run batches until `stop` is set (or, with `until_idle`, until the queue is empty). With
         `background_finish`, each batch is finished (images stored, jobs ended) on a second thread
         while the next one runs."""
-        background = self.settings.background_finish
-        if background is None:
-            background = self.engine.device.startswith("cuda")
-        with BatchFinisher() if background else nullcontext() as finisher:
+        with self.finisher() as finisher:
             while not stop.is_set():
                 if not self.run_next(finisher):
                     if until_idle:
                         return
                     stop.wait(self.settings.poll_seconds)
+
+    def finisher(self) -> BatchFinisher:
+        """The serving loop's finisher: in the background with a GPU, unless `background_finish` says."""
+        background = self.settings.background_finish
+        if background is None:
+            background = self.engine.device.startswith("cuda")
+        return BatchFinisher(background)
 
     def run_next(self, finisher: BatchFinisher | None = None) -> bool:
         """Claim and run one batch. Returns False when the queue was empty.
