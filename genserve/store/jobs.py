@@ -334,7 +334,6 @@ class JobStore:
         """
         if not job_ids:
             return []
-        claimed = []
         with write_transaction(self.engine) as conn:
             now = db_now(conn)
             lockable = conn.execute(
@@ -342,26 +341,27 @@ class JobStore:
                 .where(jobs.c.id.in_(job_ids), jobs.c.state == QUEUED)
                 .with_for_update(skip_locked=True)
             ).scalars()
-            available = set(lockable)
-            for job_id in job_ids:  # keep the caller's order
-                if job_id not in available:
-                    continue
-                row = conn.execute(
-                    jobs.update()
-                    .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
-                    .values(
-                        state=RUNNING,
-                        attempt=jobs.c.attempt + 1,
-                        lease_owner=worker_id,
-                        lease_until=now + timedelta(seconds=lease_seconds),
-                        started_at=now,
-                        updated_at=now,
-                    )
-                    .returning(*jobs.c)
-                ).first()
-                if row is not None:
-                    append_event(conn, job_id, "started", {"attempt": row.attempt, "worker": worker_id})
-                    claimed.append(_record(row))
+            available = list(lockable)
+            if not available:
+                return []
+            # One statement for the whole batch (a worker claims every batch this way).
+            rows = conn.execute(
+                jobs.update()
+                .where(jobs.c.id.in_(available), jobs.c.state == QUEUED)
+                .values(
+                    state=RUNNING,
+                    attempt=jobs.c.attempt + 1,
+                    lease_owner=worker_id,
+                    lease_until=now + timedelta(seconds=lease_seconds),
+                    started_at=now,
+                    updated_at=now,
+                )
+                .returning(*jobs.c)
+            ).all()
+            by_id = {row.id: row for row in rows}
+            claimed = [_record(by_id[job_id]) for job_id in job_ids if job_id in by_id]  # the caller's order
+            for job in claimed:
+                append_event(conn, job.id, "started", {"attempt": job.attempt, "worker": worker_id})
         return claimed
 
     def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_seconds: float) -> HeartbeatResult:
