@@ -354,8 +354,15 @@ def test_calibrate_measures_and_stores_timings(tiny_models_dir: Path, tmp_path: 
     try:
         engine = Engine(scan_models(tiny_models_dir), device="cpu")
         runs: list[str] = []
+        # Three repeats: with one, a few ms of noise could outweigh the tiny model's fixed cost.
         timings = calibrate(
-            engine, "tiny-sd15", [(64, 64)], [1, 2], steps_pair=(2, 4), repeats=1, on_run=runs.append
+            engine,
+            "tiny-sd15",
+            [(64, 64)],
+            [1, 2],
+            steps_pair=(2, 6),
+            repeats=3,
+            on_run=runs.append,
         )
     finally:
         torch.set_num_threads(threads)
@@ -363,8 +370,8 @@ def test_calibrate_measures_and_stores_timings(tiny_models_dir: Path, tmp_path: 
         (1, "cpu", "calibrated"),
         (2, "cpu", "calibrated"),
     ]
-    assert all(t.overhead_s > 0 and t.step_s > 0 for t in timings)
-    assert len(runs) == 2 * 3
+    assert all(t.overhead_s > 0 and t.step_s > 0 for t in timings), timings
+    assert len(runs) == 2 * (1 + 3 + 3)  # per batch size: a warm-up, then 3 runs at each step count
     calibration = CalibrationStore.from_url(f"sqlite:///{tmp_path / 'store.db'}")
     for t in timings:
         calibration.save(t)
