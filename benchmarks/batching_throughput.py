@@ -25,6 +25,7 @@ import torch
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine
+from genserve.engine.optimize import device_name
 from genserve.engine.registry import ModelInfo, scan_models
 from genserve.schemas import GenerationParams
 from genserve.store.jobs import JobStore
@@ -124,14 +125,7 @@ def main() -> None:
         "benchmark": "batching_throughput",
         "date": date.today().isoformat(),
         "device": "cpu",
-        "cpu": next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            "unknown",
-        ),
+        "cpu": device_name("cpu"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "model": args.model,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from genserve.engine.optimize import device_name
 from genserve.engine.registry import BUILTIN_MODELS_DIR
 
 
@@ -81,14 +82,7 @@ def main() -> None:
                 "unet_batching_ceiling": ceiling,
             }
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown",
-    )
+    cpu = device_name("cpu")
     record = {
         "benchmark": "cpu_layout_and_rows",
         "date": date.today().isoformat(),

@@ -24,6 +24,7 @@ import genserve.engine.denoise as denoise_module
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine
+from genserve.engine.optimize import device_name
 from genserve.engine.registry import scan_models
 from genserve.schemas import GenerationParams
 from genserve.store.jobs import JobStore
@@ -119,7 +120,7 @@ def main() -> None:
         "benchmark": "preview_overhead",
         "date": date.today().isoformat(),
         "device": platform.processor() or platform.machine(),
-        "cpu": _cpu_name(),
+        "cpu": device_name("cpu"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "model": args.model,
@@ -137,16 +138,6 @@ def main() -> None:
     path = args.out / f"{date.today().isoformat()}-cpu-preview-overhead-{args.model}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

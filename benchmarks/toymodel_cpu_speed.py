@@ -13,7 +13,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,19 +20,13 @@ from pathlib import Path
 import torch
 
 from genserve.engine.engine import Engine
+from genserve.engine.optimize import device_name
 from genserve.engine.registry import read_model_info
 from genserve.schemas.generation import GenerationParams
 from genserve.toymodel.evaluate import DEFAULT_STEPS
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "genserve" / "builtin_models" / "genserve-shapes"
 TARGET_S = 1.5
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def time_runs(runs: int, threads: int) -> list[float]:
@@ -75,7 +68,7 @@ def main() -> None:
         "benchmark": "toymodel_cpu_speed",
         "model": info.name,
         "date": datetime.date.today().isoformat(),
-        "device": cpu_name(),
+        "device": device_name("cpu"),
         "cpu_threads": args.threads,
         "torch": torch.__version__,
         "size": f"{info.native_width}x{info.native_height}",

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from genserve.engine.optimize import device_name
 from genserve.toymodel import dataset, train
 from genserve.toymodel.tokenizer import build_tokenizer
 
@@ -75,11 +76,7 @@ def main() -> None:
         timings = step_seconds(unet, bf16, steps, batch)
         results[name] = {"median_s_per_step": round(statistics.median(timings), 3), "runs": timings}
         print(f"{name:>44}: {results[name]['median_s_per_step']:.3f} s/step")
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        "unknown",
-    )  # fmt: skip
+    cpu = device_name("cpu")
     result = {
         "benchmark": "toymodel_train_step",
         "date": datetime.date.today().isoformat(),
