@@ -19,15 +19,16 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
 import torch
+from batching_throughput import TimedStore  # the sibling script (its folder is on sys.path)
 
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine
+from genserve.engine.optimize import device_name, device_slug
 from genserve.engine.registry import scan_models
 from genserve.schemas import GenerationParams
 from genserve.store.jobs import JobStore
@@ -38,7 +39,6 @@ class GapClock:
     """Wraps Engine.generate_batch: records when each batch enters and leaves the engine."""
 
     def __init__(self, engine: Engine) -> None:
-        self.engine = engine
         self.inner = engine.generate_batch
         self.spans: list[tuple[float, float]] = []
 
@@ -55,17 +55,6 @@ class GapClock:
         return [1000 * (nxt[0] - prev[1]) for prev, nxt in zip(self.spans, self.spans[1:], strict=False)]
 
 
-def timed(method: Callable, total: list[float]) -> Callable:
-    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        start = time.perf_counter()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            total[0] += time.perf_counter() - start
-
-    return wrapper
-
-
 def run_mode(engine: Engine, args: argparse.Namespace, pipelined: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
@@ -76,7 +65,7 @@ def run_mode(engine: Engine, args: argparse.Namespace, pipelined: bool) -> dict:
             heartbeat_seconds=1.0,
             background_finish=pipelined,
         )
-        store = JobStore.from_url(settings.resolved_store_url)
+        store = TimedStore(JobStore.from_url(settings.resolved_store_url).engine)
         worker = Worker(settings, store, engine, ImageStore(settings.images_dir), "bench")
         for i in range(args.requests):
             params = GenerationParams(
@@ -91,9 +80,7 @@ def run_mode(engine: Engine, args: argparse.Namespace, pipelined: bool) -> dict:
             store.submit(params.model_dump())
         clock = GapClock(engine)
         engine.generate_batch = clock  # instance attribute: only this benchmark's engine
-        scheduling = [0.0]  # seconds spent listing the queue and claiming batches
-        for name in ("queued_jobs", "claim_jobs"):
-            setattr(store, name, timed(getattr(store, name), scheduling))
+        TimedStore.scheduling_seconds = 0.0  # listing the queue and claiming batches
         try:
             start = time.perf_counter()
             worker.work(threading.Event(), until_idle=True)
@@ -105,7 +92,7 @@ def run_mode(engine: Engine, args: argparse.Namespace, pipelined: bool) -> dict:
     return {
         "batches": len(clock.spans),
         "seconds": elapsed,
-        "scheduling_ms_per_batch": 1000 * scheduling[0] / len(clock.spans),
+        "scheduling_ms_per_batch": 1000 * TimedStore.scheduling_seconds / len(clock.spans),
         "gap_ms_median": statistics.median(gaps),
         "gap_ms_p95": gaps[min(len(gaps) - 1, int(0.95 * len(gaps)))],
         "gap_ms_max": gaps[-1],
@@ -143,7 +130,7 @@ def main() -> None:
             f"median {r['gap_ms_median']:.2f} ms, p95 {r['gap_ms_p95']:.2f} ms, max {r['gap_ms_max']:.2f} ms; "
             f"listing + claiming {r['scheduling_ms_per_batch']:.2f} ms per batch (medians of {args.repeats} rounds)"
         )
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = device_name(engine.device)
     record = {
         "benchmark": "batch_idle_gap",
         "date": date.today().isoformat(),
@@ -164,8 +151,9 @@ def main() -> None:
         ),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "cpu" if device == "cpu" else device.lower().replace(" ", "-")
-    path = args.out / f"{date.today().isoformat()}-{tag}-batch-idle-gap-{args.model}.json"
+    path = (
+        args.out / f"{date.today().isoformat()}-{device_slug(engine.device)}-batch-idle-gap-{args.model}.json"
+    )
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
 
