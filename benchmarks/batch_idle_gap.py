@@ -3,9 +3,11 @@ worker stores one batch's images, ends its jobs, and picks and claims the next b
 
 A gap is measured from the moment a batch returns from the engine (its images are on the host, so
 the device has nothing queued) to the moment the next batch enters the engine. The serving loop
-(`Worker.work`) runs in both of its modes, alternating, in the same process, on the same queue:
-finishing each batch inline, and finishing it on a second thread while the next one runs
-(`background_finish`, the default with a GPU).
+(`Worker.work`) runs in three modes, alternating, in the same process, on the same queue:
+- `sequential`: claim the next batch and finish this one inline (the loop before prefetching);
+- `prefetch`: claim the next batch during this one's last step, finish inline (the CPU default);
+- `prefetch_and_finisher`: also finish each batch on a second thread while the next one runs
+  (`background_finish`, the default with a GPU).
 
     .venv/bin/python benchmarks/batch_idle_gap.py                        # built-in model, CPU
     python benchmarks/batch_idle_gap.py --models-dir models --model sd15 --size 512   # on a GPU
@@ -55,7 +57,7 @@ class GapClock:
         return [1000 * (nxt[0] - prev[1]) for prev, nxt in zip(self.spans, self.spans[1:], strict=False)]
 
 
-def run_mode(engine: Engine, args: argparse.Namespace, pipelined: bool) -> dict:
+def run_mode(engine: Engine, args: argparse.Namespace, prefetch: bool, background_finish: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
             models_dir=args.models_dir,
@@ -63,7 +65,8 @@ def run_mode(engine: Engine, args: argparse.Namespace, pipelined: bool) -> dict:
             default_model=args.model,
             default_max_batch_images=args.batch,
             heartbeat_seconds=1.0,
-            background_finish=pipelined,
+            background_finish=background_finish,
+            prefetch_batches=prefetch,
         )
         store = TimedStore(JobStore.from_url(settings.resolved_store_url).engine)
         worker = Worker(settings, store, engine, ImageStore(settings.images_dir), "bench")
@@ -116,17 +119,22 @@ def main() -> None:
     args.size = args.size or models[args.model].native_width
     engine = Engine(models, threads=args.threads)
     engine.warmup(args.model)
-    rounds: dict[str, list[dict]] = {"inline_finish": [], "finisher_thread": []}
-    for _ in range(args.repeats):  # the two modes alternate, so drift in machine speed hits both
-        for mode in rounds:
-            rounds[mode].append(run_mode(engine, args, pipelined=mode == "finisher_thread"))
+    modes = {  # name: (prefetch, background_finish)
+        "sequential": (False, False),
+        "prefetch": (True, False),
+        "prefetch_and_finisher": (True, True),
+    }
+    rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for _ in range(args.repeats):  # the modes alternate, so drift in machine speed hits them all
+        for mode, (prefetch, background_finish) in modes.items():
+            rounds[mode].append(run_mode(engine, args, prefetch, background_finish))
     results = {
         mode: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         for mode, runs in rounds.items()
     }
     for mode, r in results.items():
         print(
-            f"{mode:>15}: {r['batches']:.0f} batches in {r['seconds']:.2f} s; gap between batches "
+            f"{mode:>21}: {r['batches']:.0f} batches in {r['seconds']:.2f} s; gap between batches "
             f"median {r['gap_ms_median']:.2f} ms, p95 {r['gap_ms_p95']:.2f} ms, max {r['gap_ms_max']:.2f} ms; "
             f"listing + claiming {r['scheduling_ms_per_batch']:.2f} ms per batch (medians of {args.repeats} rounds)"
         )

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     # GPU does not wait for PNG encoding and store writes (None: on with a GPU). Off on a CPU: there
     # the finishing competes with the next batch for the same cores (benchmarks/batch_idle_gap.py).
     background_finish: bool | None = None
+    # Claim the next batch on a helper thread while the current one runs its last step, so the
+    # device does not wait for the queue listing and the claim between batches.
+    prefetch_batches: bool = True
 
     # GENSERVE_OPTIMIZATIONS__COMPILE=off, GENSERVE_OPTIMIZATIONS__BATCH_BUCKETS='[1,4]', ...
     optimizations: Optimizations = Optimizations()

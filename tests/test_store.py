@@ -322,6 +322,23 @@ def test_release_keeps_the_attempt_count(store: JobStore) -> None:
     assert store.get(job.id).error == "gave up after 2 attempts: shutdown"
 
 
+def test_unclaim_gives_a_job_back_without_counting_the_attempt(store: JobStore) -> None:
+    # A worker that claimed a batch ahead (prefetch) and stops before running it.
+    first, second = (store.submit({"prompt": p}, max_attempts=1)[0] for p in ("cat", "dog"))
+    claimed = store.claim_jobs([first.id, second.id], "w1", 30)
+    assert [job.attempt for job in claimed] == [1, 1]
+    store.request_cancel(second.id)
+    held = [(job.id, job.attempt) for job in claimed]
+    assert store.unclaim("w1", held, "stopping") == [first.id, second.id]
+
+    back = store.get(first.id)
+    assert (back.state, back.attempt, back.lease_owner, back.started_at) == (JobState.queued, 0, None, None)
+    assert store.events.read_after(first.id)[-1].data == {"reason": "stopping", "attempt": 0}
+    assert store.get(second.id).state is JobState.canceled
+    assert store.unclaim("w1", held, "stopping") == []  # fenced: no longer this worker's
+    assert store.claim_next("w2", 30).attempt == 1  # its only attempt is still to come
+
+
 def test_fail_records_the_error(store: JobStore) -> None:
     job = store.submit({"prompt": "cat"})[0]
     store.claim_next("w1", 30)

@@ -1,9 +1,11 @@
-"""The serving loop: a batch's images are stored and its jobs ended on a finisher thread while the
-next batch runs, and nothing is left half-done when the loop stops or the finishing crashes."""
+"""The serving loop: the next batch is claimed while the current one ends, a batch's images are
+stored and its jobs ended on a finisher thread while the next batch runs, and nothing is left
+half-done or lost when the loop stops or the finishing crashes."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -77,7 +79,7 @@ def test_a_batch_is_finished_on_its_own_thread_while_the_next_one_runs(worker: W
     assert all(len(job.image_ids) == 1 and worker.images.exists(job.image_ids[0]) for job in jobs)
 
 
-def test_stopping_the_loop_still_ends_the_batch_it_generated(worker: Worker):
+def test_stopping_the_loop_ends_the_batch_it_generated_and_gives_back_the_one_it_claimed(worker: Worker):
     ids = submit(worker, 3)
     stop = threading.Event()
     generate = worker.engine.generate_batch
@@ -89,6 +91,52 @@ def test_stopping_the_loop_still_ends_the_batch_it_generated(worker: Worker):
     worker.engine.generate_batch = generate_then_stop
     worker.work(stop)
     assert states(worker, ids) == ["succeeded", "queued", "queued"]
+    # The second job was claimed ahead during the first batch's last step; giving it back did not
+    # use up its attempt.
+    jobs = worker.store.get_many(ids)
+    assert [jobs[job_id].attempt for job_id in ids] == [1, 0, 0]
+    assert [event.type for event in worker.store.events.read_after(ids[1])] == [
+        "queued",
+        "started",
+        "requeued",
+    ]
+
+
+def test_the_next_batch_is_claimed_while_the_current_one_runs_its_last_step(worker: Worker):
+    ids = submit(worker, 2)
+    steps_done: list[int] = []
+    claims: list[tuple[str, int]] = []  # (thread, steps of the running batch done when claiming)
+    claimed_ahead = threading.Event()
+    generate, claim_next = worker.engine.generate_batch, worker.claim_next
+
+    def generate_batch(items, on_batch_step):  # noqa: ANN001, ANN202
+        steps_done.clear()
+
+        def count_step(step: int, total: int, rows: int) -> None:
+            steps_done.append(step)
+            on_batch_step(step, total, rows)
+
+        outcomes = generate(items, on_batch_step=count_step)
+        if len(claims) == 1:
+            # Claiming after this returns, the wait would time out: the claim must overlap the batch.
+            assert claimed_ahead.wait(timeout=30)
+        return outcomes
+
+    def recorded_claim_next():  # noqa: ANN202
+        claims.append((threading.current_thread().name, len(steps_done)))
+        jobs = claim_next()
+        if len(claims) == 2:
+            claimed_ahead.set()
+        return jobs
+
+    worker.engine.generate_batch = generate_batch
+    worker.claim_next = recorded_claim_next
+    worker.work(threading.Event(), until_idle=True)
+    assert states(worker, ids) == ["succeeded"] * 2
+    first, ahead = claims[0], claims[1]
+    assert first[0] == threading.current_thread().name
+    # Late, so requests arriving during the batch can still join the next one: the steps are 2.
+    assert ahead[0].startswith("batch-prefetch") and ahead[1] >= 1
 
 
 def test_a_crash_while_storing_fails_that_job_and_the_loop_goes_on(worker: Worker):
@@ -122,3 +170,24 @@ def test_on_a_cpu_the_loop_finishes_each_batch_itself(worker: Worker):
     worker.work(threading.Event(), until_idle=True)
     assert threads == [threading.current_thread().name] * 2
     assert states(worker, ids) == ["succeeded"] * 2
+
+
+def test_a_prefetched_batch_keeps_its_leases_while_it_waits(worker: Worker):
+    worker.settings = worker.settings.model_copy(update={"lease_seconds": 0.5, "heartbeat_seconds": 0.1})
+    worker.leases.lease_seconds, worker.leases.interval = 0.5, 0.1
+    ids = submit(worker, 2)
+    reaped: list[list[str]] = []
+    generate = worker.engine.generate_batch
+
+    def slow_generate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        outcomes = generate(*args, **kwargs)
+        if not reaped:  # the first batch: the second job is claimed by now, and waits
+            time.sleep(1.5)  # three lease lengths
+            reaped.append(worker.store.reap_expired())
+        return outcomes
+
+    worker.engine.generate_batch = slow_generate
+    worker.work(threading.Event(), until_idle=True)
+    assert reaped == [[]]  # neither the running job's lease nor the waiting one's ran out
+    jobs = worker.store.get_many(ids)
+    assert [(jobs[i].state.value, jobs[i].attempt) for i in ids] == [("succeeded", 1), ("succeeded", 1)]

@@ -145,6 +145,7 @@ def run_local(
         worker.announce()
         with (
             worker.finisher() as finisher,
+            worker.prefetcher() as prefetcher,
             Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -164,7 +165,7 @@ def run_local(
                 if finished == len(items) or stop.is_set():
                     break
                 worker.announce()
-                if not worker.run_next(finisher):
+                if not worker.run_next(finisher, prefetcher):
                     finisher.wait()  # the last batch's items count as finished before the next look
                     time.sleep(settings.poll_seconds)  # retries waiting for their backoff
     finally:

@@ -489,6 +489,36 @@ class JobStore:
             ).first()
             return row is not None and self._take_back(conn, row, reason)
 
+    def unclaim(self, worker_id: str, held: list[tuple[str, int]], reason: str) -> list[str]:
+        """Give back jobs this worker claimed but never started (a prefetched batch when the worker
+        stops): queued again in their old place, and the claim does not count as an attempt. A job
+        whose cancel was requested meanwhile is canceled. Fenced; returns the ids given back."""
+        given_back = []
+        with write_transaction(self.engine) as conn:
+            now = db_now(conn)
+            for job_id, attempt in held:
+                row = conn.execute(
+                    sa.select(jobs.c.cancel_requested)
+                    .where(_owned(job_id, worker_id, attempt))
+                    .with_for_update()
+                ).first()
+                if row is None:
+                    continue
+                if row.cancel_requested:
+                    values: dict[str, Any] = {"state": JobState.canceled.value, "finished_at": now}
+                    event: tuple[str, dict[str, Any]] = ("canceled", {"reason": reason})
+                else:
+                    values = {"state": QUEUED, "attempt": attempt - 1, "started_at": None}
+                    event = ("requeued", {"reason": reason, "attempt": attempt - 1})
+                conn.execute(
+                    jobs.update()
+                    .where(_owned(job_id, worker_id, attempt))
+                    .values(**values, lease_owner=None, lease_until=None, updated_at=now)
+                )
+                append_event(conn, job_id, *event)
+                given_back.append(job_id)
+        return given_back
+
     # -- recovering jobs from dead workers --------------------------------------------------------
 
     def requeue_owner(self, worker_id: str, reason: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Keeps a batch's leases alive and notices cancellation, off the denoising hot path."""
+"""Keeps the leases of the jobs a worker holds alive and notices cancellation, off the denoising hot path."""
 
 from __future__ import annotations
 
@@ -19,58 +19,78 @@ class LeaseLost(Exception):
 
 
 class LeaseKeeper:
-    """A background thread that renews the leases of a batch every `interval` seconds, in one
-    transaction, and records cancel requests per job.
+    """One background thread per worker that renews the leases of every job the worker holds, in
+    one transaction every `interval` seconds, and records cancel requests and lost leases per job.
 
     Step callbacks call `check(job_id)`, which only reads flags, so a slow store never stalls the
     GPU; a long model load or VAE decode keeps the leases because the thread runs regardless.
+    The thread starts with the first job held and then serves every batch: starting one per batch
+    cost milliseconds between batches while other threads held the GIL (benchmarks/batch_idle_gap.py).
     """
 
-    def __init__(
-        self,
-        store: JobStore,
-        worker_id: str,
-        held: list[tuple[str, int]],
-        lease_seconds: float,
-        interval: float,
-    ) -> None:
+    def __init__(self, store: JobStore, worker_id: str, lease_seconds: float, interval: float) -> None:
         self.store = store
         self.worker_id = worker_id
-        self.held = list(held)  # (job_id, attempt)
         self.lease_seconds = lease_seconds
         self.interval = interval
-        self.canceled: set[str] = set()
-        self.lost: set[str] = set()
+        self._held: dict[str, int] = {}  # job_id -> attempt
+        self._canceled: set[str] = set()
+        self._lost: set[str] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
+    def hold(self, held: list[tuple[str, int]]) -> None:
+        """Keep these (job_id, attempt) leases alive until `drop`. Holding a job again is a no-op."""
+        with self._lock:
+            for job_id, attempt in held:
+                if self._held.get(job_id) != attempt:
+                    self._held[job_id] = attempt
+                    self._canceled.discard(job_id)
+                    self._lost.discard(job_id)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+                self._thread.start()
 
-    def __exit__(self, *exc_info: object) -> None:
+    def drop(self, job_ids: list[str]) -> None:
+        """Stop renewing these jobs' leases (they have ended, or were given back)."""
+        with self._lock:
+            for job_id in job_ids:
+                self._held.pop(job_id, None)
+                self._canceled.discard(job_id)
+                self._lost.discard(job_id)
+
+    def check(self, job_id: str) -> None:
+        """Raise if this job must stop now. Called between denoising steps."""
+        if job_id in self._lost:
+            raise LeaseLost(f"job {job_id} lost its lease")
+        if job_id in self._canceled:
+            raise JobCanceled(job_id)
+
+    def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            watched = [(job_id, attempt) for job_id, attempt in self.held if job_id not in self.lost]
+            with self._lock:
+                watched = [
+                    (job_id, attempt) for job_id, attempt in self._held.items() if job_id not in self._lost
+                ]
             if not watched:
-                return
+                continue
             try:
                 results = self.store.heartbeat_many(self.worker_id, watched, self.lease_seconds)
             except Exception:  # a store hiccup must not kill the batch; the lease has slack
                 log.warning("lease heartbeat failed", exc_info=True)
                 continue
-            for job_id, result in results.items():
-                if not result.owned:
-                    self.lost.add(job_id)
-                elif result.cancel_requested:
-                    self.canceled.add(job_id)
-
-    def check(self, job_id: str) -> None:
-        """Raise if this job must stop now. Called between denoising steps."""
-        if job_id in self.lost:
-            raise LeaseLost(f"job {job_id} lost its lease")
-        if job_id in self.canceled:
-            raise JobCanceled(job_id)
+            with self._lock:
+                for job_id, attempt in watched:
+                    result = results[job_id]
+                    if self._held.get(job_id) != attempt:
+                        continue  # dropped (or held for a new attempt) while the heartbeat ran
+                    if not result.owned:
+                        self._lost.add(job_id)
+                    elif result.cancel_requested:
+                        self._canceled.add(job_id)

@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime
 
@@ -36,6 +35,7 @@ from genserve.schemas import GenerationParams
 from genserve.store.calibration import CalibrationStore
 from genserve.store.jobs import JobRecord, JobStore
 from genserve.worker.lease import JobCanceled, LeaseKeeper, LeaseLost
+from genserve.worker.overlap import BatchFinisher, BatchPrefetcher
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +90,22 @@ class ProgressReporter:
 
 
 class StepTimer:
-    """The batch-level step callback: writes the step's events, and times the step by model,
-    resolution and rows computed."""
+    """The batch-level step callback: writes the step's events, times the step by model, resolution
+    and rows computed, and calls `on_last_step` as the last denoising step begins."""
 
-    def __init__(self, params: GenerationParams, events: EventBuffer) -> None:
+    def __init__(
+        self, params: GenerationParams, events: EventBuffer, on_last_step: Callable[[], None] | None = None
+    ) -> None:
         self.model = params.model or ""
         self.resolution = f"{params.width}x{params.height}"
         self.events = events
+        self.on_last_step = on_last_step
         self.last = time.perf_counter()
         self.samples: list[tuple[int, float]] = []  # (rows, seconds) for calibration refinement
 
     def __call__(self, step: int, total: int, rows: int) -> None:
+        if self.on_last_step is not None and step >= total - 1:
+            self.on_last_step()
         tracing.step_event(step, total, rows)
         self.events.flush()
         now = time.perf_counter()
@@ -108,45 +113,6 @@ class StepTimer:
         STEP_SECONDS.labels(self.model, self.resolution, str(rows)).observe(seconds)
         if step > 1:  # the first step carries text encoding and warm-up: not steady state
             self.samples.append((rows, seconds))
-
-
-class BatchFinisher:
-    """Stores a batch's images and ends its jobs, inline or on a background thread.
-
-    In the background, the next batch reaches the GPU at once instead of waiting for PNG encoding
-    and store writes (benchmarks/batch_idle_gap.py measures the gap). At most one batch is being
-    finished at a time: `submit` first waits for the previous one, so a slow store slows the worker
-    down instead of piling finished images up in memory.
-    """
-
-    def __init__(self, background: bool) -> None:
-        self._executor = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-finisher") if background else None
-        )
-        self._pending: Future[None] | None = None
-
-    def submit(self, finish: Callable[[], None]) -> None:
-        if self._executor is None:
-            finish()
-            return
-        self.wait()
-        self._pending = self._executor.submit(finish)
-
-    def wait(self) -> None:
-        """Block until the batch being finished has ended its jobs."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    def __enter__(self) -> BatchFinisher:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            self.wait()  # a worker that stops still stores what it generated
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
 
 
 class Worker:
@@ -162,6 +128,7 @@ class Worker:
         self.scheduler_state = SchedulerState()
         self.calibration = CalibrationStore(store.engine)
         self.device_name = device_name(engine.device)  # the name `genserve calibrate` stores rows under
+        self.leases = LeaseKeeper(store, worker_id, settings.lease_seconds, settings.heartbeat_seconds)
 
     def announce(self) -> None:
         """Refresh this worker's row: readiness and loaded models for /readyz and /v1/models."""
@@ -202,15 +169,18 @@ class Worker:
             self.work(stop)
         finally:
             presence_stop.set()
+            self.leases.close()
             self.state = "stopping"
 
     def work(self, stop: threading.Event, until_idle: bool = False) -> None:
-        """Run batches until `stop` is set (or, with `until_idle`, until the queue is empty). With
-        `background_finish`, each batch is finished (images stored, jobs ended) on a second thread
-        while the next one runs."""
-        with self.finisher() as finisher:
+        """Run batches until `stop` is set (or, with `until_idle`, until the queue is empty).
+
+        The device should not wait between batches: the next batch is claimed on a helper thread
+        while the current one ends (`prefetch_batches`), and with `background_finish` each batch is
+        finished (images stored, jobs ended) on another thread while the next one runs."""
+        with self.finisher() as finisher, self.prefetcher() as prefetcher:
             while not stop.is_set():
-                if not self.run_next(finisher):
+                if not self.run_next(finisher, prefetcher):
                     if until_idle:
                         return
                     stop.wait(self.settings.poll_seconds)
@@ -222,14 +192,35 @@ class Worker:
             background = self.engine.device.startswith("cuda")
         return BatchFinisher(background)
 
-    def run_next(self, finisher: BatchFinisher | None = None) -> bool:
-        """Claim and run one batch. Returns False when the queue was empty.
+    def prefetcher(self) -> BatchPrefetcher:
+        """The serving loop's prefetcher; a stopping loop gives back what it claimed and did not run."""
+        return BatchPrefetcher(
+            self.claim_next, self.store, self.leases, enabled=self.settings.prefetch_batches
+        )
+
+    def run_next(
+        self, finisher: BatchFinisher | None = None, prefetcher: BatchPrefetcher | None = None
+    ) -> bool:
+        """Run one batch: the one `prefetcher` claimed, or else one claimed now. Returns False when
+        the queue was empty.
 
         Without a `finisher`, the batch's jobs have ended when this returns; with one, they end on
         the finisher's thread (see `work`)."""
+        jobs = prefetcher.take() if prefetcher is not None else None
+        if not jobs:
+            jobs = self.claim_next()
+        if jobs is None:
+            return False
+        if jobs:  # empty: another worker took them first; look again at once
+            self.run_batch(jobs, finisher, prefetcher)
+        return True
+
+    def claim_next(self) -> list[JobRecord] | None:
+        """List the queue, choose the next batch (scheduler policy) and claim it. None when nothing
+        is queued; empty when another worker claimed the chosen jobs first."""
         queued = self.store.queued_jobs(limit=500)
         if not queued:
-            return False
+            return None
         chosen = plan_batch(
             queued,
             self.scheduler_state,
@@ -237,14 +228,13 @@ class Worker:
             max_images=self.max_batch_images,
         )
         jobs = self.store.claim_jobs([job.id for job in chosen], self.worker_id, self.settings.lease_seconds)
-        if jobs:  # empty: another worker took them first; look again at once
+        if jobs:
             record_served(self.scheduler_state, chosen[0])
             tracing.record_queue_wait(jobs)
             now = datetime.now(UTC)
             for job in jobs:
                 QUEUE_WAIT_SECONDS.labels(job.queue).observe((now - job.created_at).total_seconds())
-            self.run_batch(jobs, finisher)
-        return True
+        return jobs
 
     def max_batch_images(self, params: GenerationParams) -> int:
         estimate = self.engine.estimate_max_batch_images(params) if self.engine.knows(params.model) else None
@@ -252,11 +242,17 @@ class Worker:
             self.settings.batch_limits, params, estimate, self.settings.default_max_batch_images
         )
 
-    def run_batch(self, jobs: list[JobRecord], finisher: BatchFinisher | None = None) -> None:
+    def run_batch(
+        self,
+        jobs: list[JobRecord],
+        finisher: BatchFinisher | None = None,
+        prefetcher: BatchPrefetcher | None = None,
+    ) -> None:
         """Run claimed jobs as one engine batch; every job ends in exactly one fenced transition.
 
         With a `finisher`, the images are stored and the jobs ended on its thread; the batch's
-        leases and trace spans stay open until then."""
+        leases and trace spans stay open until then. With a `prefetcher`, the next batch is
+        claimed as this one begins its last step."""
         started = time.perf_counter()
         params = {job.id: GenerationParams.model_validate(job.params) for job in jobs}
         outcomes: dict[str, str] = {}
@@ -264,6 +260,7 @@ class Worker:
             if job.cancel_requested:  # canceled between being listed and being claimed
                 self.store.mark_canceled(job.id, self.worker_id, job.attempt)
                 outcomes[job.id] = "canceled"
+        self.leases.drop(list(outcomes))  # prefetched jobs are held from their claim on
         running = [job for job in jobs if job.id not in outcomes]
         if not running:
             self._report_finished(jobs, params, outcomes, started)
@@ -277,22 +274,19 @@ class Worker:
         held = [(job.id, job.attempt) for job in running]
         with ExitStack() as batch_scope:  # the spans and leases, closed by `finish`
             batch_scope.enter_context(tracing.batch_spans(running))
-            lease = batch_scope.enter_context(
-                LeaseKeeper(
-                    self.store,
-                    self.worker_id,
-                    held,
-                    self.settings.lease_seconds,
-                    self.settings.heartbeat_seconds,
-                )
-            )
-            generated = self._generate(running, params, lease)
+            self.leases.hold(held)  # a prefetched batch's are held already
+            batch_scope.callback(self.leases.drop, [job.id for job in running])
+            on_last_step = prefetcher.start if prefetcher is not None else None
+            timed: list[tuple[GenerationParams, StepTimer]] = []
+            generated = self._generate(running, params, on_last_step, timed)
             open_scope = batch_scope.pop_all()
 
         def finish() -> None:
+            for batch_params, timer in timed:  # a store write: off the device's critical path too
+                self.observe_step_times(batch_params, timer)
             with open_scope:
                 for job in running:
-                    outcomes[job.id] = self._end_job(job, params[job.id], generated[job.id], lease)
+                    outcomes[job.id] = self._end_job(job, params[job.id], generated[job.id])
             self._report_finished(jobs, params, outcomes, started)
 
         if finisher is None:
@@ -321,33 +315,36 @@ class Worker:
                 },
             )
 
-    def _end_job(
-        self, job: JobRecord, params: GenerationParams, generated: str | ItemOutcome, lease: LeaseKeeper
-    ) -> str:
+    def _end_job(self, job: JobRecord, params: GenerationParams, generated: str | ItemOutcome) -> str:
         """Store a generated job's images and complete it; `generated` is an outcome name when the job
         already ended (failed in the engine). A crash here fails the job, never the worker."""
         if isinstance(generated, str):
             return generated
         try:
-            return self._finish(job, params, generated, lease)
+            return self._finish(job, params, generated)
         except Exception as error:
             log.exception("finishing a job crashed", extra={"job_id": job.id})
             return self._finish_failed(job, f"internal error: {type(error).__name__}: {error}")
 
     def _generate(
-        self, jobs: list[JobRecord], params: dict[str, GenerationParams], lease: LeaseKeeper
+        self,
+        jobs: list[JobRecord],
+        params: dict[str, GenerationParams],
+        on_last_step: Callable[[], None] | None,
+        timed: list[tuple[GenerationParams, StepTimer]],
     ) -> dict[str, str | ItemOutcome]:
-        """Run the batch on the engine: each job's images, or the outcome of a job that already ended."""
+        """Run the batch on the engine: each job's images, or the outcome of a job that already ended.
+        Each engine run that succeeded adds its step timer to `timed`."""
         first = params[jobs[0].id]
         if not self.engine.knows(first.model):
             self.engine.update_models(registered_models(self.settings))
         events = EventBuffer(self.store)
-        reporters = {job.id: ProgressReporter(job.id, lease, events) for job in jobs}
+        reporters = {job.id: ProgressReporter(job.id, self.leases, events) for job in jobs}
         items = [
             BatchItem(params[job.id], on_step=reporters[job.id], on_preview=reporters[job.id].preview)
             for job in jobs
         ]
-        timer = StepTimer(first, events)
+        timer = StepTimer(first, events, on_last_step)
         try:
             with tracing.steps_span([job.id for job in jobs]):
                 results = self.engine.generate_batch(items, on_batch_step=timer)
@@ -357,7 +354,7 @@ class Worker:
                 log.warning("batch failed; running its jobs one by one", extra={"error": str(error)})
                 outcomes: dict[str, str | ItemOutcome] = {}
                 for job in jobs:
-                    outcomes.update(self._generate([job], params, lease))
+                    outcomes.update(self._generate([job], params, on_last_step, timed))
                 return outcomes
             return {jobs[0].id: self._finish_failed(jobs[0], str(error))}
         except Exception as error:  # a bug must fail the jobs, never the worker
@@ -366,7 +363,7 @@ class Worker:
                 job.id: self._finish_failed(job, f"internal error: {type(error).__name__}: {error}")
                 for job in jobs
             }
-        self.observe_step_times(first, timer)
+        timed.append((first, timer))
         return {job.id: outcome for job, outcome in zip(jobs, results, strict=True)}
 
     def observe_step_times(self, params: GenerationParams, timer: StepTimer) -> None:
@@ -379,9 +376,7 @@ class Worker:
             except Exception:  # the cost model is advisory; a failed write must not fail the batch
                 log.warning("could not record a step time", exc_info=True)
 
-    def _finish(
-        self, job: JobRecord, params: GenerationParams, outcome: ItemOutcome, lease: LeaseKeeper
-    ) -> str:
+    def _finish(self, job: JobRecord, params: GenerationParams, outcome: ItemOutcome) -> str:
         fence = (job.id, self.worker_id, job.attempt)
         if isinstance(outcome.error, JobCanceled):
             self.store.mark_canceled(*fence)
@@ -394,7 +389,7 @@ class Worker:
                 job, f"internal error: {type(outcome.error).__name__}: {outcome.error}"
             )
         try:
-            lease.check(job.id)
+            self.leases.check(job.id)
         except JobCanceled:
             self.store.mark_canceled(*fence)
             return "canceled"
