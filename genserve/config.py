@@ -124,8 +124,10 @@ class Settings(BaseSettings):
     # the finishing competes with the next batch for the same cores (benchmarks/batch_idle_gap.py).
     background_finish: bool | None = None
     # Claim the next batch on a helper thread while the current one runs its last step, so the
-    # device does not wait for the queue listing and the claim between batches.
-    prefetch_batches: bool = True
+    # device does not wait for the queue listing and the claim between batches (None: on with a
+    # GPU). Off on a CPU, for the same reason as background_finish (benchmarks/batching_throughput.py
+    # with GENSERVE_PREFETCH_BATCHES=true/false).
+    prefetch_batches: bool | None = None
 
     # GENSERVE_OPTIMIZATIONS__COMPILE=off, GENSERVE_OPTIMIZATIONS__BATCH_BUCKETS='[1,4]', ...
     optimizations: Optimizations = Optimizations()

@@ -28,7 +28,8 @@ def worker(tiny_models_dir: Path, tmp_path: Path) -> Worker:
         default_model="tiny-sd15",
         default_max_batch_images=1,  # one job per batch: three jobs are three consecutive batches
         heartbeat_seconds=0.5,
-        background_finish=True,  # the default only with a GPU
+        background_finish=True,  # these two are the defaults only with a GPU
+        prefetch_batches=True,
     )
     store = JobStore.from_url(settings.resolved_store_url)
     engine = Engine(scan_models(tiny_models_dir), device="cpu")
@@ -155,20 +156,25 @@ def test_a_crash_while_storing_fails_that_job_and_the_loop_goes_on(worker: Worke
     assert states(worker, ids)[1] == "succeeded"
 
 
-def test_on_a_cpu_the_loop_finishes_each_batch_itself(worker: Worker):
-    # There the finishing would compete with the next batch for the same cores (measured slower).
-    worker.settings = worker.settings.model_copy(update={"background_finish": None})
+def test_on_a_cpu_the_loop_claims_and_finishes_each_batch_itself(worker: Worker):
+    # There claiming and finishing would compete with the batch for the same cores (measured slower).
+    worker.settings = worker.settings.model_copy(update={"background_finish": None, "prefetch_batches": None})
     ids = submit(worker, 2)
     threads: list[str] = []
-    finish = worker._finish
+    finish, claim_next = worker._finish, worker.claim_next
 
     def finish_job(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         threads.append(threading.current_thread().name)
         return finish(*args, **kwargs)
 
-    worker._finish = finish_job
+    def recorded_claim_next():  # noqa: ANN202
+        threads.append(threading.current_thread().name)
+        return claim_next()
+
+    worker._finish, worker.claim_next = finish_job, recorded_claim_next
     worker.work(threading.Event(), until_idle=True)
-    assert threads == [threading.current_thread().name] * 2
+    # claim, finish, claim, finish, and the claim that finds the queue empty
+    assert threads == [threading.current_thread().name] * 5
     assert states(worker, ids) == ["succeeded"] * 2
 
 

@@ -187,16 +187,18 @@ class Worker:
 
     def finisher(self) -> BatchFinisher:
         """The serving loop's finisher: in the background with a GPU, unless `background_finish` says."""
-        background = self.settings.background_finish
-        if background is None:
-            background = self.engine.device.startswith("cuda")
-        return BatchFinisher(background)
+        return BatchFinisher(self._overlaps(self.settings.background_finish))
 
     def prefetcher(self) -> BatchPrefetcher:
-        """The serving loop's prefetcher; a stopping loop gives back what it claimed and did not run."""
-        return BatchPrefetcher(
-            self.claim_next, self.store, self.leases, enabled=self.settings.prefetch_batches
-        )
+        """The serving loop's prefetcher: on with a GPU, unless `prefetch_batches` says. A stopping
+        loop gives back what it claimed and did not run."""
+        enabled = self._overlaps(self.settings.prefetch_batches)
+        return BatchPrefetcher(self.claim_next, self.store, self.leases, enabled)
+
+    def _overlaps(self, setting: bool | None) -> bool:
+        # Work beside the batch only helps when the batch runs on a separate device: on a CPU it
+        # takes the cores the batch needs (both measured slower there).
+        return setting if setting is not None else self.engine.device.startswith("cuda")
 
     def run_next(
         self, finisher: BatchFinisher | None = None, prefetcher: BatchPrefetcher | None = None
