@@ -157,3 +157,12 @@ def wait_job(
         timeout=timeout,
         message=f"job {job_id} to reach {states}",
     )
+
+
+def keys_cli(data_dir: Path, *args: str):  # noqa: ANN201 - typer's Result
+    """`genserve keys ...`, run in this process (typer's runner) on the server's store."""
+    from typer.testing import CliRunner
+
+    from genserve.cli import app
+
+    return CliRunner().invoke(app, ["keys", *args], env={"GENSERVE_DATA_DIR": str(data_dir)})

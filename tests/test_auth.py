@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,18 +11,9 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import LiveServer, free_port, wait_for, wait_job
+from tests.helpers import LiveServer, free_port, keys_cli, wait_for, wait_job
 
 FAST = {"steps": 3, "width": 64, "height": 64}
-
-
-def keys_cli(data_dir, *args: str):
-    """`genserve keys ...`, run in this process (typer's runner) on the server's store."""
-    from typer.testing import CliRunner
-
-    from genserve.cli import app
-
-    return CliRunner().invoke(app, ["keys", *args], env={"GENSERVE_DATA_DIR": str(data_dir)})
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +94,20 @@ def test_no_key_bad_key_and_revoked_key_are_401(server, admin, data_dir):
         assert response.status_code == 401 and "revoked" in response.json()["detail"]
 
 
+def test_the_key_cookie_reads_but_cannot_change_anything(server, alice, admin):
+    # The web UI's cookie, for the images and event streams the browser fetches itself.
+    _, token = new_key(admin, "browser")
+    job = alice.post("/v1/jobs", json={"prompt": "not yours", **FAST}).json()
+    with client_for(server, None) as browser:
+        browser.cookies.set("genserve_key", token)
+        assert browser.get("/v1/models").status_code == 200
+        response = browser.post("/v1/jobs", json={"prompt": "forged", **FAST})
+        assert response.status_code == 401 and "API key is required" in response.json()["detail"]
+        assert browser.delete(f"/v1/jobs/{job['id']}").status_code == 401
+        browser.cookies.set("genserve_key", "gs_000000000000_" + "x" * 43)
+        assert browser.get("/v1/models").status_code == 401
+
+
 def test_another_keys_job_and_image_are_404(alice, bob):
     job = alice.post("/v1/jobs", json={"prompt": "mine", **FAST}).json()
     done = wait_job(alice, job["id"])
@@ -174,6 +180,48 @@ def test_per_key_model_and_resolution_limits(server, admin):
         assert response.status_code == 422
         assert "maximum width 64" in response.json()["detail"][0]["msg"]
         assert client.post("/v1/jobs", json={"prompt": "x", **FAST}).status_code == 202
+
+
+def test_batches_belong_to_their_key_and_obey_its_limits(server, alice, bob, admin):
+    spec = {
+        "prompts": ["a batch of mine"],
+        "variants": {"seed": [1, 2], "steps": [3], "size": ["64x64"]},
+    }
+    batch = alice.post("/v1/batches", json=spec)
+    assert batch.status_code == 202, batch.text
+    batch = batch.json()
+    for method, path in (
+        ("GET", f"/v1/batches/{batch['id']}"),
+        ("GET", batch["manifest_url"]),
+        ("GET", batch["events_url"]),
+        ("DELETE", f"/v1/batches/{batch['id']}"),
+    ):
+        assert bob.request(method, path).status_code == 404, path
+    wait_for(lambda: alice.get(f"/v1/batches/{batch['id']}").json()["done"], message="batch done")
+    rows = [json.loads(line) for line in alice.get(batch["manifest_url"]).text.splitlines()]
+    assert [row["state"] for row in rows] == ["succeeded", "succeeded"]
+    assert all(alice.get(row["file"]).status_code == 200 for row in rows)  # the items are alice's jobs
+    assert bob.get(rows[0]["file"]).status_code == 404
+    # The same spec from another key renders its own items: de-duplication stays within a key.
+    theirs = bob.post("/v1/batches", json=spec).json()
+    their_rows = [json.loads(line) for line in bob.get(theirs["manifest_url"]).text.splitlines()]
+    assert {row["job_id"] for row in their_rows}.isdisjoint({row["job_id"] for row in rows})
+
+    _, token = new_key(admin, "batch-frugal", images_per_day=3, allowed_models=["tiny-sd15"])
+    with client_for(server, token) as client:
+        response = client.post(
+            "/v1/batches", json={**spec, "variants": {**spec["variants"], "seed": [1, 2, 3, 4]}}
+        )
+        assert response.status_code == 429 and "this request asks for 4" in response.json()["detail"]
+        response = client.post(
+            "/v1/batches", json={**spec, "variants": {**spec["variants"], "model": ["tiny-sdxl"]}}
+        )
+        assert response.status_code == 422
+        assert "may use only the models ['tiny-sd15']" in response.json()["detail"][0]["msg"]
+        first = client.post("/v1/batches", json=spec)
+        assert first.status_code == 202
+        # Submitting it again asks for nothing new, so it is not refused although 2 + 2 > 3.
+        assert client.post("/v1/batches", json=spec).status_code == 202
 
 
 def test_admin_endpoints_need_an_admin_key(alice, bob, admin):

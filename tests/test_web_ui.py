@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import LiveServer, wait_job
+from tests.helpers import LiveServer, keys_cli, wait_job
 
 CHROMIUM = os.environ.get("GENSERVE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Every run makes the screenshot; it replaces the README's copy only when asked, so a test run
@@ -358,6 +358,62 @@ def test_readme_screenshot(open_page, api, playwright_api):
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_with_auth_on_the_page_asks_for_a_key_and_then_works_with_it(
+    browser, tiny_models_dir, tmp_path, playwright_api
+):
+    # A server on a public address turns auth on by itself: its UI must still be usable.
+    data_dir = tmp_path / "data"
+    created = keys_cli(data_dir, "create", "web-user")
+    assert created.exit_code == 0, created.output
+    token = created.stdout.strip().splitlines()[-1]
+    live = LiveServer(models_dir=tiny_models_dir, data_dir=data_dir, env={"GENSERVE_AUTH": "on"}).start()
+    expect = playwright_api.expect
+    context = browser.new_context(viewport=DESKTOP)
+    context.add_init_script(RECORDER)
+    try:
+        page = context.new_page()
+        page.goto(live.url)
+        expect(page.locator("body[data-needs-key]")).to_have_count(1)
+        expect(page.get_by_role("heading", name="This server needs an API key")).to_be_visible()
+        expect(page.locator("#api-key")).to_be_focused()
+
+        page.fill("#api-key", "not a key!")
+        page.press("#api-key", "Enter")
+        expect(page.locator("#api-key-error")).to_have_text(re.compile("That is not an API key"))
+        page.fill("#api-key", "gs_000000000000_" + "x" * 43)
+        page.get_by_role("button", name="Use key").click()
+        expect(page.locator("#api-key-error")).to_have_text(re.compile("That key was not accepted"))
+
+        page.fill("#api-key", token)
+        page.get_by_role("button", name="Use key").click()
+        expect(page.locator("body[data-ready]")).to_have_count(1)
+        expect(page.locator("#key-form")).to_be_hidden()
+        expect(page.locator("#model")).to_have_value("tiny-sd15")
+
+        # Generating streams progress (the event stream authenticates with the key's cookie) and
+        # shows the image (so does the image request).
+        page.fill("#prompt", "a lighthouse behind a login")
+        page.fill("#steps", "30")
+        page.press("#prompt", "Enter")
+        card = _newest_card(page)
+        expect(card).to_have_attribute("data-state", "succeeded", timeout=60_000)
+        steps_shown = [step for step in page.evaluate("window.__seen.progress") if 0 < step < 30]
+        assert len(steps_shown) >= 3, steps_shown
+        image = card.locator("button.thumb img")
+        page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=image.element_handle())
+
+        # The key stays in this browser across a reload, until the user forgets it.
+        page.reload()
+        expect(page.locator("body[data-ready]")).to_have_count(1)
+        expect(_newest_card(page)).to_have_attribute("data-state", "succeeded")
+        page.get_by_role("button", name="Forget API key").click()
+        expect(page.locator("body[data-needs-key]")).to_have_count(1)
+        assert page.evaluate("document.cookie") == ""
+    finally:
+        context.close()
+        live.stop()
 
 
 def test_page_and_assets_are_served_from_the_package(server):

@@ -3,6 +3,11 @@
 With auth off every request is the anonymous principal (role admin, no limits), which is how
 genserve behaves on 127.0.0.1 by default. With auth on, `Authorization: Bearer gs_...` is required
 (HTTP Basic with the key as the password works too, for AUTOMATIC1111 clients' --api-auth).
+
+The web UI also keeps its key in the `genserve_key` cookie (SameSite=Strict), because the browser
+fetches images and event streams itself and cannot add a header to those. The cookie counts for
+GET and HEAD only: a request that changes something must carry the header, which another site's
+page cannot make a browser send, so the cookie opens no door to cross-site request forgery.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from genserve.api.deps import Services
 from genserve.api.submission import estimated_seconds, resolve_params, submit
 from genserve.auth.keys import KeyLimits, KeyStore, Role
 from genserve.auth.limits import RateLimited, RateLimiter, check_key_limits, check_quota
+from genserve.batch.expand import RenderItem
+from genserve.batch.runner import request_id_for
 from genserve.config import Settings
 from genserve.schemas import GenerationParams, JobCreate, LimitError
+from genserve.schemas.generation import batch_key
 from genserve.store.jobs import JobRecord
 
 # The request_id column holds 200 characters; a key's request ids are stored as "<key id>:<id>".
@@ -80,6 +88,10 @@ class AuthState:
     default_burst: int
 
 
+# The cookie the web UI sets beside its Authorization header (see the module docstring).
+KEY_COOKIE = "genserve_key"
+
+
 def _token(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
@@ -91,6 +103,8 @@ def _token(request: Request) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
         return password or None
+    if request.method in ("GET", "HEAD"):
+        return request.cookies.get(KEY_COOKIE) or None
     return None
 
 
@@ -145,18 +159,52 @@ def submit_as(
         resolved = resolve_params(generation, models, settings)
         limits = principal.limits
         check_key_limits(resolved, limits.allowed_models, (limits.max_width, limits.max_height))
-        if limits.images_per_day is not None or limits.gpu_seconds_per_day is not None:
+        if _has_quota(principal):
             seconds = estimated_seconds(resolved, models[resolved.model].family, services.store)
-            check_quota(
-                KeyStore(services.store.engine), principal.key_id, resolved.num_images, seconds,
-                limits.images_per_day, limits.gpu_seconds_per_day,
-            )  # fmt: skip
+            _check_quota(principal, services, resolved.num_images, seconds)
     job, created = submit(
         body, models, settings, services.store, principal.client_id(client_header), trace_id
     )
     if created:
         tracing.job_submitted(job.id, job.trace_id)
     return job, created
+
+
+def admit_batch(principal: Principal, items: list[RenderItem], services: Services) -> None:
+    """A key's model and size limits for every item of a batch, and its daily quotas for the items
+    it has not submitted before (a resubmitted spec only adds what is new). Nothing without auth."""
+    if not principal.authenticated:
+        return
+    limits = principal.limits
+    groups: dict[tuple, list[RenderItem]] = {}
+    for item in items:
+        groups.setdefault(batch_key(item.params), []).append(item)
+    for group in groups.values():  # the key covers model and size
+        check_key_limits(group[0].params, limits.allowed_models, (limits.max_width, limits.max_height))
+    if not _has_quota(principal):
+        return
+    known = services.store.known_request_ids([request_id_for(item, principal.key_id) for item in items])
+    models = services.catalog.models()
+    images, seconds = 0, 0.0
+    for group in groups.values():
+        new = [item for item in group if request_id_for(item, principal.key_id) not in known]
+        if new:
+            params = group[0].params
+            images += sum(item.params.num_images for item in new)
+            seconds += len(new) * estimated_seconds(params, models[params.model].family, services.store)
+    _check_quota(principal, services, images, seconds)
+
+
+def _has_quota(principal: Principal) -> bool:
+    return principal.limits.images_per_day is not None or principal.limits.gpu_seconds_per_day is not None
+
+
+def _check_quota(principal: Principal, services: Services, images: int, seconds: float) -> None:
+    limits = principal.limits
+    check_quota(
+        KeyStore(services.store.engine), principal.key_id, images, seconds,
+        limits.images_per_day, limits.gpu_seconds_per_day,
+    )  # fmt: skip
 
 
 def install_auth(app: FastAPI, settings: Settings, keys: KeyStore) -> None:

@@ -30,17 +30,24 @@ MANIFEST_FIELDS = [
 ]  # fmt: skip
 
 
-def request_id_for(item: RenderItem) -> str:
-    return f"item:{item.key}"
+def request_id_for(item: RenderItem, key_id: str | None = None) -> str:
+    """The item's idempotency key, scoped to an API key the way the jobs API scopes request ids."""
+    return f"item:{item.key}" if key_id is None else f"{key_id}:item:{item.key}"
 
 
 def submit_items(
-    store: JobStore, items: list[RenderItem], spec: BatchSpec, models: dict[str, ModelInfo]
+    store: JobStore,
+    items: list[RenderItem],
+    spec: BatchSpec,
+    models: dict[str, ModelInfo],
+    client_id: str | None = None,
+    key_id: str | None = None,
 ) -> dict[str, str]:
     """Queue every item on the long queue; returns item key → job id.
 
     An item already known (this spec run before, or another spec sharing it) keeps its job: done items
-    are not rendered again, and failed or canceled ones get `retries` more attempts.
+    are not rendered again, and failed or canceled ones get `retries` more attempts. With an API key
+    (`key_id`), items are known per key: one key never receives another key's images.
     """
     estimates: dict[tuple, float] = {}
     job_ids = {}
@@ -50,7 +57,8 @@ def submit_items(
             estimates[group] = estimated_seconds(item.params, models[item.params.model].family, store)
         job, created = store.submit(
             item.params.model_dump(),
-            request_id=request_id_for(item),
+            request_id=request_id_for(item, key_id),
+            client_id=client_id,
             request_hash=item.key,
             priority=spec.priority,
             max_attempts=spec.retries,

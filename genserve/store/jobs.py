@@ -191,6 +191,17 @@ class JobStore:
         row = conn.execute(sa.select(jobs).where(jobs.c.request_id == request_id)).first()
         return _record(row) if row else None
 
+    def known_request_ids(self, request_ids: list[str]) -> set[str]:
+        """Which of these request ids already have a job (a batch's de-duplicated items)."""
+        known: set[str] = set()
+        with self.engine.connect() as conn:
+            for start in range(0, len(request_ids), 500):  # bounded IN lists
+                chunk = request_ids[start : start + 500]
+                known.update(
+                    conn.execute(sa.select(jobs.c.request_id).where(jobs.c.request_id.in_(chunk))).scalars()
+                )
+        return known
+
     def get(self, job_id: str) -> JobRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()

@@ -9,8 +9,36 @@ export class ApiError extends Error {
   }
 }
 
+// With auth on, every call carries the key the user entered. The browser fetches images and event
+// streams by itself and cannot add a header there, so the key also goes in a SameSite cookie, which
+// the server accepts for reading (GET) only.
+const KEY_STORAGE = "genserve.apiKey";
+const KEY_COOKIE = "genserve_key";
+let apiKey = "";
+
+/** Keep `key` for this browser (an empty key forgets it). */
+export function setApiKey(key) {
+  apiKey = key.trim();
+  const secure = location.protocol === "https:" ? "; Secure" : "";
+  if (apiKey) {
+    localStorage.setItem(KEY_STORAGE, apiKey);
+    document.cookie = `${KEY_COOKIE}=${apiKey}; Path=/; SameSite=Strict${secure}`;
+  } else {
+    localStorage.removeItem(KEY_STORAGE);
+    document.cookie = `${KEY_COOKIE}=; Path=/; Max-Age=0; SameSite=Strict${secure}`;
+  }
+}
+
+export const hasApiKey = () => apiKey !== "";
+
+/** A key can only hold characters a cookie can carry as they are (genserve's keys always do). */
+export const looksLikeKey = (key) => /^[A-Za-z0-9_\-.]+$/.test(key.trim());
+
+setApiKey(localStorage.getItem(KEY_STORAGE) ?? ""); // the cookie again, in case the browser dropped it
+
 async function request(method, path, body) {
   const init = { method, headers: { Accept: "application/json" } };
+  if (apiKey) init.headers.Authorization = `Bearer ${apiKey}`;
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);

@@ -1,6 +1,6 @@
 // genserve web UI: wires the form, the results column and the lightbox to the public API.
 
-import { api } from "./api.js";
+import { api, hasApiKey, looksLikeKey, setApiKey } from "./api.js";
 import { GenerateForm } from "./form.js";
 import { JobBoard } from "./jobs.js";
 import { Lightbox } from "./lightbox.js";
@@ -45,7 +45,8 @@ async function submit() {
     form.setLastSeed(job.params.seed);
     announce(job.state === "queued" ? "Queued." : "Started.");
   } catch (error) {
-    form.showErrors(error.fields ?? [], error.message);
+    if (error.status === 401) askForKey(error.message);
+    else form.showErrors(error.fields ?? [], error.message);
   } finally {
     submitting = false;
     form.setBusy(false);
@@ -74,14 +75,69 @@ async function updateServerStatus() {
         : "A worker is ready.";
 }
 
+// API key: asked for when the server answers 401 ----------------------------------------------
+
+const keyForm = $("#key-form");
+const keyInput = $("#api-key");
+const keyError = $("#api-key-error");
+const forgetKey = $("#forget-key");
+
+function askForKey(message) {
+  keyForm.hidden = false;
+  forgetKey.hidden = !hasApiKey();
+  keyError.hidden = !message;
+  keyError.textContent = message ?? "";
+  keyInput.setAttribute("aria-invalid", message ? "true" : "false");
+  keyInput.focus();
+  document.body.dataset.needsKey = "true";
+}
+
+keyForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const key = keyInput.value.trim();
+  if (!looksLikeKey(key)) {
+    askForKey(key ? "That is not an API key: they look like gs_… with letters, digits, - and _." : "Paste a key first.");
+    return;
+  }
+  setApiKey(key);
+  try {
+    await api.models(); // any call that needs a key tells whether this one works
+  } catch (error) {
+    if (error.status === 401) {
+      setApiKey("");
+      askForKey(`That key was not accepted: ${error.message}`);
+    } else {
+      askForKey(error.message);
+    }
+    return;
+  }
+  keyInput.value = "";
+  keyForm.hidden = true;
+  delete document.body.dataset.needsKey;
+  announce("Key accepted.");
+  boot();
+});
+
+forgetKey.addEventListener("click", () => {
+  setApiKey("");
+  location.reload();
+});
+
+let booted = false;
+
 async function boot() {
   updateServerStatus();
+  forgetKey.hidden = !hasApiKey();
   try {
     const [models, openapi] = await Promise.all([api.models(), api.openapi()]);
     form.setup({ models, schema: openapi.components?.schemas?.JobCreate });
   } catch (error) {
+    // Without a key nothing else loads either: ask for one, and start again when it works.
+    if (error.status === 401) return askForKey(hasApiKey() ? `The saved key no longer works: ${error.message}` : null);
     form.showFormError(`Could not load the models: ${error.message}`);
   }
+  if (booted) return; // after a new key: the board is running already and picks it up on its next poll
+  booted = true;
   try {
     await board.start();
     const newest = board.entries.get($("#jobs").firstElementChild?.dataset.jobId);
@@ -90,6 +146,9 @@ async function boot() {
     announce(`Could not load the jobs: ${error.message}`);
   }
   board.onPoll = updateServerStatus;
+  board.onUnauthorized = (error) => {
+    if (keyForm.hidden) askForKey(`The key no longer works: ${error.message}`);
+  };
   document.body.dataset.ready = "true"; // for tests and for styles that wait for data
 }
 

@@ -24,6 +24,7 @@ export class JobBoard {
     this.total = 0;
     this.pollTimer = null;
     this.onPoll = null;
+    this.onUnauthorized = null; // the key was revoked, or forgotten in another tab
     loadMore.addEventListener("click", () => this.loadMore());
     document.addEventListener("visibilitychange", () => {
       if (!document.hidden) this.poll();
@@ -72,8 +73,9 @@ export class JobBoard {
     if (!document.hidden) {
       try {
         await this.refresh();
-      } catch {
+      } catch (error) {
         // The status pill says when the server is away; keep the last view.
+        if (error.status === 401) this.onUnauthorized?.(error);
       }
       this.onPoll?.();
     }

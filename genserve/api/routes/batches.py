@@ -14,10 +14,11 @@ from starlette.concurrency import run_in_threadpool
 
 from genserve.api.deps import ServicesDep
 from genserve.api.sse import SSE_HEADERS
+from genserve.auth.deps import Principal, PrincipalDep, admit_batch
 from genserve.batch.expand import expand
 from genserve.batch.runner import manifest_csv, manifest_jsonl, manifest_rows, progress_counts, submit_items
 from genserve.batch.spec import BatchSpec, PromptFile, SpecError, load_spec
-from genserve.store.batches import BatchStore
+from genserve.store.batches import BatchRecord, BatchStore
 
 router = APIRouter(tags=["batches"])
 
@@ -34,10 +35,16 @@ class BatchPublic(BaseModel):
     manifest_url: str
 
 
-def _public(services: ServicesDep, batch_id: str) -> BatchPublic:
+def _owned_batch(services: ServicesDep, principal: Principal, batch_id: str) -> BatchRecord:
+    """The batch, when this caller may see it: with auth on, only the key that submitted it does."""
     batch = BatchStore(services.store.engine).get(batch_id)
-    if batch is None:
+    if batch is None or (principal.authenticated and batch.client_id != principal.key_id):
         raise HTTPException(404, f"batch {batch_id} not found")
+    return batch
+
+
+def _public(services: ServicesDep, principal: Principal, batch_id: str) -> BatchPublic:
+    batch = _owned_batch(services, principal, batch_id)
     job_ids = BatchStore(services.store.engine).job_ids(batch_id)
     counts = progress_counts(services.store.get_many(list(job_ids.values())), len(job_ids))
     finished = counts["succeeded"] + counts["failed"] + counts["canceled"]
@@ -54,7 +61,7 @@ def _public(services: ServicesDep, batch_id: str) -> BatchPublic:
 
 @router.post("/v1/batches", status_code=202, response_model=BatchPublic, operation_id="create_batch")
 def create_batch(
-    spec: BatchSpec, services: ServicesDep, client_id: ClientId = None
+    spec: BatchSpec, services: ServicesDep, principal: PrincipalDep, client_id: ClientId = None
 ) -> BatchPublic | JSONResponse:
     """Expand a spec (prompts inline or as a template) into items on the long queue.
 
@@ -74,37 +81,40 @@ def create_batch(
             for line in error.errors
         ]
         return JSONResponse({"detail": detail}, status_code=422)
-    job_ids = submit_items(services.store, items, parsed, models)
+    admit_batch(principal, items, services)  # the key's model, size and quota limits
+    client = principal.client_id(client_id)
+    job_ids = submit_items(services.store, items, parsed, models, client, principal.key_id)
     batch_id = BatchStore(services.store.engine).create(
-        parsed.name, spec.model_dump(), [(item.key, job_ids[item.key]) for item in items], client_id
+        parsed.name, spec.model_dump(), [(item.key, job_ids[item.key]) for item in items], client
     )
-    return _public(services, batch_id)
+    return _public(services, principal, batch_id)
 
 
 @router.get("/v1/batches/{batch_id}", response_model=BatchPublic, operation_id="get_batch")
-def get_batch(batch_id: str, services: ServicesDep) -> BatchPublic:
-    return _public(services, batch_id)
+def get_batch(batch_id: str, services: ServicesDep, principal: PrincipalDep) -> BatchPublic:
+    return _public(services, principal, batch_id)
 
 
 @router.delete("/v1/batches/{batch_id}", response_model=BatchPublic, operation_id="cancel_batch")
-def cancel_batch(batch_id: str, services: ServicesDep) -> BatchPublic:
+def cancel_batch(batch_id: str, services: ServicesDep, principal: PrincipalDep) -> BatchPublic:
     """Cancel every unfinished item (queued at once, running at the next step)."""
-    _public(services, batch_id)
+    _owned_batch(services, principal, batch_id)
     for job_id in BatchStore(services.store.engine).job_ids(batch_id).values():
         services.store.request_cancel(job_id)
-    return _public(services, batch_id)
+    return _public(services, principal, batch_id)
 
 
 @router.get(
     "/v1/batches/{batch_id}/manifest", operation_id="batch_manifest", response_class=PlainTextResponse
 )
 def batch_manifest(
-    batch_id: str, services: ServicesDep, format: Annotated[Literal["jsonl", "csv"], Query()] = "jsonl"
+    batch_id: str,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    format: Annotated[Literal["jsonl", "csv"], Query()] = "jsonl",
 ) -> PlainTextResponse:
     """One row per item: key, prompt, parameters, seed, image URL, sha256, timings, errors."""
-    batch = BatchStore(services.store.engine).get(batch_id)
-    if batch is None:
-        raise HTTPException(404, f"batch {batch_id} not found")
+    batch = _owned_batch(services, principal, batch_id)
     parsed, base_dir = load_spec(batch.spec)
     items = expand(parsed, base_dir, services.catalog.models(), services.settings)
     job_ids = BatchStore(services.store.engine).job_ids(batch_id)
@@ -122,14 +132,14 @@ def batch_manifest(
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "SSE stream of batch progress"}},
 )
-def batch_events(batch_id: str, services: ServicesDep) -> StreamingResponse:
+def batch_events(batch_id: str, services: ServicesDep, principal: PrincipalDep) -> StreamingResponse:
     """`progress` events with the counts whenever they change (id = items finished), then `completed`."""
-    _public(services, batch_id)
+    _owned_batch(services, principal, batch_id)
 
     async def stream():  # noqa: ANN202
         last = None
         while True:
-            batch = await run_in_threadpool(_public, services, batch_id)
+            batch = await run_in_threadpool(_public, services, principal, batch_id)
             counts = batch.counts
             if counts != last:
                 finished = counts["succeeded"] + counts["failed"] + counts["canceled"]
