@@ -179,6 +179,13 @@ class Settings(BaseSettings):
         return self.auth == "on"
 
     @property
+    def rate_limit_redis_url(self) -> str | None:
+        """Where API replicas share their rate-limit buckets: the broker's Redis in multi-node mode."""
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return None
+
+    @property
     def resolved_store_url(self) -> str:
         if self.store_url:
             return self.store_url

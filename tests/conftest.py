@@ -73,3 +73,20 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for family in ("sd15", "sdxl", "sd3"):
         write_tiny_pipeline(family, root / f"tiny-{family}")
     return root
+
+
+REDIS_URL = os.environ.get("GENSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The real Redis server (skipped with the reason where there is none, failed in CI)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        _unavailable("Redis at " + REDIS_URL, error)
+    yield REDIS_URL
+    client.close()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import httpx
 import openai
@@ -315,6 +316,46 @@ def test_token_bucket_refills_at_its_rate():
     with pytest.raises(RateLimited):
         limiter.check("k", rate=2.0, burst=3)
     limiter.check("k", rate=None, burst=3)  # no rate: unlimited
+
+
+def test_api_replicas_share_rate_limit_buckets_in_redis(redis_url):
+    import redis
+
+    from genserve.auth.limits import RateLimited, RedisRateLimiter
+
+    replicas = [RedisRateLimiter(redis_url), RedisRateLimiter(redis_url)]
+    key_id = f"test-{uuid.uuid4().hex}"
+    for replica in (0, 1, 0):  # a burst of 3, spent across both replicas
+        replicas[replica].check(key_id, rate=0.5, burst=3)
+    with pytest.raises(RateLimited) as caught:
+        replicas[1].check(key_id, rate=0.5, burst=3)
+    assert caught.value.retry_after == 2  # one token at 0.5/s
+    ttl_ms = redis.Redis.from_url(redis_url).pttl(f"genserve:ratelimit:{key_id}")
+    assert 0 < ttl_ms <= 7000  # an idle bucket is full again after burst / rate: then it can go
+    replicas[0].check(key_id, rate=100.0, burst=3)  # the key's limits changed: a fresh bucket
+    replicas[1].check(key_id, rate=None, burst=3)  # no rate: unlimited
+
+
+def test_without_redis_the_rate_limit_lets_requests_through(caplog):
+    from genserve.auth.limits import RedisRateLimiter
+
+    limiter = RedisRateLimiter("redis://127.0.0.1:1/0")  # nothing listens there
+    for _ in range(3):
+        limiter.check("k", rate=0.001, burst=1)
+    assert "Redis unreachable" in caplog.text
+
+
+def test_a_broker_makes_the_buckets_shared():
+    from fastapi import FastAPI
+
+    from genserve.auth.deps import install_auth
+    from genserve.auth.limits import RateLimiter, RedisRateLimiter
+    from genserve.config import Settings
+
+    for broker, limiter in ((None, RateLimiter), ("redis://10.0.0.5:6379/0", RedisRateLimiter)):
+        app = FastAPI()
+        install_auth(app, Settings(broker_url=broker), keys=None)
+        assert type(app.state.auth.limiter) is limiter
 
 
 def test_keys_are_stored_hashed_and_verified_in_constant_time(tmp_path):

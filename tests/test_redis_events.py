@@ -3,29 +3,12 @@ and a Redis outage sends progress to the SQL log instead of failing the job."""
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
 
 from genserve.events.redis_streams import KEY_PREFIX, RedisStreamEventLog, split_seq
 from genserve.store.jobs import JobStore
-from tests.conftest import _unavailable
-
-REDIS_URL = os.environ.get("GENSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture
-def redis_url():
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as error:
-        _unavailable("Redis at " + REDIS_URL, error)
-    yield REDIS_URL
-    client.close()
 
 
 @pytest.fixture

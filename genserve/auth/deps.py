@@ -25,7 +25,7 @@ from genserve import tracing
 from genserve.api.deps import Services
 from genserve.api.submission import estimated_seconds, resolve_params, submit
 from genserve.auth.keys import KeyLimits, KeyStore, Role
-from genserve.auth.limits import RateLimited, RateLimiter, check_key_limits, check_quota
+from genserve.auth.limits import RateLimited, RateLimiter, RedisRateLimiter, check_key_limits, check_quota
 from genserve.batch.expand import RenderItem
 from genserve.batch.runner import request_id_for
 from genserve.config import Settings
@@ -83,7 +83,7 @@ ANONYMOUS = Principal(key_id=None, role="admin")
 class AuthState:
     enabled: bool
     keys: KeyStore
-    limiter: RateLimiter
+    limiter: RateLimiter | RedisRateLimiter
     default_rate: float | None
     default_burst: int
 
@@ -212,7 +212,8 @@ def install_auth(app: FastAPI, settings: Settings, keys: KeyStore) -> None:
     state = AuthState(
         enabled=settings.auth_enabled,
         keys=keys,
-        limiter=RateLimiter(),
+        # One replica: buckets in memory. Several (a broker configured): shared in its Redis.
+        limiter=RedisRateLimiter(url) if (url := settings.rate_limit_redis_url) else RateLimiter(),
         default_rate=settings.default_rate_per_second,
         default_burst=settings.default_rate_burst,
     )

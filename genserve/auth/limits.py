@@ -1,19 +1,25 @@
 """Per-key rate limits, daily quotas and model/size limits.
 
-The token buckets live in this process: exact for one API replica. With several replicas behind a
-load balancer each keeps its own buckets, so a key's effective rate is up to replicas × rate; the
-quotas are read from the shared job store and hold across replicas.
+One API replica keeps its token buckets in memory (`RateLimiter`). Replicas behind a load balancer
+share them in Redis (`RedisRateLimiter`, the broker's Redis in multi-node mode), so a key's rate
+holds across replicas instead of multiplying by their number. The quotas are read from the shared
+job store and hold across replicas either way.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from dataclasses import dataclass
 
+import redis
+
 from genserve.auth.keys import KeyStore, seconds_until_next_utc_day
 from genserve.schemas import GenerationParams, LimitError
+
+log = logging.getLogger(__name__)
 
 
 class RateLimited(Exception):
@@ -66,11 +72,63 @@ class RateLimiter:
             if bucket is None or (bucket.rate, bucket.burst) != (rate, burst):
                 bucket = self._buckets[key_id] = TokenBucket(rate, burst, float(burst), now)
             wait = bucket.take(now)
-        if wait > 0:
-            raise RateLimited(
-                f"rate limit of {rate:g} requests/s (burst {burst}) exceeded for this API key",
-                retry_after=max(1, math.ceil(wait)),
+        _refuse_if_waiting(wait, rate, burst)
+
+
+def _refuse_if_waiting(wait: float, rate: float, burst: int) -> None:
+    if wait > 0:
+        raise RateLimited(
+            f"rate limit of {rate:g} requests/s (burst {burst}) exceeded for this API key",
+            retry_after=max(1, math.ceil(wait)),
+        )
+
+
+# TokenBucket.take as one atomic script, on the Redis server's clock (replicas' clocks may differ).
+# A bucket whose rate or burst changed starts full, as in RateLimiter. Returns the wait as a string
+# (Redis would truncate a Lua number to an integer).
+_TAKE = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated', 'rate', 'burst')
+local tokens, updated = tonumber(state[1]), tonumber(state[2])
+if tokens == nil or state[3] ~= ARGV[1] or state[4] ~= ARGV[2] then
+  tokens, updated = burst, now
+end
+tokens = math.min(burst, tokens + (now - updated) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(now), 'rate', ARGV[1], 'burst', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+
+class RedisRateLimiter:
+    """`RateLimiter` with the buckets in Redis, shared by every API replica.
+
+    When Redis cannot be reached the request passes (and a warning is logged): a rate limit guards
+    the service's capacity, and refusing every request would be the outage it guards against. The
+    daily quotas, read from the job store, still hold.
+    """
+
+    def __init__(self, redis_url: str, prefix: str = "genserve:ratelimit:") -> None:
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self.prefix = prefix
+        self._take = self.redis.register_script(_TAKE)
+
+    def check(self, key_id: str, rate: float | None, burst: int) -> None:
+        """Take a token for `key_id` or raise RateLimited; rate None means unlimited."""
+        if rate is None:
+            return
+        try:
+            wait = float(self._take(keys=[self.prefix + key_id], args=[repr(float(rate)), str(burst)]))
+        except redis.RedisError:
+            log.warning(
+                "rate limit check failed (Redis unreachable); letting the request through", exc_info=True
             )
+            return
+        _refuse_if_waiting(wait, rate, burst)
 
 
 def check_key_limits(params: GenerationParams, allowed_models: list[str] | None, max_size: tuple) -> None:
