@@ -322,6 +322,16 @@ def test_release_keeps_the_attempt_count(store: JobStore) -> None:
     assert store.get(job.id).error == "gave up after 2 attempts: shutdown"
 
 
+def test_counts_for_counts_only_the_given_jobs_by_state(store: JobStore) -> None:
+    ids = [store.submit({"prompt": str(i)})[0].id for i in range(4)]
+    done = store.claim_next("w", 30)
+    store.complete(done.id, "w", 1, [])
+    store.claim_next("w", 30)  # running
+    counts = store.counts_for([*ids[:3], "no-such-job"])
+    assert {state: n for state, n in counts.items() if n} == {"succeeded": 1, "running": 1, "queued": 1}
+    assert set(counts) == {state.value for state in JobState}
+
+
 def test_unclaim_gives_a_job_back_without_counting_the_attempt(store: JobStore) -> None:
     # A worker that claimed a batch ahead (prefetch) and stops before running it.
     first, second = (store.submit({"prompt": p}, max_attempts=1)[0] for p in ("cat", "dog"))

@@ -26,6 +26,8 @@ from genserve.schemas.generation import batch_key
 
 batch_app = typer.Typer(help="Render N prompts × variants, resumable, with a manifest.", no_args_is_help=True)
 console = Console(stderr=True)
+# How often the progress bar counts the items' states while batches run back to back.
+PROGRESS_SECONDS = 0.5
 
 SpecPath = Annotated[Path, typer.Argument(help="Batch spec, YAML or JSON.")]
 
@@ -156,25 +158,34 @@ def run_local(
             ) as progress,
         ):
             task = progress.add_task(spec.name, total=len(items), rate="-", failed=0)
+            counted_at, queue_ran_dry = float("-inf"), False
             while True:
-                counts = progress_counts(store.get_many(ids), len(items))
-                finished = counts["succeeded"] + counts["failed"] + counts["canceled"]
-                done_at_start = counts["succeeded"] if done_at_start is None else done_at_start
-                rate = (counts["succeeded"] - done_at_start) / max(1e-9, time.monotonic() - started)
-                progress.update(task, completed=finished, rate=f"{rate:.2f}", failed=counts["failed"])
-                if finished == len(items) or stop.is_set():
+                # Counting the items' states takes time on a large batch: do it at most every
+                # PROGRESS_SECONDS while batches run back to back, and at once when the queue ran dry.
+                if queue_ran_dry or time.monotonic() - counted_at >= PROGRESS_SECONDS:
+                    counts = progress_counts(store, ids, len(items))
+                    counted_at = time.monotonic()
+                    finished = counts["succeeded"] + counts["failed"] + counts["canceled"]
+                    done_at_start = counts["succeeded"] if done_at_start is None else done_at_start
+                    rate = (counts["succeeded"] - done_at_start) / max(1e-9, counted_at - started)
+                    progress.update(task, completed=finished, rate=f"{rate:.2f}", failed=counts["failed"])
+                    if finished == len(items):
+                        break
+                    worker.announce()
+                    if queue_ran_dry:
+                        time.sleep(settings.poll_seconds)  # retries waiting for their backoff
+                if stop.is_set():
                     break
-                worker.announce()
-                if not worker.run_next(finisher, prefetcher):
+                queue_ran_dry = not worker.run_next(finisher, prefetcher)
+                if queue_ran_dry:
                     finisher.wait()  # the last batch's items count as finished before the next look
-                    time.sleep(settings.poll_seconds)  # retries waiting for their backoff
     finally:
         signal.signal(signal.SIGINT, previous)
         store.remove_worker(worker.worker_id)
     jobs = store.get_many(ids)
     rows = manifest_rows(spec, items, job_ids, jobs, images, out_dir)
     files = write_manifest(rows, out_dir)
-    counts = progress_counts(jobs, len(items))
+    counts = progress_counts(store, ids, len(items))
     summary = {**counts, "stopped": stop.is_set(), "manifest": str(files.jsonl)}
     console.print(
         f"{counts['succeeded']}/{len(items)} done, {counts['failed']} failed"

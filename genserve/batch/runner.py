@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,9 +71,9 @@ def submit_items(
     return job_ids
 
 
-def progress_counts(jobs: dict[str, JobRecord], total: int) -> dict[str, int]:
-    counts = Counter(job.state.value for job in jobs.values())
-    return {"total": total, **{state.value: counts.get(state.value, 0) for state in JobState}}
+def progress_counts(store: JobStore, job_ids: list[str], total: int) -> dict[str, int]:
+    """The batch's total and its items per state."""
+    return {"total": total, **store.counts_for(job_ids)}
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -46,7 +46,7 @@ def _owned_batch(services: ServicesDep, principal: Principal, batch_id: str) -> 
 def _public(services: ServicesDep, principal: Principal, batch_id: str) -> BatchPublic:
     batch = _owned_batch(services, principal, batch_id)
     job_ids = BatchStore(services.store.engine).job_ids(batch_id)
-    counts = progress_counts(services.store.get_many(list(job_ids.values())), len(job_ids))
+    counts = progress_counts(services.store, list(job_ids.values()), len(job_ids))
     finished = counts["succeeded"] + counts["failed"] + counts["canceled"]
     return BatchPublic(
         id=batch.id,
