@@ -88,6 +88,48 @@ def test_concurrent_appends_number_events_without_gaps_or_duplicates(store_url: 
         assert mine == list(range(per_thread))
 
 
+def test_a_batchs_appends_race_single_appends_without_gaps_or_duplicates(store_url: str) -> None:
+    # A worker writes a batch's step (several jobs, sometimes two events for one job) while the API
+    # appends transitions to the same jobs.
+    threads, rounds = 6, 20
+    engines = [create_db_engine(store_url) for _ in range(threads)]
+    barrier = threading.Barrier(threads)
+
+    def write(i: int) -> None:
+        log = EventLog(engines[i])
+        barrier.wait()
+        for n in range(rounds):
+            if i % 2:
+                step = [
+                    ("job-a", "progress", {"thread": i, "n": n}),
+                    ("job-b", "progress", {"thread": i, "n": n}),
+                ]
+                appended = log.append_many([*step, ("job-a", "preview", {"thread": i, "n": n})])
+                assert [e.job_id for e in appended] == ["job-a", "job-b", "job-a"]
+                assert appended[2].seq == appended[0].seq + 1
+            else:
+                log.append("job-a", "progress", {"thread": i, "n": n})
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(write, range(threads)))
+        a = EventLog(engines[0]).read_after("job-a", limit=10_000)
+        b = EventLog(engines[0]).read_after("job-b", limit=10_000)
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+    batch_writers, single_writers = threads // 2, threads - threads // 2
+    assert [e.seq for e in a] == list(range(1, rounds * (2 * batch_writers + single_writers) + 1))
+    assert [e.seq for e in b] == list(range(1, rounds * batch_writers + 1))
+    for i in range(threads):  # each writer's events in the order it wrote them
+        mine = [(e.data["n"], e.type) for e in a if e.data["thread"] == i]
+        expected = [
+            (n, t) for n in range(rounds) for t in (("progress", "preview") if i % 2 else ("progress",))
+        ]
+        assert mine == expected
+
+
 def test_append_inside_a_transaction_rolls_back_with_it(store_url: str) -> None:
     engine = create_db_engine(store_url)
     log = EventLog(engine)
