@@ -10,7 +10,12 @@ the device has nothing queued) to the moment the next batch enters the engine. T
   (`background_finish`, the default with a GPU).
 
     .venv/bin/python benchmarks/batch_idle_gap.py                        # built-in model, CPU
-    python benchmarks/batch_idle_gap.py --models-dir models --model sd15 --size 512   # on a GPU
+    python benchmarks/batch_idle_gap.py --random-model sd15 --batch 8 --steps 30      # on a GPU
+    python benchmarks/batch_idle_gap.py --models-dir models --model my-model          # a model on disk
+
+`--random-model sd15|sdxl|sd3` writes the real architecture with random weights (as `genserve bench`
+builds it; fp16, bf16 for sd3) to a temporary models folder and serves it from there: the timing
+does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -103,10 +108,27 @@ def run_mode(engine: Engine, args: argparse.Namespace, prefetch: bool, backgroun
     }
 
 
+def write_random_model(model: str, folder: Path) -> Path:
+    """The real `model` architecture with random weights, saved in diffusers format under folder/model."""
+    from genserve.bench.build import build  # the bench's builders: architectures from shared/reference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if model == "sd3" else torch.float16
+    built = build(model, tiny=False, device=device, dtype=dtype)
+    built.pipe.save_pretrained(folder / model, safe_serialization=True)
+    del built
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--model", default="genserve-shapes")
+    parser.add_argument(
+        "--random-model", choices=["sd15", "sdxl", "sd3"], help="serve this architecture, random weights"
+    )
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4, help="images per batch")
@@ -116,6 +138,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
+    scratch = tempfile.TemporaryDirectory()
+    if args.random_model:
+        args.models_dir, args.model = (
+            write_random_model(args.random_model, Path(scratch.name)),
+            args.random_model,
+        )
     models = scan_models(args.models_dir, builtin=True)
     args.size = args.size or models[args.model].native_width
     engine = Engine(models, threads=args.threads)
@@ -155,7 +183,13 @@ def main() -> None:
         "results": results,
         "rounds": rounds,
         "command": (
-            f"python benchmarks/batch_idle_gap.py --models-dir {args.models_dir} --model {args.model} "
+            "python benchmarks/batch_idle_gap.py "
+            + (
+                f"--random-model {args.random_model} "
+                if args.random_model
+                else f"--models-dir {args.models_dir} "
+            )
+            + f"--model {args.model} "
             f"--size {args.size} --requests {args.requests} --batch {args.batch} --steps {args.steps} "
             f"--repeats {args.repeats}"
         ),
