@@ -18,6 +18,7 @@ from genserve.engine.engine import (
     ModelLoadError,
     OutOfMemory,
     UnsupportedSampler,
+    activation_room_bytes,
 )
 from genserve.engine.fixtures import write_tiny_pipeline, write_tiny_single_file
 from genserve.engine.registry import SUPPORTED_SAMPLERS, scan_models
@@ -342,3 +343,19 @@ def test_memory_budget_keeps_the_most_recently_used_models(tiny_models_dir: Path
     unbounded.load("tiny-sd3")
     unbounded.load("tiny-sd15")  # a hit makes it the most recently used
     assert unbounded.loaded_models() == ["tiny-sd15", "tiny-sd3"]
+
+
+def test_activation_room_is_the_same_between_batches_and_during_one():
+    gib = 2**30
+    weights = 5 * gib
+    idle = activation_room_bytes(free_bytes=60 * gib, reserved_bytes=weights + 3 * gib, weight_bytes=weights)
+    # A running batch uses the 3 GiB cached and grows the pool by 4 GiB more, taken from the free memory.
+    running = activation_room_bytes(
+        free_bytes=56 * gib, reserved_bytes=weights + 7 * gib, weight_bytes=weights
+    )
+    assert idle == running == 63 * gib
+    # Another process taking memory does shrink it.
+    assert (
+        activation_room_bytes(free_bytes=40 * gib, reserved_bytes=weights + 3 * gib, weight_bytes=weights)
+        == 43 * gib
+    )

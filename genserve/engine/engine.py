@@ -47,6 +47,17 @@ __all__ = ["Engine", "EngineError", "ModelLoadError", "OutOfMemory", "Unsupporte
 _ACTIVATION_BYTES_PER_MEGAPIXEL = {"sd15": 2.5e9, "sdxl": 3.0e9, "sd3": 3.5e9}
 
 
+def activation_room_bytes(free_bytes: int, reserved_bytes: int, weight_bytes: int) -> int:
+    """Device memory a batch's activations can use: what the driver has free plus what our caching
+    allocator holds beyond the loaded weights.
+
+    A running batch's activations sit inside `reserved_bytes` (growing it takes the same bytes from
+    `free_bytes`), so the room is the same whether the next batch is planned between batches or
+    during one (the worker prefetches the next batch while the current one runs its last step).
+    """
+    return max(0, free_bytes + reserved_bytes - weight_bytes)
+
+
 class Engine:
     def __init__(
         self,
@@ -130,13 +141,17 @@ class Engine:
         """
         if torch.device(self._device).type != "cuda":
             return None
-        free_bytes, _ = torch.cuda.mem_get_info(torch.device(self._device))
+        device = torch.device(self._device)
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        room = activation_room_bytes(
+            free_bytes, torch.cuda.memory_reserved(device), self._cache.resident_bytes()["device"]
+        )
         family = self._model_info(params.model).family
         megapixels = params.width * params.height / 1e6
         per_image = (
             _ACTIVATION_BYTES_PER_MEGAPIXEL[family] * megapixels * (2 if self._dtype == torch.float32 else 1)
         )
-        return max(1, int(0.8 * free_bytes // per_image))
+        return max(1, int(0.8 * room // per_image))
 
     def loaded_models(self) -> list[str]:
         """Models on the device, most recently used first."""

@@ -197,7 +197,7 @@ class Worker:
 
     def _overlaps(self, setting: bool | None) -> bool:
         # Work beside the batch only helps when the batch runs on a separate device: on a CPU it
-        # takes the cores the batch needs (both measured slower there).
+        # takes the cores the batch needs (measured there: no faster, or slower).
         return setting if setting is not None else self.engine.device.startswith("cuda")
 
     def run_next(
