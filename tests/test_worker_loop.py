@@ -197,3 +197,32 @@ def test_a_prefetched_batch_keeps_its_leases_while_it_waits(worker: Worker):
     assert reaped == [[]]  # neither the running job's lease nor the waiting one's ran out
     jobs = worker.store.get_many(ids)
     assert [(jobs[i].state.value, jobs[i].attempt) for i in ids] == [("succeeded", 1), ("succeeded", 1)]
+
+
+def test_a_prefetched_job_canceled_while_it_waits_never_reaches_the_engine(worker: Worker):
+    ids = submit(worker, 2)
+    batches: list[list[str]] = []
+    generate = worker.engine.generate_batch
+
+    def generate_then_cancel_the_waiting_job(items, on_batch_step):  # noqa: ANN001, ANN202
+        batches.append([item.params.prompt for item in items])
+        outcomes = generate(items, on_batch_step=on_batch_step)
+        if len(batches) == 1:  # the second job is claimed by now; cancel it and let a heartbeat see it
+            waiting = wait_for_state(worker, ids[1], "running")
+            worker.store.request_cancel(waiting)
+            deadline = time.monotonic() + 30
+            while not worker.leases.is_canceled(waiting) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return outcomes
+
+    worker.engine.generate_batch = generate_then_cancel_the_waiting_job
+    worker.work(threading.Event(), until_idle=True)
+    assert states(worker, ids) == ["succeeded", "canceled"]
+    assert len(batches) == 1  # the canceled job cost no denoising step
+
+
+def wait_for_state(worker: Worker, job_id: str, state: str) -> str:
+    deadline = time.monotonic() + 30
+    while worker.store.get(job_id).state.value != state and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return job_id

@@ -67,6 +67,10 @@ class LeaseKeeper:
         if job_id in self._canceled:
             raise JobCanceled(job_id)
 
+    def is_canceled(self, job_id: str) -> bool:
+        """Whether a heartbeat found this job's cancel requested."""
+        return job_id in self._canceled
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:

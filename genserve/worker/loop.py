@@ -259,7 +259,8 @@ class Worker:
         params = {job.id: GenerationParams.model_validate(job.params) for job in jobs}
         outcomes: dict[str, str] = {}
         for job in jobs:
-            if job.cancel_requested:  # canceled between being listed and being claimed
+            # Canceled between being listed and claimed, or (prefetched) while waiting for this run.
+            if job.cancel_requested or self.leases.is_canceled(job.id):
                 self.store.mark_canceled(job.id, self.worker_id, job.attempt)
                 outcomes[job.id] = "canceled"
         self.leases.drop(list(outcomes))  # prefetched jobs are held from their claim on
