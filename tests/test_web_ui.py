@@ -408,6 +408,18 @@ def test_with_auth_on_the_page_asks_for_a_key_and_then_works_with_it(
         page.reload()
         expect(page.locator("body[data-ready]")).to_have_count(1)
         expect(_newest_card(page)).to_have_attribute("data-state", "succeeded")
+
+        # Revoked while the page is open: the next poll asks for a key again; a new one starts afresh.
+        key_id = token.split("_")[1]  # gs_<key id>_<secret>
+        assert keys_cli(data_dir, "revoke", key_id).exit_code == 0
+        expect(page.locator("body[data-needs-key]")).to_have_count(1, timeout=15_000)
+        expect(page.locator("#api-key-error")).to_have_text(re.compile("The key no longer works"))
+        fresh = keys_cli(data_dir, "create", "web-user-2").stdout.strip().splitlines()[-1]
+        page.fill("#api-key", fresh)
+        page.get_by_role("button", name="Use key").click()
+        expect(page.locator("body[data-ready]")).to_have_count(1)
+        expect(page.locator("#key-form")).to_be_hidden()
+        expect(page.locator(".job")).to_have_count(0)  # the revoked key's jobs are not this key's
         page.get_by_role("button", name="Forget API key").click()
         expect(page.locator("body[data-needs-key]")).to_have_count(1)
         assert page.evaluate("document.cookie") == ""

@@ -111,6 +111,10 @@ keyForm.addEventListener("submit", async (event) => {
     }
     return;
   }
+  if (booted) {
+    location.reload(); // a key replaced mid-session may see other jobs: start from a clean page
+    return;
+  }
   keyInput.value = "";
   keyForm.hidden = true;
   delete document.body.dataset.needsKey;
@@ -136,7 +140,6 @@ async function boot() {
     if (error.status === 401) return askForKey(hasApiKey() ? `The saved key no longer works: ${error.message}` : null);
     form.showFormError(`Could not load the models: ${error.message}`);
   }
-  if (booted) return; // after a new key: the board is running already and picks it up on its next poll
   booted = true;
   try {
     await board.start();
