@@ -36,6 +36,12 @@ BATCH_IMAGES = Histogram(
     "Images per engine batch (cross-request batching).",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
 )
+BATCH_GAP_SECONDS = Histogram(
+    "genserve_batch_gap_seconds",
+    "Time the device waits between two back-to-back batches (the previous one returned from the "
+    "engine, the next one entered it; gaps while the queue was empty are not counted).",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
 QUEUE_WAIT_SECONDS = Histogram(
     "genserve_queue_wait_seconds",
     "Time from submit to claim, by queue.",

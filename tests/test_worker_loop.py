@@ -226,3 +226,19 @@ def wait_for_state(worker: Worker, job_id: str, state: str) -> str:
     while worker.store.get(job_id).state.value != state and time.monotonic() < deadline:
         time.sleep(0.02)
     return job_id
+
+
+def test_the_gap_between_back_to_back_batches_is_a_metric_idle_time_is_not(worker: Worker):
+    from prometheus_client import REGISTRY
+
+    def gaps_observed() -> float:
+        return REGISTRY.get_sample_value("genserve_batch_gap_seconds_count") or 0.0
+
+    before = gaps_observed()
+    submit(worker, 3)  # one job per batch: three batches back to back, two gaps
+    worker.work(threading.Event(), until_idle=True)
+    assert gaps_observed() - before == 2
+    time.sleep(0.2)  # the queue is empty: this wait is not the worker's gap
+    submit(worker, 1)
+    worker.work(threading.Event(), until_idle=True)
+    assert gaps_observed() - before == 2

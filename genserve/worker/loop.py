@@ -27,7 +27,14 @@ from genserve.engine.denoise import BatchItem, ItemOutcome
 from genserve.engine.engine import Engine, EngineError
 from genserve.engine.gpu_metrics import publish_gpu_metrics
 from genserve.engine.registry import registered_models
-from genserve.metrics import BATCH_IMAGES, IMAGES_GENERATED, JOB_SECONDS, QUEUE_WAIT_SECONDS, STEP_SECONDS
+from genserve.metrics import (
+    BATCH_GAP_SECONDS,
+    BATCH_IMAGES,
+    IMAGES_GENERATED,
+    JOB_SECONDS,
+    QUEUE_WAIT_SECONDS,
+    STEP_SECONDS,
+)
 from genserve.scheduler.calibrate import device_name
 from genserve.scheduler.cost import steady_step_seconds
 from genserve.scheduler.policy import SchedulerState, batch_limit, plan_batch, record_served
@@ -129,6 +136,9 @@ class Worker:
         self.calibration = CalibrationStore(store.engine)
         self.device_name = device_name(engine.device)  # the name `genserve calibrate` stores rows under
         self.leases = LeaseKeeper(store, worker_id, settings.lease_seconds, settings.heartbeat_seconds)
+        # When the last batch left the engine, while batches run back to back (None after the
+        # queue ran empty): the start of the device's idle gap, `genserve_batch_gap_seconds`.
+        self._engine_left_at: float | None = None
 
     def announce(self) -> None:
         """Refresh this worker's row: readiness and loaded models for /readyz and /v1/models."""
@@ -212,10 +222,15 @@ class Worker:
         if not jobs:
             jobs = self.claim_next()
         if jobs is None:
+            self.note_idle()
             return False
         if jobs:  # empty: another worker took them first; look again at once
             self.run_batch(jobs, finisher, prefetcher)
         return True
+
+    def note_idle(self) -> None:
+        """The worker had nothing to run: the wait before its next batch is no gap of its making."""
+        self._engine_left_at = None
 
     def claim_next(self) -> list[JobRecord] | None:
         """List the queue, choose the next batch (scheduler policy) and claim it. None when nothing
@@ -348,6 +363,8 @@ class Worker:
             for job in jobs
         ]
         timer = StepTimer(first, events, on_last_step)
+        if self._engine_left_at is not None:
+            BATCH_GAP_SECONDS.observe(time.perf_counter() - self._engine_left_at)
         try:
             with tracing.steps_span([job.id for job in jobs]):
                 results = self.engine.generate_batch(items, on_batch_step=timer)
@@ -366,6 +383,8 @@ class Worker:
                 job.id: self._finish_failed(job, f"internal error: {type(error).__name__}: {error}")
                 for job in jobs
             }
+        finally:
+            self._engine_left_at = time.perf_counter()
         timed.append((first, timer))
         return {job.id: outcome for job, outcome in zip(jobs, results, strict=True)}
 
