@@ -93,7 +93,7 @@ def run_round(
             store.submit(params.model_dump())
         TimedStore.reset()
         start = time.perf_counter()
-        worker.work(threading.Event(), until_idle=True)  # the serving loop, finisher thread included
+        worker.work(threading.Event(), until_idle=True)  # the serving loop, with this device's defaults
         elapsed = time.perf_counter() - start
         done = store.counts_by_state()["succeeded"]
         assert done == requests, store.counts_by_state()
