@@ -183,11 +183,12 @@ def admit_batch(principal: Principal, items: list[RenderItem], services: Service
         check_key_limits(group[0].params, limits.allowed_models, (limits.max_width, limits.max_height))
     if not _has_quota(principal):
         return
-    known = services.store.known_request_ids([request_id_for(item, principal.key_id) for item in items])
+    request_ids = {item.key: request_id_for(item, principal.key_id) for item in items}
+    known = services.store.known_request_ids(list(request_ids.values()))
     models = services.catalog.models()
     images, seconds = 0, 0.0
     for group in groups.values():
-        new = [item for item in group if request_id_for(item, principal.key_id) not in known]
+        new = [item for item in group if request_ids[item.key] not in known]
         if new:
             params = group[0].params
             images += sum(item.params.num_images for item in new)

@@ -6,7 +6,7 @@ that reconnects with Last-Event-ID k reads exactly the events after k.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -86,13 +86,9 @@ class EventLog:
             for job_id, type, data in events:
                 last[job_id] = last.get(job_id, 0) + 1
                 appended.append(Event(job_id=job_id, seq=last[job_id], type=type, data=data, created_at=now))
-            rows = [
-                {"job_id": e.job_id, "seq": e.seq, "type": e.type, "data": e.data, "created_at": now}
-                for e in appended
-            ]
             try:
-                with conn.begin_nested():
-                    conn.execute(job_events.insert(), rows)
+                with conn.begin_nested():  # an Event's fields are job_events' columns
+                    conn.execute(job_events.insert(), [asdict(event) for event in appended])
             except sa.exc.IntegrityError:
                 # Another appender (an API transition) took a number since the read: fall back to
                 # one event at a time, each numbered inside its own insert.

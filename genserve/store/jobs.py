@@ -10,6 +10,7 @@ Safe for many worker processes on many machines sharing one database:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -83,6 +84,13 @@ class WorkerRecord:
 
 def _record(row: sa.Row) -> JobRecord:
     return JobRecord(**{**row._mapping, "state": JobState(row.state), "image_ids": list(row.image_ids)})
+
+
+def _in_chunks(values: list[str], size: int = 500) -> Iterator[list[str]]:
+    """`values` in slices of `size`, so an IN list stays small (SQLite and PostgreSQL both cope badly
+    with tens of thousands of bound parameters)."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def _owned(job_id: str, worker_id: str, attempt: int) -> sa.ColumnElement[bool]:
@@ -195,8 +203,7 @@ class JobStore:
         """Which of these request ids already have a job (a batch's de-duplicated items)."""
         known: set[str] = set()
         with self.engine.connect() as conn:
-            for start in range(0, len(request_ids), 500):  # bounded IN lists
-                chunk = request_ids[start : start + 500]
+            for chunk in _in_chunks(request_ids):
                 known.update(
                     conn.execute(sa.select(jobs.c.request_id).where(jobs.c.request_id.in_(chunk))).scalars()
                 )
@@ -288,8 +295,7 @@ class JobStore:
         """Jobs by id (missing ids are left out), in chunks so the IN list stays small."""
         found: dict[str, JobRecord] = {}
         with self.engine.connect() as conn:
-            for start in range(0, len(job_ids), 500):
-                chunk = job_ids[start : start + 500]
+            for chunk in _in_chunks(job_ids):
                 for row in conn.execute(sa.select(jobs).where(jobs.c.id.in_(chunk))):
                     found[row.id] = _record(row)
         return found
@@ -299,8 +305,7 @@ class JobStore:
         (a batch of 10,000 items: 26 ms instead of 380 ms on SQLite)."""
         counts = {state.value: 0 for state in JobState}
         with self.engine.connect() as conn:
-            for start in range(0, len(job_ids), 500):
-                chunk = job_ids[start : start + 500]
+            for chunk in _in_chunks(job_ids):
                 query = (
                     sa.select(jobs.c.state, sa.func.count())
                     .where(jobs.c.id.in_(chunk))
