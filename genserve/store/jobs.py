@@ -302,7 +302,7 @@ class JobStore:
 
     def counts_for(self, job_ids: list[str]) -> dict[str, int]:
         """How many of these jobs are in each state: one aggregate per chunk, not a record per job
-        (a batch of 10,000 items: 26 ms instead of 380 ms on SQLite)."""
+        (a batch of 10,000 items on SQLite: 27 ms instead of 348 ms, benchmarks/batch_progress_count.py)."""
         counts = {state.value: 0 for state in JobState}
         with self.engine.connect() as conn:
             for chunk in _in_chunks(job_ids):
