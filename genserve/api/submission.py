@@ -34,6 +34,9 @@ def resolve_params(
     reproduced. Raises LimitError naming the field.
     """
     model_name = params.model or settings.default_model
+    for name in ("init_image", "mask", "outpaint", "hires", "refiner"):
+        if getattr(params, name) is not None:  # the schema is in place; the engine side is being built
+            raise LimitError(name, f"{name} is not supported by this server yet")
     check_limits(params.model_copy(update={"model": model_name}), settings.limits, known_models=set(models))
     info = models[model_name]
     if not sampler_supported(info.family, params.sampler):

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from genserve.schemas.image_inputs import HiresOptions, InpaintOptions, OutpaintOptions, RefinerOptions
+
 if TYPE_CHECKING:
     from genserve.config import Limits
 
@@ -42,6 +44,24 @@ class GenerationParams(BaseModel):
     preview_every: int | None = Field(
         None, ge=0, description="Send a preview image every N steps (0: never; server default if omitted)."
     )
+    # Pictures in (img2img, inpainting, outpainting). A request may send base64, a data URL or an
+    # upload id; a stored job holds only the content hash `sha256:<hex>` (schemas/image_inputs.py).
+    init_image: str | None = Field(
+        None, description="Start from this picture: base64, a data URL, or an id from POST /v1/uploads."
+    )
+    mask: str | None = Field(
+        None, description="Inpaint where the mask is white (or opaque); same forms as init_image."
+    )
+    strength: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="img2img: how much to change; the last int(steps*strength) steps of the schedule run.",
+    )
+    inpaint: InpaintOptions | None = Field(None, description="Mask options (with mask or outpaint).")
+    outpaint: OutpaintOptions | None = Field(None, description="Extend init_image's canvas and fill it.")
+    hires: HiresOptions | None = Field(None, description="A second, larger pass of the same job.")
+    refiner: RefinerOptions | None = Field(None, description="SDXL: finish with a refiner model.")
 
 
 def batch_key(params: GenerationParams) -> tuple:
