@@ -52,6 +52,10 @@ class GenerationParams(BaseModel):
     mask: str | None = Field(
         None, description="Inpaint where the mask is white (or opaque); same forms as init_image."
     )
+    resize_mode: Literal["resize", "crop", "fill"] = Field(
+        "resize",
+        description="How init_image meets width x height: stretch, crop to fill, or fit and fill the rest.",
+    )
     strength: float = Field(
         0.75,
         gt=0,
