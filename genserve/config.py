@@ -42,6 +42,9 @@ class Limits(BaseModel):
     max_cfg_scale: float = 30.0
     max_num_images: int = Field(4, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
+    # Input pictures (init_image, mask, uploads): bytes of one picture as sent, and its pixels.
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_input_pixels: int = Field(4096 * 4096, ge=64)
     # None allows every model found in the models directory.
     allowed_models: list[str] | None = None
 
@@ -194,3 +197,8 @@ class Settings(BaseSettings):
     @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
+
+    @property
+    def inputs_dir(self) -> Path:
+        """Input pictures by content hash (with S3: the local cache of the inputs/ prefix)."""
+        return self.data_dir / "inputs"

@@ -10,7 +10,19 @@ from fastapi.responses import JSONResponse
 
 from genserve import __version__
 from genserve.api.deps import ModelCatalog, Services
-from genserve.api.routes import a1111, admin, batches, estimate, health, images, jobs, models, openai, web
+from genserve.api.routes import (
+    a1111,
+    admin,
+    batches,
+    estimate,
+    health,
+    images,
+    jobs,
+    models,
+    openai,
+    uploads,
+    web,
+)
 from genserve.artifacts.s3 import make_image_store
 from genserve.auth.deps import get_principal, install_auth
 from genserve.auth.keys import KeyStore
@@ -59,7 +71,7 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
     for module in (health, web):
         app.include_router(module.router)
     # Everything else needs an API key when auth is on; the key is the caller's identity.
-    for module in (jobs, batches, models, images, estimate, openai, a1111, admin):
+    for module in (jobs, batches, models, images, uploads, estimate, openai, a1111, admin):
         app.include_router(module.router, dependencies=[Depends(get_principal)])
 
     @app.exception_handler(LimitError)

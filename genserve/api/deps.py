@@ -10,6 +10,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from genserve.artifacts.images import ImageStore
+from genserve.artifacts.inputs import InputStore
+from genserve.artifacts.s3 import make_input_store
 from genserve.config import Settings
 from genserve.engine.registry import ModelInfo, registered_models
 from genserve.store.jobs import JobStore
@@ -42,6 +44,11 @@ class Services:
     images: ImageStore
     catalog: ModelCatalog
     supervisor: Supervisor | None = None
+    inputs: InputStore | None = None  # input pictures; from the settings when not given
+
+    def __post_init__(self) -> None:
+        if self.inputs is None:
+            self.inputs = make_input_store(self.settings)
 
 
 def get_services(request: Request) -> Services:

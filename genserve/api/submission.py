@@ -7,9 +7,11 @@ import json
 import secrets
 from datetime import UTC, datetime, timedelta
 
+from genserve.api.pictures import PICTURE_FIELDS, size_from_picture, stored_size
+from genserve.artifacts.inputs import InputStore
 from genserve.config import Settings
 from genserve.engine.registry import ModelInfo, sampler_supported
-from genserve.scheduler.cost import seconds_per_batch
+from genserve.scheduler.cost import seconds_per_batch, steps_run
 from genserve.scheduler.policy import classify
 from genserve.schemas import (
     GenerationParams,
@@ -21,31 +23,41 @@ from genserve.schemas import (
     check_limits,
 )
 from genserve.schemas.generation import MAX_SEED
+from genserve.schemas.image_inputs import is_image_hash
 from genserve.store.calibration import CalibrationStore
 from genserve.store.jobs import JobRecord, JobStore
 
+# Pixel sizes whole in latents and in transformer patches (VAE factor 8 × SD3's patch size 2).
+SIZE_MULTIPLE = {"sd3": 16}
+
 
 def resolve_params(
-    params: GenerationParams, models: dict[str, ModelInfo], settings: Settings
+    params: GenerationParams,
+    models: dict[str, ModelInfo],
+    settings: Settings,
+    pictures: InputStore | None = None,
 ) -> GenerationParams:
-    """Fill in the model, its native size and default CFG scale and a random seed, then check every limit.
+    """Fill in the model, its size (native, or the init image's) and default CFG scale and a random
+    seed, then check every limit.
 
+    Pictures must be stored already (`store_pictures`): `pictures` is where their sizes are read.
     The stored job holds the resolved values, so a job always says exactly what ran and can be
     reproduced. Raises LimitError naming the field.
     """
     model_name = params.model or settings.default_model
-    for name in ("init_image", "mask", "outpaint", "hires", "refiner"):
+    for name in ("hires", "refiner"):
         if getattr(params, name) is not None:  # the schema is in place; the engine side is being built
             raise LimitError(name, f"{name} is not supported by this server yet")
     check_limits(params.model_copy(update={"model": model_name}), settings.limits, known_models=set(models))
     info = models[model_name]
     if not sampler_supported(info.family, params.sampler):
         raise LimitError("sampler", f"sampler '{params.sampler}' is not supported for {info.family} models")
+    width, height = _size(params, info, settings, pictures)
     resolved = params.model_copy(
         update={
             "model": model_name,
-            "width": params.width or info.native_width,
-            "height": params.height or info.native_height,
+            "width": width,
+            "height": height,
             "seed": params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1),
             "cfg_scale": params.cfg_scale if params.cfg_scale is not None else info.request_cfg_scale,
             "preview_every": params.preview_every
@@ -55,6 +67,34 @@ def resolve_params(
     )
     check_limits(resolved, settings.limits)
     return GenerationParams.model_validate(resolved.model_dump())
+
+
+def _size(
+    params: GenerationParams, info: ModelInfo, settings: Settings, pictures: InputStore | None
+) -> tuple[int, int]:
+    """The request's size; else the init image's (plus outpaint margins); else the model's native size."""
+    if params.init_image is None:
+        for name in ("mask", "outpaint", "inpaint"):
+            if getattr(params, name) is not None:
+                raise LimitError(name, f"{name} needs an init_image")
+        return params.width or info.native_width, params.height or info.native_height
+    if params.inpaint is not None and params.mask is None and params.outpaint is None:
+        raise LimitError("inpaint", "inpaint options need a mask (or outpaint)")
+    if steps_run(params.steps, params.strength) < 1:  # diffusers refuses a run of no steps too
+        raise LimitError(
+            "strength",
+            f"strength {params.strength} of {params.steps} steps runs no step (int(steps × strength) = 0); "
+            "raise strength or steps",
+        )
+    for name in PICTURE_FIELDS:
+        ref = getattr(params, name)
+        if ref is not None and (pictures is None or not is_image_hash(ref)):
+            raise LimitError(name, f"{name} must be stored first; send it to POST /v1/jobs or /v1/uploads")
+    assert pictures is not None and params.init_image is not None  # checked just above
+    if params.width is not None and params.height is not None:
+        return params.width, params.height
+    picture = stored_size(pictures, params.init_image, "init_image")
+    return size_from_picture(params, picture, settings.limits, SIZE_MULTIPLE.get(info.family, 8))
 
 
 def request_hash(body: JobCreate) -> str:
@@ -78,10 +118,13 @@ def submit(
     store: JobStore,
     client_id: str | None,
     trace_id: str | None = None,
+    pictures: InputStore | None = None,
 ) -> tuple[JobRecord, bool]:
-    """Validate and store a job. Returns (job, created); an idempotent resubmit returns created=False."""
+    """Validate and store a job. Returns (job, created); an idempotent resubmit returns created=False.
+
+    Its pictures must be stored already (`store_pictures`), so the request hash sees their ids."""
     generation = GenerationParams.model_validate(body.model_dump(exclude={"request_id", "priority"}))
-    resolved = resolve_params(generation, models, settings)
+    resolved = resolve_params(generation, models, settings, pictures)
     seconds = estimated_seconds(resolved, models[resolved.model].family, store)
     job, created = store.submit(
         resolved.model_dump(),
@@ -105,7 +148,8 @@ def submit(
 
 
 def estimated_seconds(params: GenerationParams, family: str, store: JobStore) -> float:
-    """The cost model's run time for this request alone, on the device it was calibrated on."""
+    """The cost model's run time for this request alone, on the device it was calibrated on: only
+    the steps that run (img2img at strength s runs int(steps × s)), plus a VAE encode."""
     calibration = CalibrationStore(store.engine)
     timing = calibration.lookup(
         device=calibration.default_device(params.model),
@@ -115,7 +159,8 @@ def estimated_seconds(params: GenerationParams, family: str, store: JobStore) ->
         height=params.height,
         batch=params.num_images,
     )
-    return seconds_per_batch(timing, params.steps)
+    strength = params.strength if params.init_image is not None else None
+    return seconds_per_batch(timing, steps_run(params.steps, strength), encodes=strength is not None)
 
 
 def to_public(job: JobRecord, store: JobStore, live_workers: int = 1) -> JobPublic:

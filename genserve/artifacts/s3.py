@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from genserve.artifacts.images import ImageStore
+from genserve.artifacts.inputs import InputStore, MissingPicture, write_atomically
 from genserve.config import Settings
 
 
@@ -60,6 +61,64 @@ class S3ImageStore(ImageStore):
             file.write(body)
         os.replace(temp_name, local)
         return local
+
+
+class S3InputStore(InputStore):
+    """Input pictures at s3://bucket/prefix/inputs/<hex>, beside the images; read through a local
+    cache (content-addressed, so a cached copy is never stale)."""
+
+    def __init__(self, url: str, cache_dir: Path, endpoint_url: str | None = None) -> None:
+        super().__init__(cache_dir)
+        import boto3
+
+        parsed = urlparse(url)
+        self.bucket = parsed.netloc
+        self.prefix = "/".join(part for part in (parsed.path.strip("/"), "inputs") if part)
+        self.client = boto3.client("s3", endpoint_url=endpoint_url)
+
+    def key(self, ref: str) -> str:
+        return f"{self.prefix}/{super().path(ref).name}"  # path() validates the id
+
+    def exists(self, ref: str) -> bool:
+        return super().exists(ref) or self.exists_remote(ref)
+
+    def put(self, data: bytes) -> str:
+        ref = super().put(data)  # the local copy doubles as the cache
+        if not self.exists_remote(ref):
+            self.client.put_object(Bucket=self.bucket, Key=self.key(ref), Body=data)
+        return ref
+
+    def exists_remote(self, ref: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(ref))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise
+        return True
+
+    def get(self, ref: str) -> bytes:
+        local = super().path(ref)
+        if not local.is_file():
+            from botocore.exceptions import ClientError
+
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=self.key(ref))["Body"].read()
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    raise MissingPicture(f"picture {ref} is not in the artifact store") from None
+                raise
+            write_atomically(local, body)
+        return super().get(ref)
+
+
+def make_input_store(settings: Settings) -> InputStore:
+    """Where input pictures live: `<data_dir>/inputs`, or the inputs/ prefix beside the images in S3."""
+    if settings.artifact_url and settings.artifact_url.startswith("s3://"):
+        return S3InputStore(settings.artifact_url, settings.inputs_dir, settings.s3_endpoint_url)
+    return InputStore(settings.inputs_dir)
 
 
 def make_image_store(settings: Settings) -> ImageStore:

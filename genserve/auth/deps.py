@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 
 from genserve import tracing
 from genserve.api.deps import Services
+from genserve.api.pictures import store_pictures
 from genserve.api.submission import estimated_seconds, resolve_params, submit
 from genserve.auth.keys import KeyLimits, KeyStore, Role
 from genserve.auth.limits import RateLimited, RateLimiter, RedisRateLimiter, check_key_limits, check_quota
@@ -153,17 +154,18 @@ def submit_as(
     """`submit` for this caller: the key's model and size limits, its quotas, its identity."""
     models = services.catalog.models()
     settings = services.settings
+    body = store_pictures(body, services.inputs, settings.limits)  # from here on, pictures are ids
     if principal.authenticated:
         body = body.model_copy(update={"request_id": principal.scoped_request_id(body.request_id)})
         generation = GenerationParams.model_validate(body.model_dump(exclude={"request_id", "priority"}))
-        resolved = resolve_params(generation, models, settings)
+        resolved = resolve_params(generation, models, settings, services.inputs)
         limits = principal.limits
         check_key_limits(resolved, limits.allowed_models, (limits.max_width, limits.max_height))
         if _has_quota(principal):
             seconds = estimated_seconds(resolved, models[resolved.model].family, services.store)
             _check_quota(principal, services, resolved.num_images, seconds)
     job, created = submit(
-        body, models, settings, services.store, principal.client_id(client_header), trace_id
+        body, models, settings, services.store, principal.client_id(client_header), trace_id, services.inputs
     )
     if created:
         tracing.job_submitted(job.id, job.trace_id)

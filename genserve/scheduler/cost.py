@@ -50,6 +50,10 @@ PNG_S_PER_MEGAPIXEL = 0.3
 # many-core server CPU against ~230 TFLOP/s fp16): a rough guess, only until `genserve calibrate`.
 CPU_SLOWDOWN = 150.0
 
+# A VAE encode of the input pictures, as a share of the batch overhead O (which holds the decode;
+# the SD VAE encoder has fewer parameters than its decoder, 34M vs 49M). A guess, not measured.
+VAE_ENCODE_SHARE = 0.25
+
 # Refinement: each steady-state observation moves t_step this fraction of the way towards itself,
 # so an observation k batches old weighs 0.2 × 0.8^k; after 10 observations a calibration still
 # weighs 0.8^10 ≈ 11%. An observation is first clipped to within a factor MAX_JUMP of the current
@@ -104,9 +108,20 @@ class CostEstimate:
     images: int | None
 
 
-def seconds_per_batch(timing: StepTiming, steps: int) -> float:
-    """T = O + S × t_step: the cheap figure the scheduler classifies jobs by."""
-    return timing.overhead_s + steps * timing.step_s
+def seconds_per_batch(timing: StepTiming, steps: int, *, encodes: bool = False) -> float:
+    """T = O + S × t_step: the cheap figure the scheduler classifies jobs by. `steps` are the steps
+    that run (`steps_run`); a batch that starts from pictures (`encodes`) adds a VAE encode."""
+    encode = VAE_ENCODE_SHARE * timing.overhead_s if encodes else 0.0
+    return timing.overhead_s + steps * timing.step_s + encode
+
+
+def steps_run(steps: int, strength: float | None = None) -> int:
+    """The denoising steps a request runs. Starting from a picture at `strength` s (img2img,
+    inpainting; None for txt2img) runs the last int(steps × s) steps of the same schedule, as
+    diffusers and AUTOMATIC1111 do, so strength 0.5 costs about half."""
+    if strength is None:
+        return steps
+    return min(steps, int(steps * strength))
 
 
 def estimate(
@@ -117,8 +132,10 @@ def estimate(
     gpu_price_per_hour: float | None,
     gpus: int = 1,
     images: int | None = None,
+    encodes: bool = False,
 ) -> CostEstimate:
-    """The cost model's figures for batches of `batch` images with `steps` steps.
+    """The cost model's figures for batches of `batch` images with `steps` steps (the steps that
+    run, `steps_run`; `encodes` when the batch starts from pictures).
 
     `gpus` is how many GPUs one worker's batch occupies (1 unless a model is split across GPUs);
     `images` is the size of the whole job, for GPU-hours and total cost (counted as whole-batch
@@ -132,7 +149,7 @@ def estimate(
         raise ValueError("gpu_price_per_hour must not be negative")
     if images is not None and images < 0:
         raise ValueError("images must not be negative")
-    batch_seconds = seconds_per_batch(timing, steps)
+    batch_seconds = seconds_per_batch(timing, steps, encodes=encodes)
     if not batch_seconds > 0:
         raise ValueError(f"timing gives T = {batch_seconds} s; O and t_step must make it positive")
     images_per_hour = 3600.0 * batch / batch_seconds

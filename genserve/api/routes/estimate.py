@@ -6,8 +6,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from genserve.api.deps import ServicesDep
+from genserve.api.pictures import store_pictures
 from genserve.api.submission import resolve_params
-from genserve.scheduler.cost import estimate
+from genserve.scheduler.cost import estimate, steps_run
 from genserve.schemas import GenerationParams
 from genserve.store.calibration import CalibrationStore
 
@@ -60,7 +61,8 @@ def estimate_cost(body: EstimateRequest, services: ServicesDep) -> EstimatePubli
     """Time per image, images/hour and cost per 1,000 images for this request on a calibrated device."""
     models = services.catalog.models()
     generation = GenerationParams.model_validate(body.model_dump(include=set(GenerationParams.model_fields)))
-    params = resolve_params(generation, models, services.settings)
+    generation = store_pictures(generation, services.inputs, services.settings.limits)
+    params = resolve_params(generation, models, services.settings, services.inputs)
     family = models[params.model].family
     batch = body.batch or params.num_images
     calibration = CalibrationStore(services.store.engine)
@@ -73,9 +75,11 @@ def estimate_cost(body: EstimateRequest, services: ServicesDep) -> EstimatePubli
         height=params.height,
         batch=batch,
     )
+    strength = params.strength if params.init_image is not None else None  # img2img runs fewer steps
     result = estimate(
         timing,
-        steps=params.steps,
+        steps=steps_run(params.steps, strength),
+        encodes=strength is not None,
         batch=batch,
         gpu_price_per_hour=body.gpu_price_per_hour,
         gpus=body.gpus,
