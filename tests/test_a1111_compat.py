@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import threading
 import time
 
+import httpx
 import pytest
 import webuiapi
 from PIL import Image
@@ -120,17 +122,113 @@ def test_models_samplers_options(api):
     assert {"automatic", "karras"} <= set(api.util_get_scheduler_names())
 
 
-def test_img2img_is_501_until_it_exists(api):
-    with pytest.raises(RuntimeError) as caught:
-        api.img2img(images=[Image.new("RGB", (64, 64))], prompt="x", **FAST)
-    status, text = caught.value.args
-    assert status == 501 and "img2img is not implemented" in text
+def sent_id(image: Image.Image) -> str:
+    """The id genserve gives the picture webuiapi sends (it re-encodes it as PNG)."""
+    return "sha256:" + hashlib.sha256(base64.b64decode(webuiapi.raw_b64_img(image))).hexdigest()
+
+
+def job_params(server, info: dict) -> dict:
+    return httpx.get(f"{server.url}/v1/jobs/{info['job_id']}").json()["params"]
+
+
+def test_img2img_with_webuiapi(api, server):
+    picture = Image.new("RGB", (64, 64), (220, 20, 20))
+    result = api.img2img(images=[picture], prompt="a green circle", denoising_strength=0.5, seed=3, **FAST)
+    assert len(result.images) == 1 and result.images[0].size == (64, 64)
+    assert result.info["denoising_strength"] == 0.5
+    assert result.info["infotexts"][0].endswith("Model: tiny-sd15, Denoising strength: 0.5")
+    assert result.images[0].text["parameters"] == result.info["infotexts"][0]
+    assert result.parameters["init_images"] is None  # not sent back unless include_init_images
+    params = job_params(server, result.info)
+    assert params["init_image"] == sent_id(picture) and params["strength"] == 0.5
+    assert (params["mask"], params["inpaint"], params["resize_mode"]) == (None, None, "resize")
+
+
+def test_inpainting_fields_map_onto_the_schema(api, server):
+    picture = Image.new("RGB", (64, 64), (20, 20, 220))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))  # white: inpaint here (A1111's convention)
+    result = api.img2img(
+        images=[picture],
+        mask_image=mask,
+        prompt="a yellow star",
+        denoising_strength=0.75,
+        mask_blur=6,
+        inpainting_fill=2,
+        inpaint_full_res=False,
+        inpaint_full_res_padding=16,
+        inpainting_mask_invert=1,
+        resize_mode=1,
+        **FAST,
+    )
+    assert result.images[0].size == (64, 64)
+    assert "Denoising strength: 0.75, Mask blur: 6" in result.info["infotexts"][0]
+    params = job_params(server, result.info)
+    assert params["mask"] == sent_id(mask) and params["resize_mode"] == "crop"
+    assert params["inpaint"] == {
+        "mask_blur": 6,
+        "fill": "latent_noise",
+        "invert": True,
+        "only_masked": False,
+        "only_masked_padding": 16,
+    }
+
+
+def test_bad_img2img_requests_are_422_naming_the_a1111_field(api):
+    picture = Image.new("RGB", (64, 64))
+    for arguments, field in (
+        ({"resize_mode": 3}, "resize_mode"),
+        ({"mask_image": Image.new("L", (32, 32), 255)}, "mask"),
+        ({"images": [picture, Image.new("RGB", (64, 64), (1, 2, 3))]}, "init_images"),
+        ({"denoising_strength": 1.5}, "denoising_strength"),
+        ({"denoising_strength": 0.1}, "denoising_strength"),  # int(3 × 0.1) = 0 steps
+        ({"inpainting_fill": 7, "mask_image": Image.new("L", (64, 64), 255)}, "inpainting_fill"),
+    ):
+        with pytest.raises(RuntimeError) as caught:
+            api.img2img(**{"images": [picture], "prompt": "x", **FAST, **arguments})
+        status, text = caught.value.args
+        assert status == 422 and f'"{field}"' in text, (arguments, text)
+    raw = api.session.post(
+        f"{api.baseurl}/img2img", json={"prompt": "x", "init_images": ["bm90IGEgcGljdHVyZQ=="]}
+    )
+    assert raw.status_code == 422 and raw.json()["detail"][0]["loc"] == ["body", "init_images"]
+    assert "not a PNG, JPEG or WebP" in raw.json()["detail"][0]["msg"]
+
+
+def test_hires_and_refiner_fields_map_onto_the_schema():
+    from genserve.api.a1111_inputs import HiresFields, hires_fields
+    from genserve.api.routes.a1111 import _model_name, _sampler
+    from genserve.schemas.image_inputs import HiresOptions, RefinerOptions
+
+    fields = HiresFields(
+        enable_hr=True,
+        hr_scale=1.5,
+        hr_upscaler="Latent (bicubic)",
+        hr_second_pass_steps=5,
+        denoising_strength=0.4,
+        hr_sampler_name="DPM++ 2M",
+        refiner_checkpoint="tiny-sdxl [0123abcd]",
+        refiner_switch_at=0.7,
+    )
+    assert hires_fields(fields, _sampler, _model_name) == {
+        "hires": HiresOptions(
+            scale=1.5, upscaler="latent_bicubic", steps=5, strength=0.4, sampler="dpmpp_2m"
+        ),
+        "refiner": RefinerOptions(model="tiny-sdxl", switch_at=0.7),
+    }
+    sized = HiresFields(enable_hr=True, hr_resize_x=128, hr_resize_y=96, hr_upscaler="Lanczos")
+    assert hires_fields(sized, _sampler, _model_name)["hires"] == HiresOptions(
+        width=128, height=96, upscaler="lanczos"
+    )
+    assert hires_fields(HiresFields(hr_scale=3), _sampler, _model_name) == {}  # enable_hr off
 
 
 def test_unsupported_requests_are_422(api):
     for arguments, text in (
         ({"sampler_name": "LMS"}, "not available"),
-        ({"enable_hr": True}, "hires fix"),
+        ({"enable_hr": True}, '"loc":["body","enable_hr"]'),  # until the engine has hires
+        ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler 'R-ESRGAN 4x+' is not available"),
+        ({"enable_hr": True, "hr_scale": 9}, '"loc":["body","hr_scale"]'),
         ({"width": 100}, "multiple of 8"),
     ):
         with pytest.raises(RuntimeError) as caught:

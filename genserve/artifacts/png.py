@@ -17,6 +17,7 @@ import PIL.Image
 from PIL.PngImagePlugin import PngInfo
 
 from genserve.schemas.generation import GenerationParams
+from genserve.schemas.image_inputs import InpaintOptions
 
 # A1111's display names for the samplers genserve offers.
 A1111_SAMPLER_NAMES: dict[str, str] = {
@@ -26,6 +27,17 @@ A1111_SAMPLER_NAMES: dict[str, str] = {
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "ddim": "DDIM",
     "unipc": "UniPC",
+}
+
+# A1111's display names for the hires upscalers.
+HIRES_UPSCALER_NAMES: dict[str, str] = {
+    "latent": "Latent",
+    "latent_antialiased": "Latent (antialiased)",
+    "latent_bicubic": "Latent (bicubic)",
+    "latent_nearest": "Latent (nearest)",
+    "latent_bilinear": "Latent",
+    "lanczos": "Lanczos",
+    "nearest": "Nearest",
 }
 
 PARAMETERS_KEY = "parameters"
@@ -48,9 +60,34 @@ def a1111_parameters(params: GenerationParams, *, seed: int, model_name: str) ->
         "Seed": seed,
         "Size": f"{params.width}x{params.height}" if params.width and params.height else None,
         "Model": model_name,
+        **extra_parameters(params),
     }
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None))
     return "\n".join(lines)
+
+
+def extra_parameters(params: GenerationParams) -> dict[str, Any]:
+    """The infotext fields of pictures in, hires fix and refiner, named as AUTOMATIC1111 names them
+    (its `extra_generation_params`): e.g. "Denoising strength" for img2img and inpainting."""
+    fields: dict[str, Any] = {}
+    if params.init_image is not None:
+        fields["Denoising strength"] = params.strength
+        if params.mask is not None:
+            fields["Mask blur"] = params.inpaint.mask_blur if params.inpaint else InpaintOptions().mask_blur
+    hires = params.hires
+    if hires is not None:
+        fields.setdefault("Denoising strength", hires.strength)
+        if hires.scale is not None:
+            fields["Hires upscale"] = hires.scale
+        else:
+            fields["Hires resize"] = f"{hires.width}x{hires.height}"
+        if hires.steps is not None:
+            fields["Hires steps"] = hires.steps
+        fields["Hires upscaler"] = HIRES_UPSCALER_NAMES.get(hires.upscaler, hires.upscaler)
+    if params.refiner is not None:
+        fields["Refiner"] = params.refiner.model
+        fields["Refiner switch at"] = params.refiner.switch_at
+    return fields
 
 
 def encode_png(

@@ -3,7 +3,8 @@
 There is no global "current model": a model named in `override_settings` applies to that request
 only, and one set through POST /sdapi/v1/options applies to that caller's later requests only (the
 caller is the API key; with auth off, the X-Client-Id header or else the client's address).
-Every txt2img request is an ordinary genserve job, so it queues, batches and shows up in /v1/jobs.
+Every txt2img and img2img request is an ordinary genserve job, so it queues, batches (img2img rows
+with txt2img rows) and shows up in /v1/jobs.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from genserve import __version__
+from genserve.api.a1111_inputs import A1111_FIELDS, HiresFields, Img2ImgFields, hires_fields, img2img_fields
 from genserve.api.compat import data_url_payload, image_b64, wait_for_job
 from genserve.api.deps import ServicesDep
 from genserve.api.submission import trace_id_from
-from genserve.artifacts.png import A1111_SAMPLER_NAMES, a1111_parameters
+from genserve.artifacts.png import A1111_SAMPLER_NAMES, a1111_parameters, extra_parameters
 from genserve.auth.deps import Principal, PrincipalDep, submit_as
 from genserve.schemas import GenerationParams, JobCreate, JobState, LimitError
 from genserve.store.jobs import JobRecord, JobStore
@@ -38,8 +40,8 @@ _ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_dpmpp_2m": "dpmpp_2m"
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]+\]$")  # "model [abc123]" titles
 
 
-class Txt2ImgRequest(BaseModel):
-    """A1111's StableDiffusionProcessingTxt2Img fields that genserve honours; other fields that
+class ProcessingRequest(BaseModel):
+    """The fields A1111's txt2img and img2img share that genserve honours; other fields that
     clients send with their default values are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
@@ -59,10 +61,17 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] | None = None
     force_task_id: str | None = Field(None, max_length=100, description="The id_task for /progress.")
     send_images: bool = True
-    enable_hr: bool = False
     restore_faces: bool | None = False
     tiling: bool | None = False
     script_name: str | None = None
+
+
+class Txt2ImgRequest(ProcessingRequest, HiresFields):
+    """A1111's StableDiffusionProcessingTxt2Img: the shared fields, hires fix and refiner."""
+
+
+class Img2ImgRequest(ProcessingRequest, Img2ImgFields):
+    """A1111's StableDiffusionProcessingImg2Img: the shared fields, init_images, mask and its options."""
 
 
 class ProgressState(BaseModel):
@@ -138,9 +147,8 @@ def _sampler(name: str | None, scheduler: str | None) -> str:
     return sampler
 
 
-def _unsupported(body: Txt2ImgRequest) -> None:
+def _unsupported(body: ProcessingRequest) -> None:
     for field, what in (
-        ("enable_hr", "hires fix"),
         ("restore_faces", "face restoration"),
         ("tiling", "tiling"),
     ):
@@ -150,15 +158,23 @@ def _unsupported(body: Txt2ImgRequest) -> None:
         raise LimitError("script_name", "scripts are not supported by genserve")
 
 
-def _job_body(body: Txt2ImgRequest, model: str | None, task_id: str) -> JobCreate:
+def _job_body(body: ProcessingRequest, model: str | None, task_id: str) -> JobCreate:
     _unsupported(body)
+    if isinstance(body, Img2ImgRequest):
+        extra = img2img_fields(body)
+    else:
+        assert isinstance(body, Txt2ImgRequest)
+        extra = hires_fields(body, _sampler, _model_name)
     try:
-        return _to_job(body, model, task_id)
+        return _to_job(body, model, task_id, extra)
     except ValidationError as error:
-        raise RequestValidationError(error.errors(include_url=False, include_context=False)) from None
+        errors = error.errors(include_url=False, include_context=False)
+        for item in errors:  # the name the client sent: denoising_strength, not strength
+            item["loc"] = ("body", *(A1111_FIELDS.get(str(part), part) for part in item["loc"]))
+        raise RequestValidationError(errors) from None
 
 
-def _to_job(body: Txt2ImgRequest, model: str | None, task_id: str) -> JobCreate:
+def _to_job(body: ProcessingRequest, model: str | None, task_id: str, extra: dict[str, Any]) -> JobCreate:
     return JobCreate(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -171,12 +187,14 @@ def _to_job(body: Txt2ImgRequest, model: str | None, task_id: str) -> JobCreate:
         sampler=_sampler(body.sampler_name or body.sampler_index, body.scheduler),
         num_images=body.batch_size * body.n_iter,
         request_id=TASK_PREFIX + task_id,
+        **extra,
     )
 
 
 def _info(job: JobRecord, task_id: str) -> dict[str, Any]:
     """A1111's `info` object; `infotexts` holds each image's parameter string."""
     params = GenerationParams.model_validate(job.params)
+    extra = extra_parameters(params)
     count = params.num_images
     seeds = [params.seed + index for index in range(count)]
     return {
@@ -200,12 +218,13 @@ def _info(job: JobRecord, task_id: str) -> dict[str, Any]:
         "sd_model_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": [a1111_parameters(params, seed=seed, model_name=params.model or "") for seed in seeds],
         "styles": [],
         "job_timestamp": job.created_at.strftime("%Y%m%d%H%M%S"),
         "clip_skip": 1,
+        "denoising_strength": extra.get("Denoising strength"),
+        "extra_generation_params": extra,
         "is_using_inpainting_conditioning": False,
         "version": f"genserve {__version__}",
         "id_task": task_id,
@@ -223,30 +242,55 @@ async def txt2img(
     client_id: ClientId = None,
     traceparent: Annotated[str | None, Header(alias="traceparent")] = None,
 ) -> JSONResponse:
-    """Generate images and answer when they are done, with A1111's `images`, `parameters`, `info`."""
+    """Generate images and answer when they are done, with A1111's `images`, `parameters`, `info`.
+    `enable_hr` with its `hr_*` fields and `refiner_checkpoint` map onto hires and refiner."""
+    return await _process(body, request, services, principal, client_id, traceparent, body.model_dump())
+
+
+@router.post("/img2img", operation_id="a1111_img2img")
+async def img2img(
+    body: Img2ImgRequest,
+    request: Request,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    client_id: ClientId = None,
+    traceparent: Annotated[str | None, Header(alias="traceparent")] = None,
+) -> JSONResponse:
+    """Change a picture (`init_images`, `denoising_strength`, `resize_mode`), or inpaint where the
+    `mask` is white (or opaque), with A1111's mask options. Answers as txt2img does."""
+    parameters = body.model_dump()
+    if not body.include_init_images:  # as A1111: do not send the pictures back
+        parameters.update(init_images=None, mask=None)
+    return await _process(body, request, services, principal, client_id, traceparent, parameters)
+
+
+async def _process(
+    body: ProcessingRequest,
+    request: Request,
+    services: Any,
+    principal: Principal,
+    client_id: str | None,
+    traceparent: str | None,
+    parameters: dict[str, Any],
+) -> JSONResponse:
     override = (body.override_settings or {}).get("sd_model_checkpoint")
     chosen = override or _options(request).get(_caller(request, principal, client_id))
     task_id = body.force_task_id or uuid.uuid4().hex
     job_body = _job_body(body, _model_name(chosen) if chosen else None, task_id)
     trace_id = trace_id_from(traceparent)
-    job, _ = await run_in_threadpool(submit_as, principal, job_body, services, client_id, trace_id)
+    try:
+        job, _ = await run_in_threadpool(submit_as, principal, job_body, services, client_id, trace_id)
+    except LimitError as error:  # named as the client sent it
+        raise LimitError(A1111_FIELDS.get(error.field, error.field), error.message) from None
     done = await wait_for_job(request, services.store, job.id, services.settings.compat_timeout_seconds)
     if done is None:
         raise HTTPException(500, f"job {job.id} disappeared from the store")
     if done.state == JobState.failed:
         raise HTTPException(500, f"generation failed: {done.error}")
     images = [image_b64(services.images, image_id) for image_id in done.image_ids] if body.send_images else []
-    parameters = body.model_dump()
     headers = {"X-Trace-Id": done.trace_id or trace_id, "X-Job-Id": done.id}
     content = {"images": images, "parameters": parameters, "info": json.dumps(_info(done, task_id))}
     return JSONResponse(content, headers=headers)
-
-
-@router.post("/img2img", operation_id="a1111_img2img", status_code=501)
-def img2img(body: Annotated[dict[str, Any] | None, Body()] = None) -> JSONResponse:
-    """Not available yet: answers 501 until genserve has img2img."""
-    message = "img2img is not implemented in genserve yet; only /sdapi/v1/txt2img is available"
-    return JSONResponse({"error": "NotImplemented", "detail": message}, status_code=501)
 
 
 @router.get("/progress", response_model=ProgressResponse, operation_id="a1111_progress")
