@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 
 import httpx
@@ -121,3 +122,110 @@ def test_models_list_reads_as_openai_models(client):
 def test_other_routes_keep_their_error_shape(server):
     response = httpx.post(server.url + "/v1/jobs", json={"prompt": "x", "width": 100}, timeout=30)
     assert response.status_code == 422 and "detail" in response.json()
+
+
+# POST /v1/images/edits
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def stored_params(server, job_id: str) -> dict:
+    return httpx.get(f"{server.url}/v1/jobs/{job_id}", timeout=30).json()["params"]
+
+
+def stored_picture(server, picture_id: str) -> Image.Image:
+    response = httpx.get(f"{server.url}/v1/uploads/{picture_id}", timeout=30)
+    assert response.status_code == 200
+    return Image.open(io.BytesIO(response.content))
+
+
+def test_edit_with_a_mask_inpaints_where_the_mask_is_transparent(client, server):
+    picture = png_bytes(Image.new("RGB", (64, 48), (30, 30, 200)))
+    mask = Image.new("RGBA", (64, 48), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 8, 48, 40))  # transparent: edit here
+    raw = client.images.with_raw_response.edit(
+        image=("picture.png", picture, "image/png"),
+        mask=("mask.png", png_bytes(mask), "image/png"),
+        prompt="a yellow star",
+        model="tiny-sd15",
+        n=2,
+        extra_body={**FAST, "seed": 4},
+    )
+    result = raw.parse()
+    assert len(result.data) == 2 and result.size == "64x48"  # size auto: the picture's
+    assert all(decode(item.b64_json).size == (64, 48) for item in result.data)
+    params = stored_params(server, raw.headers["x-job-id"])
+    assert params["init_image"] == "sha256:" + hashlib.sha256(picture).hexdigest()
+    assert params["strength"] == 1.0 and params["inpaint"]["fill"] == "fill"
+    white_means_edit = stored_picture(server, params["mask"])
+    assert white_means_edit.mode == "L" and white_means_edit.size == (64, 48)
+    assert white_means_edit.getpixel((20, 20)) == 255 and white_means_edit.getpixel((2, 2)) == 0
+
+
+def test_edit_without_a_mask_uses_the_images_transparency_or_else_is_img2img(client, server):
+    holed = Image.new("RGBA", (64, 64), (200, 30, 30, 255))
+    holed.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    raw = client.images.with_raw_response.edit(
+        image=("holed.png", png_bytes(holed), "image/png"), prompt="a fox", size="64x64", extra_body=FAST
+    )
+    params = stored_params(server, raw.headers["x-job-id"])
+    assert stored_picture(server, params["mask"]).getpixel((5, 5)) == 255
+    opaque = png_bytes(Image.new("RGB", (64, 64), (10, 120, 10)))
+    raw = client.images.with_raw_response.edit(
+        image=("opaque.png", opaque, "image/png"),
+        prompt="a fox",
+        size="64x64",
+        extra_body={**FAST, "strength": 0.5},
+    )
+    params = stored_params(server, raw.headers["x-job-id"])
+    assert (params["mask"], params["inpaint"], params["strength"]) == (None, None, 0.5)
+
+
+def test_edit_streams_partial_images(client):
+    picture = png_bytes(Image.new("RGB", (64, 64), (30, 30, 200)))
+    stream = client.images.edit(
+        image=("p.png", picture, "image/png"), prompt="a fox", stream=True, partial_images=2,
+        extra_body={"steps": 6, "seed": 1},
+    )  # fmt: skip
+    types = [event.type for event in stream]
+    assert types == ["image_edit.partial_image"] * 2 + ["image_edit.completed"], types
+
+
+@pytest.mark.parametrize(
+    ("arguments", "param", "text"),
+    [
+        ({"mask": ("m.png", png_bytes(Image.new("RGB", (64, 64))), "image/png")}, "mask", "alpha channel"),
+        ({"mask": ("m.png", png_bytes(Image.new("RGBA", (32, 32))), "image/png")}, "mask", "same size"),
+        ({"image": ("p.gif", b"GIF89a....", "image/gif")}, "image", "GIF pictures are not accepted"),
+        ({"image": ("p.png", b"\x89PNG\r\n\x1a\n broken", "image/png")}, "image", "corrupt"),
+        ({"extra_body": {"strength": 2}}, "strength", "less than or equal to 1"),
+        ({"extra_body": {"style": "vivid"}}, "style", "Unrecognized request argument"),
+        ({"n": 11}, "n", "less than or equal to 10"),
+    ],
+)
+def test_bad_edits_are_openai_errors_naming_the_param(client, arguments, param, text):
+    arguments = {"image": ("p.png", png_bytes(Image.new("RGB", (64, 64))), "image/png"), **arguments}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(prompt="x", model="tiny-sd15", **arguments)
+    error = caught.value
+    assert error.body["param"] == param and error.body["type"] == "invalid_request_error"
+    assert text in error.body["message"], error.body
+
+
+def test_edit_of_two_images_and_of_none(server):
+    picture = png_bytes(Image.new("RGB", (64, 64)))
+    two = httpx.post(
+        f"{server.url}/v1/images/edits",
+        data={"prompt": "x"},
+        files=[("image[]", ("a.png", picture, "image/png")), ("image[]", ("b.png", picture, "image/png"))],
+        timeout=30,
+    )
+    assert two.status_code == 400 and two.json()["error"]["param"] == "image"
+    none = httpx.post(
+        f"{server.url}/v1/images/edits", data={"prompt": "x"}, files={"x": ("a", b"b")}, timeout=30
+    )
+    assert none.status_code == 422 and none.json()["error"]["param"] == "image"

@@ -61,21 +61,19 @@ def _replay(body: bytes) -> Any:
 
 
 async def form_file(form: FormData, field: str, max_bytes: int, required: bool = True) -> bytes | None:
-    """The bytes of file field `field`; 422 naming it when it is missing or not a file, 413 when
-    it is larger than `max_bytes`."""
+    """The bytes of file field `field` (None when absent and not `required`); 422 naming it when
+    it is missing or not a file, 413 when it is larger than `max_bytes`."""
     value = form.get(field)
     if value is None and not required:
         return None
+    return await read_upload(value, field, max_bytes)
+
+
+async def read_upload(value: object, field: str, max_bytes: int) -> bytes:
     if not isinstance(value, UploadFile):
         what = "missing" if value is None else "not a file"
-        detail = [
-            {
-                "loc": ["body", field],
-                "msg": f"{field} is {what}: send a PNG, JPEG or WebP file",
-                "type": "missing",
-            }
-        ]
-        raise HTTPException(422, detail)
+        message = f"{field} is {what}: send a PNG, JPEG or WebP file"
+        raise HTTPException(422, [{"loc": ["body", field], "msg": message, "type": "missing"}])
     data = await value.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise too_large(field, f"{field} is over the limit of {max_bytes} bytes (max_upload_bytes)")

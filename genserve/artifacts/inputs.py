@@ -130,6 +130,8 @@ def _check_pixels(data: bytes, max_pixels: int) -> None:
 
 
 def _unknown_format(data: bytes) -> str:
+    if media_type_of(data) != "application/octet-stream":
+        return "the picture is corrupt or truncated (its header cannot be read)"
     head = data[:16].lstrip()
     for magic, name in _OTHER_FORMATS.items():
         if head.startswith(magic):

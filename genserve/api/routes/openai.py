@@ -1,8 +1,10 @@
-"""The OpenAI Images API: POST /v1/images/generations, as the official `openai` clients call it.
+"""The OpenAI Images API: POST /v1/images/generations and /v1/images/edits, as the official `openai`
+clients call them.
 
 genserve's extensions ride along in the same body (`negative_prompt`, `seed`, `steps`, `cfg_scale`,
-`sampler`). Errors on this route use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`,
-so the clients raise their usual exceptions (BadRequestError, RateLimitError, ...).
+`sampler`; `strength` for edits). Errors on these routes use OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, so the clients raise their usual exceptions
+(BadRequestError, RateLimitError, ...).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, FastAPI, Header, Request
+from fastapi import APIRouter, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,17 +25,46 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genserve.api.compat import ImageFormat, convert_image, data_url_payload, image_b64, wait_for_job
 from genserve.api.deps import ServicesDep
+from genserve.api.forms import FORM_SLACK_BYTES, form_file, read_form, read_upload
+from genserve.api.openai_pictures import MASKED_STRENGTH, UNMASKED_STRENGTH, edit_pictures
 from genserve.api.submission import trace_id_from
 from genserve.auth.deps import PrincipalDep, submit_as
 from genserve.auth.limits import QuotaExceeded, RateLimited
 from genserve.schemas import JobCreate, JobState, LimitError
 from genserve.schemas.generation import MAX_SEED, SamplerName
+from genserve.schemas.image_inputs import InpaintOptions
 from genserve.store.jobs import JobRecord, JobStore
 
 router = APIRouter(tags=["openai"])
 
+_EDIT_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "prompt"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "mask": {"type": "string", "format": "binary"},
+                        "prompt": {"type": "string"},
+                        "n": {"type": "integer"},
+                        "size": {"type": "string"},
+                        "response_format": {"type": "string", "enum": ["b64_json", "url"]},
+                        "strength": {"type": "number"},
+                    },
+                }
+            }
+        },
+    }
+}
+
 PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
+OPENAI_PATHS = (PATH, EDITS_PATH)
 _SIZE_FIELDS = {"width", "height"}
+_PARAMS = {"num_images": "n", "init_image": "image"}  # genserve field -> OpenAI parameter
 
 
 class OpenAIError(Exception):
@@ -49,8 +80,9 @@ class OpenAIError(Exception):
         return JSONResponse({"error": error}, status_code=self.status, headers=headers)
 
 
-class ImageGenerationRequest(BaseModel):
-    """OpenAI's fields, then genserve's extensions. Unknown fields are refused, as OpenAI does."""
+class ImageRequest(BaseModel):
+    """OpenAI's fields that generations and edits share, then genserve's extensions. Unknown fields
+    are refused, as OpenAI does."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -66,8 +98,6 @@ class ImageGenerationRequest(BaseModel):
     quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = Field(
         None, description="Accepted and ignored: use steps."
     )
-    style: Literal["vivid", "natural"] | None = Field(None, description="Accepted and ignored.")
-    moderation: Literal["auto", "low"] | None = Field(None, description="Accepted and ignored.")
     background: Literal["auto", "opaque", "transparent"] | None = Field(
         None, description="Only opaque backgrounds are drawn."
     )
@@ -80,6 +110,24 @@ class ImageGenerationRequest(BaseModel):
         None, description="genserve: classifier-free guidance scale (the model's default if omitted)."
     )
     sampler: SamplerName = Field("euler", description="genserve: sampler name.")
+
+
+class ImageGenerationRequest(ImageRequest):
+    style: Literal["vivid", "natural"] | None = Field(None, description="Accepted and ignored.")
+    moderation: Literal["auto", "low"] | None = Field(None, description="Accepted and ignored.")
+
+
+class ImageEditRequest(ImageRequest):
+    """The text fields of an edit's multipart form; `image` and `mask` are its files."""
+
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted and ignored.")
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="genserve: how much to change; 1.0 where a mask (or transparency) marks the edit, "
+        "else 0.75.",
+    )
 
 
 class ImageData(BaseModel):
@@ -108,7 +156,7 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
     return int(width), int(height)
 
 
-def _job_body(body: ImageGenerationRequest, preview_every: int) -> JobCreate:
+def _job_body(body: ImageRequest, preview_every: int, pictures: dict[str, Any] | None = None) -> JobCreate:
     if body.background == "transparent":
         raise OpenAIError(
             400, "background 'transparent' is not supported: genserve draws opaque images", "background"
@@ -127,6 +175,7 @@ def _job_body(body: ImageGenerationRequest, preview_every: int) -> JobCreate:
             sampler=body.sampler,
             num_images=body.n or 1,
             preview_every=preview_every,
+            **(pictures or {}),
         )
     except ValidationError as error:
         item = error.errors()[0]
@@ -138,16 +187,16 @@ def _job_body(body: ImageGenerationRequest, preview_every: int) -> JobCreate:
         raise OpenAIError(400, f"Invalid value for '{field}': {item['msg']}", field) from None
 
 
-def _limit_error(error: LimitError, body: ImageGenerationRequest) -> OpenAIError:
+def _limit_error(error: LimitError, body: ImageRequest) -> OpenAIError:
     if error.field in _SIZE_FIELDS:
         model = body.model or "the default model"
         return OpenAIError(400, f"size '{body.size}' is not supported for {model}: {error.message}", "size")
-    param = {"num_images": "n"}.get(error.field, error.field)
+    param = _PARAMS.get(error.field, error.field)
     code = "model_not_found" if error.field == "model" else "invalid_value"
     return OpenAIError(400, error.message, param, code)
 
 
-def _preview_cadence(body: ImageGenerationRequest) -> int:
+def _preview_cadence(body: ImageRequest) -> int:
     """Previews only when streaming partial images: spread so there are about `partial_images`."""
     if not body.stream or not body.partial_images:
         return 0
@@ -155,9 +204,14 @@ def _preview_cadence(body: ImageGenerationRequest) -> int:
 
 
 def _submit(
-    principal: Any, body: ImageGenerationRequest, services: Any, client_id: str | None, trace_id: str
+    principal: Any,
+    body: ImageRequest,
+    services: Any,
+    client_id: str | None,
+    trace_id: str,
+    pictures: dict[str, Any] | None = None,
 ) -> JobRecord:
-    job_body = _job_body(body, _preview_cadence(body))
+    job_body = _job_body(body, _preview_cadence(body), pictures)
     try:
         job, _ = submit_as(
             principal, job_body, services, body.safety_identifier or body.user or client_id, trace_id
@@ -184,10 +238,72 @@ async def create_image(
     """Generate images (OpenAI Images API). Blocks until done, or streams with `stream: true`."""
     trace_id = trace_id_from(traceparent)
     job = await run_in_threadpool(_submit, principal, body, services, client_id, trace_id)
+    return await _answer(request, services, job, body, trace_id, "image_generation")
+
+
+@router.post(
+    EDITS_PATH,
+    operation_id="openai_edit_image",
+    response_model=ImagesResponse,
+    openapi_extra=_EDIT_FORM,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream: true"}},
+)
+async def edit_image(
+    request: Request,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    client_id: Annotated[str | None, Header(alias="X-Client-Id", max_length=200)] = None,
+    traceparent: Annotated[str | None, Header(alias="traceparent")] = None,
+) -> Any:
+    """Edit a picture (multipart: `image`, optional `mask` whose TRANSPARENT pixels mark the edit,
+    `prompt`, ...): inpainting where a mask or the image's own transparency says, else img2img."""
+    limits = services.settings.limits
+    image, mask, body = await _edit_form(request, limits.max_upload_bytes)
+    try:
+        stored = await run_in_threadpool(edit_pictures, image, mask, services.inputs, limits)
+    except LimitError as error:
+        raise _limit_error(error, body) from None
+    pictures: dict[str, Any] = {
+        "init_image": stored.init_image,
+        "mask": stored.mask,
+        "strength": body.strength or (MASKED_STRENGTH if stored.mask else UNMASKED_STRENGTH),
+        # transparent pixels carry no colour worth keeping: start the masked area from its surroundings
+        "inpaint": InpaintOptions(fill="fill") if stored.mask else None,
+    }
+    trace_id = trace_id_from(traceparent)
+    job = await run_in_threadpool(_submit, principal, body, services, client_id, trace_id, pictures)
+    return await _answer(request, services, job, body, trace_id, "image_edit")
+
+
+async def _edit_form(request: Request, max_bytes: int) -> tuple[bytes, bytes | None, ImageEditRequest]:
+    """The edit's image, mask and text fields, read with a byte cap; OpenAI errors naming the field."""
+    try:
+        form = await read_form(request, 2 * max_bytes + FORM_SLACK_BYTES, "image")
+        files = [*form.getlist("image"), *form.getlist("image[]")]
+        if len(files) > 1:
+            raise OpenAIError(400, "genserve edits one image per request; send one image", "image")
+        image = await read_upload(files[0] if files else None, "image", max_bytes)
+        mask = await form_file(form, "mask", max_bytes, required=False)
+    except HTTPException as error:
+        detail = error.detail[0] if isinstance(error.detail, list) else {"msg": str(error.detail)}
+        param = str(detail.get("loc", ["", "image"])[-1]) if detail.get("loc") else None
+        raise OpenAIError(error.status_code, detail["msg"], param) from None
+    fields = {key: value for key, value in form.multi_items() if key not in ("image", "image[]", "mask")}
+    try:
+        body = ImageEditRequest.model_validate(fields)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors(include_url=False, include_context=False)) from None
+    return image, mask, body
+
+
+async def _answer(
+    request: Request, services: Any, job: JobRecord, body: ImageRequest, trace_id: str, kind: str
+) -> Any:
+    """The finished job in OpenAI's shape, or its events as `<kind>.partial_image` / `.completed`."""
     headers = {"X-Trace-Id": job.trace_id or trace_id, "X-Job-Id": job.id}
     output_format = body.output_format or "png"
     if body.stream:
-        events = _stream(services.store, services.images, job, body, output_format)
+        events = _stream(services.store, services.images, job, body, output_format, kind)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     done = await wait_for_job(request, services.store, job.id, services.settings.compat_timeout_seconds)
     _raise_unless_succeeded(done)
@@ -226,10 +342,15 @@ def _sse(event: dict) -> str:
 
 
 async def _stream(
-    store: JobStore, images: Any, job: JobRecord, body: ImageGenerationRequest, output_format: ImageFormat
+    store: JobStore,
+    images: Any,
+    job: JobRecord,
+    body: ImageRequest,
+    output_format: ImageFormat,
+    kind: str = "image_generation",
 ) -> AsyncIterator[str]:
-    """genserve's preview events as image_generation.partial_image, then one
-    image_generation.completed per image; a failure ends the stream with an `error` event."""
+    """genserve's preview events as <kind>.partial_image, then one <kind>.completed per image
+    (kind: image_generation or image_edit); a failure ends the stream with an `error` event."""
     common = {
         "background": "opaque",
         "quality": "auto",
@@ -248,7 +369,7 @@ async def _stream(
                 yield _sse(
                     {
                         **common,
-                        "type": "image_generation.partial_image",
+                        "type": f"{kind}.partial_image",
                         "b64_json": partial.decode("ascii"),
                         "created_at": int(time.time()),
                         "partial_image_index": partials,
@@ -265,7 +386,7 @@ async def _stream(
                     yield _sse(
                         {
                             **common,
-                            "type": "image_generation.completed",
+                            "type": f"{kind}.completed",
                             "b64_json": image_b64(images, image_id, output_format, body.output_compression),
                             "created_at": int(time.time()),
                             "usage": _NO_TOKENS,
@@ -288,7 +409,7 @@ _NO_TOKENS = {
 
 
 def install_error_shape(app: FastAPI) -> None:
-    """Answer errors on POST /v1/images/generations in OpenAI's shape; other routes keep theirs.
+    """Answer errors on the OpenAI routes in OpenAI's shape; other routes keep theirs.
 
     Call after the app's own handlers are registered: each one is wrapped, not replaced.
     """
@@ -297,7 +418,7 @@ def install_error_shape(app: FastAPI) -> None:
         previous = app.exception_handlers.get(exception)
 
         async def handler(request: Request, error: Exception) -> Any:
-            if request.url.path == PATH or previous is None:
+            if request.url.path in OPENAI_PATHS or previous is None:
                 converted, headers = convert(error)
                 return converted.response(headers)
             return await previous(request, error)
