@@ -282,3 +282,108 @@ def test_server_batches_progress_manifest_and_cancel(tiny_models_dir, tmp_path):
             assert bad.status_code == 422 and "variants[0]" in bad.json()["detail"][0]["msg"]
     finally:
         server.stop()
+
+
+# 5. Pictures in (issue 16): init_image per prompt item, strength variants
+
+
+def red_png(path: Path, size=(64, 48)) -> bytes:
+    Image.new("RGB", size, (220, 20, 20)).save(path)
+    return path.read_bytes()
+
+
+def test_init_image_per_prompt_item_and_strength_variants(tiny_models_dir, tmp_path):
+    import hashlib
+
+    from genserve.artifacts.inputs import InputStore
+    from genserve.batch.expand import store_spec_pictures
+    from genserve.batch.runner import cost_group
+
+    data = red_png(tmp_path / "red.png")
+    settings = settings_for(tiny_models_dir, tmp_path / "data")
+    pictures = InputStore(settings.inputs_dir)
+    models = scan_models(tiny_models_dir)
+    body = {
+        "prompts": [{"prompt": "a green circle", "init_image": "red.png"}, "a blue star"],
+        "variants": {"strength": [0.5, 0.75], "steps": [4]},
+    }
+    spec, base = load_spec(body, base_dir=tmp_path)
+    stored = store_spec_pictures(spec, base, pictures, settings.limits, local_files=True)
+    items = expand(stored, base, models, settings, pictures)
+    picture_id = "sha256:" + hashlib.sha256(data).hexdigest()
+    from_picture = [item for item in items if item.params.init_image]
+    assert [(i.params.init_image, i.params.strength) for i in from_picture] == [
+        (picture_id, 0.5),
+        (picture_id, 0.75),
+    ]
+    assert all((i.params.width, i.params.height) == (64, 48) for i in from_picture)  # the picture's size
+    assert pictures.get(picture_id) == data
+    assert len({cost_group(i.params) for i in from_picture}) == 2  # different strengths cost differently
+    # The txt2img prompt is one item, keyed exactly as before strength variants existed.
+    [plain] = [item for item in items if not item.params.init_image]
+    plain_spec, _ = load_spec({"prompts": ["a blue star"], "variants": {"steps": [4]}}, base_dir=tmp_path)
+    assert plain.key == expand(plain_spec, base, models, settings)[0].key
+    assert len({item.key for item in items}) == 3
+
+
+def test_bad_pictures_in_a_spec_are_located(tiny_models_dir, tmp_path):
+    from genserve.artifacts.inputs import InputStore
+    from genserve.batch.expand import store_spec_pictures
+
+    settings = settings_for(tiny_models_dir, tmp_path / "data")
+    pictures = InputStore(settings.inputs_dir)
+    red_png(tmp_path / "red.png")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    spec, base = load_spec(
+        {
+            "prompts": [
+                {"prompt": "a", "init_image": "missing.png"},
+                {"prompt": "b", "init_image": "notes.txt"},
+                {"prompt": "c", "init_image": "red.png", "mask": "sha256:" + "0" * 64},
+            ]
+        },
+        base_dir=tmp_path,
+    )
+    with pytest.raises(SpecError) as caught:
+        store_spec_pictures(spec, base, pictures, settings.limits, local_files=True)
+    assert caught.value.errors[0].startswith("prompts[0].init_image: cannot read missing.png")
+    assert caught.value.errors[1].startswith("prompts[1].init_image: init_image: not a PNG, JPEG or WebP")
+    assert caught.value.errors[2].startswith("prompts[2].mask: mask: no upload has the id")
+    # A spec sent to the server never names files on it.
+    with pytest.raises(SpecError) as caught:
+        store_spec_pictures(spec, base, pictures, settings.limits, local_files=False)
+    assert "not base64, a data URL or an upload id" in caught.value.errors[0]
+    with pytest.raises(SpecError) as caught:
+        load_spec({"prompts": ["x"], "variants": {"strength": [0.5, 1.5]}})
+    assert "variants.strength: strength[1] = 1.5 is outside (0, 1]" in caught.value.errors[0]
+
+
+def test_server_batch_stores_pictures_by_hash(tiny_models_dir, tmp_path):
+    import base64
+    import hashlib
+
+    from fastapi.testclient import TestClient
+
+    from genserve.api.app import create_app
+    from genserve.store.batches import BatchStore
+
+    data = red_png(tmp_path / "red.png")
+    settings = settings_for(tiny_models_dir, tmp_path / "data", workers=0, builtin_models=False)
+    app = create_app(settings, supervise_workers=False)
+    with TestClient(app) as client:
+        spec = {
+            "prompts": [{"prompt": "a green circle", "init_image": base64.b64encode(data).decode()}],
+            "variants": {"strength": [0.5, 1.0], "steps": [4]},
+        }
+        batch = client.post("/v1/batches", json=spec)
+        assert batch.status_code == 202, batch.text
+        rows = [json.loads(line) for line in client.get(batch.json()["manifest_url"]).text.splitlines()]
+        picture_id = "sha256:" + hashlib.sha256(data).hexdigest()
+        assert [(row["init_image"], row["strength"]) for row in rows] == [
+            (picture_id, 0.5),
+            (picture_id, 1.0),
+        ]
+        stored = BatchStore(app.state.services.store.engine).get(batch.json()["id"]).spec
+        assert stored["prompts"][0]["init_image"] == picture_id  # not the base64
+        bad = client.post("/v1/batches", json={"prompts": [{"prompt": "x", "init_image": "red.png"}]})
+        assert bad.status_code == 422 and "prompts[0].init_image" in bad.json()["detail"][0]["msg"]

@@ -17,12 +17,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from genserve.batch.expand import RenderItem, expand
-from genserve.batch.runner import manifest_rows, progress_counts, submit_items, write_manifest
+from genserve.artifacts.s3 import make_input_store
+from genserve.batch.expand import RenderItem, expand, store_spec_pictures
+from genserve.batch.runner import cost_group, manifest_rows, progress_counts, submit_items, write_manifest
 from genserve.batch.spec import BatchSpec, SpecError, load_spec
 from genserve.config import Settings
 from genserve.engine.registry import ModelInfo, registered_models
-from genserve.schemas.generation import batch_key
 
 batch_app = typer.Typer(help="Render N prompts × variants, resumable, with a manifest.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -36,9 +36,11 @@ def _load(
     spec_path: Path, settings: Settings
 ) -> tuple[BatchSpec, Path, list[RenderItem], dict[str, ModelInfo]]:
     models = registered_models(settings)
+    pictures = make_input_store(settings)
     try:
         spec, base_dir = load_spec(spec_path)
-        items = expand(spec, base_dir, models, settings)
+        spec = store_spec_pictures(spec, base_dir, pictures, settings.limits, local_files=True)
+        items = expand(spec, base_dir, models, settings, pictures)
     except SpecError as error:
         console.print(f"[red]{spec_path}: {len(error.errors)} problem(s)[/red]")
         for line in error.errors:
@@ -58,13 +60,13 @@ def print_estimate(
     items: list[RenderItem], models: dict[str, ModelInfo], settings: Settings, price: float | None
 ) -> None:
     """The cost model's time for the whole batch, per batch key, before anything runs."""
-    from genserve.scheduler.cost import estimate
+    from genserve.scheduler.cost import estimate, steps_run
     from genserve.store.calibration import CalibrationStore
 
     calibration = CalibrationStore.from_url(settings.resolved_store_url)
     groups: dict[tuple, list[RenderItem]] = {}
     for item in items:
-        groups.setdefault(batch_key(item.params), []).append(item)
+        groups.setdefault(cost_group(item.params), []).append(item)
     table = Table("model", "size", "steps", "images", "batch", "s/image", "images/hour", "hours", "cost")
     total_hours, total_cost = 0.0, 0.0
     for group in groups.values():
@@ -78,8 +80,14 @@ def print_estimate(
             height=params.height,
             batch=batch,
         )
+        strength = params.strength if params.init_image is not None else None  # img2img runs fewer steps
         result = estimate(
-            timing, steps=params.steps, batch=batch, gpu_price_per_hour=price, images=len(group)
+            timing,
+            steps=steps_run(params.steps, strength),
+            batch=batch,
+            gpu_price_per_hour=price,
+            images=len(group),
+            encodes=strength is not None,
         )
         total_hours += result.gpu_hours or 0.0
         total_cost += result.total_cost or 0.0

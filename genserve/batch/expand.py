@@ -1,12 +1,16 @@
 """From a spec to items: prompts × variants × n, each one image with a content-derived key.
 
 An item's key is a hash of everything that decides its pixels (model, prompt, negative prompt, size,
-steps, CFG, sampler, seed). Items with the same key are the same picture: within a spec they are
+steps, CFG, sampler, seed; and for an item that starts from a picture, the picture's and mask's
+hashes and the strength). Items with the same key are the same picture: within a spec they are
 rendered once, and across specs the job store's idempotency makes them one job.
+
+Pictures are stored before expansion (`store_spec_pictures`), so items name them by hash only.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import json
@@ -14,11 +18,14 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from genserve.api.pictures import PICTURE_FIELDS, store_pictures
 from genserve.api.submission import resolve_params
+from genserve.artifacts.inputs import InputStore
 from genserve.batch.spec import BatchSpec, PromptFile, PromptItem, PromptTemplate, SpecError, parse_size
-from genserve.config import Settings
+from genserve.config import Limits, Settings
 from genserve.engine.registry import ModelInfo
 from genserve.schemas import GenerationParams, LimitError
+from genserve.schemas.image_inputs import is_image_hash
 
 MAX_REPORTED_ERRORS = 50
 KEY_FIELDS = (
@@ -41,21 +48,65 @@ class RenderItem:
     params: GenerationParams  # resolved; one image
 
 
+# Only items that start from a picture add these, so txt2img items keep the keys they always had.
+PICTURE_KEY_FIELDS = ("init_image", "mask", "strength")
+
+
 def item_key(params: GenerationParams) -> str:
-    canonical = json.dumps({name: getattr(params, name) for name in KEY_FIELDS}, sort_keys=True)
+    fields = KEY_FIELDS + (PICTURE_KEY_FIELDS if params.init_image is not None else ())
+    canonical = json.dumps({name: getattr(params, name) for name in fields}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def read_prompts(spec: BatchSpec, base_dir: Path) -> list[tuple[str, str | None]]:
-    """(prompt, negative prompt or None for the spec's default), in order."""
+def read_prompts(spec: BatchSpec, base_dir: Path) -> list[PromptItem]:
+    """The prompts in order; a None negative prompt means the spec's default."""
     source = spec.prompts
     if isinstance(source, PromptTemplate):
-        return _fill_template(source)
+        return [PromptItem(prompt=prompt) for prompt, _ in _fill_template(source)]
     if isinstance(source, PromptFile):
         return _read_prompt_file(base_dir / source.file, source.file)
-    return [
-        (entry, None) if isinstance(entry, str) else (entry.prompt, entry.negative_prompt) for entry in source
-    ]
+    return [PromptItem(prompt=entry) if isinstance(entry, str) else entry for entry in source]
+
+
+def store_spec_pictures(
+    spec: BatchSpec, base_dir: Path, pictures: InputStore, limits: Limits, local_files: bool
+) -> BatchSpec:
+    """The spec with every prompt's pictures stored and named by hash. With `local_files` (a spec
+    read on this machine) a picture may be a file relative to `base_dir`; a spec sent to the server
+    carries base64, data URLs or upload ids only. Raises SpecError naming each bad picture."""
+    if not isinstance(spec.prompts, list):
+        return spec
+    prompts: list[str | PromptItem] = []
+    errors: list[str] = []
+    for index, entry in enumerate(spec.prompts):
+        if isinstance(entry, PromptItem) and (entry.init_image or entry.mask):
+            try:
+                probe = GenerationParams(prompt=entry.prompt, init_image=entry.init_image, mask=entry.mask)
+                if local_files:
+                    probe = probe.model_copy(update=_read_files(probe, base_dir))
+                stored = store_pictures(probe, pictures, limits)
+            except LimitError as error:
+                errors.append(f"prompts[{index}].{error.field}: {error.message}")
+                continue
+            entry = entry.model_copy(update={"init_image": stored.init_image, "mask": stored.mask})
+        prompts.append(entry)
+    if errors:
+        raise SpecError(errors[:MAX_REPORTED_ERRORS])
+    return spec.model_copy(update={"prompts": prompts})
+
+
+def _read_files(params: GenerationParams, base_dir: Path) -> dict[str, str]:
+    """Pictures named by file (not an id or a data URL) as base64."""
+    found = {}
+    for field in PICTURE_FIELDS:
+        value = getattr(params, field)
+        if value is None or is_image_hash(value) or value.startswith("data:"):
+            continue
+        try:
+            found[field] = base64.b64encode((base_dir / value).read_bytes()).decode("ascii")
+        except OSError as error:
+            raise LimitError(field, f"cannot read {value} ({error.strerror})") from None
+    return found
 
 
 def _fill_template(source: PromptTemplate) -> list[tuple[str, str | None]]:
@@ -70,7 +121,7 @@ def _fill_template(source: PromptTemplate) -> list[tuple[str, str | None]]:
     ]
 
 
-def _read_prompt_file(path: Path, shown: str) -> list[tuple[str, str | None]]:
+def _read_prompt_file(path: Path, shown: str) -> list[PromptItem]:
     try:
         lines = path.read_text().splitlines()
     except OSError as error:
@@ -85,9 +136,12 @@ def _read_prompt_file(path: Path, shown: str) -> list[tuple[str, str | None]]:
             except ValueError as error:
                 errors.append(f"prompts.file {shown}, line {number}: {str(error).splitlines()[0]}")
                 continue
-            prompts.append((entry.prompt, entry.negative_prompt))
+            if entry.init_image or entry.mask:
+                errors.append(f"prompts.file {shown}, line {number}: pictures go in inline prompt items")
+                continue
+            prompts.append(entry)
         else:
-            prompts.append((line.strip(), None))
+            prompts.append(PromptItem(prompt=line.strip()))
     if errors:
         raise SpecError(errors[:MAX_REPORTED_ERRORS])
     if not prompts:
@@ -105,6 +159,7 @@ def variant_rows(spec: BatchSpec) -> list[dict]:
         "cfg_scale": variants.cfg_scale,
         "sampler": variants.sampler,
         "model": variants.model,
+        "strength": variants.strength,
     }
     if variants.mode == "grid":
         return [dict(zip(lists, combo, strict=True)) for combo in itertools.product(*lists.values())]
@@ -117,22 +172,35 @@ def variant_rows(spec: BatchSpec) -> list[dict]:
 
 
 def expand(
-    spec: BatchSpec, base_dir: Path, models: dict[str, ModelInfo], settings: Settings
+    spec: BatchSpec,
+    base_dir: Path,
+    models: dict[str, ModelInfo],
+    settings: Settings,
+    pictures: InputStore | None = None,
 ) -> list[RenderItem]:
-    """All items of the spec, checked against the same limits as the API; duplicates dropped."""
+    """All items of the spec, checked against the same limits as the API; duplicates dropped.
+
+    Its pictures must be stored (`store_spec_pictures`); `pictures` is where their sizes are read."""
     prompts = read_prompts(spec, base_dir)
     rows = variant_rows(spec)
     items: list[RenderItem] = []
     seen: set[str] = set()
     errors: list[str] = []
-    for (p, (prompt, negative)), (v, row) in itertools.product(enumerate(prompts), enumerate(rows)):
+    for (p, entry), (v, row) in itertools.product(enumerate(prompts), enumerate(rows)):
+        negative = entry.negative_prompt
         for k in range(spec.variants.n):
             width, height = parse_size(row["size"]) if row["size"] else (None, None)
             try:
                 params = resolve_params(
                     GenerationParams(
-                        prompt=prompt,
+                        prompt=entry.prompt,
                         negative_prompt=negative if negative is not None else spec.negative_prompt,
+                        init_image=entry.init_image,
+                        mask=entry.mask,
+                        # txt2img items keep the default: strength neither runs nor keys them
+                        strength=row["strength"]
+                        if entry.init_image
+                        else GenerationParams.model_fields["strength"].default,
                         model=row["model"],
                         seed=row["seed"] + k,
                         steps=row["steps"],
@@ -145,6 +213,7 @@ def expand(
                     ),
                     models,
                     settings,
+                    pictures,
                 )
             except LimitError as error:
                 errors.append(f"prompts[{p}] × variants[{v}] (n={k}).{error.field}: {error.message}")

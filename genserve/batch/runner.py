@@ -18,13 +18,13 @@ from genserve.artifacts.images import ImageStore
 from genserve.batch.expand import RenderItem
 from genserve.batch.spec import BatchSpec
 from genserve.engine.registry import ModelInfo
-from genserve.schemas import JobState
+from genserve.schemas import GenerationParams, JobState
 from genserve.schemas.generation import batch_key
 from genserve.store.jobs import JobRecord, JobStore
 
 MANIFEST_FIELDS = [
     "index", "key", "state", "prompt", "negative_prompt", "model", "width", "height", "steps",
-    "cfg_scale", "sampler", "seed", "file", "sha256", "job_id", "attempts", "error",
+    "cfg_scale", "sampler", "seed", "init_image", "strength", "file", "sha256", "job_id", "attempts", "error",
     "created_at", "started_at", "finished_at", "seconds",
 ]  # fmt: skip
 
@@ -51,7 +51,7 @@ def submit_items(
     estimates: dict[tuple, float] = {}
     job_ids = {}
     for item in items:
-        group = batch_key(item.params)
+        group = cost_group(item.params)
         if group not in estimates:
             estimates[group] = estimated_seconds(item.params, models[item.params.model].family, store)
         job, created = store.submit(
@@ -69,6 +69,11 @@ def submit_items(
             store.reopen(job.id, spec.retries)
         job_ids[item.key] = job.id
     return job_ids
+
+
+def cost_group(params: GenerationParams) -> tuple:
+    """Items that cost the same: one batch key, and (img2img) the same strength, so the same steps."""
+    return (*batch_key(params), params.strength if params.init_image is not None else None)
 
 
 def progress_counts(store: JobStore, job_ids: list[str], total: int) -> dict[str, int]:
@@ -122,6 +127,7 @@ def manifest_rows(
             "index": item.index, "key": item.key, "state": job.state.value if job else "unknown",
             "prompt": p.prompt, "negative_prompt": p.negative_prompt, "model": p.model, "width": p.width,
             "height": p.height, "steps": p.steps, "cfg_scale": p.cfg_scale, "sampler": p.sampler, "seed": p.seed,
+            "init_image": p.init_image, "strength": p.strength if p.init_image else None,
             "file": None, "sha256": None, "job_id": job.id if job else None, "attempts": job.attempt if job else 0,
             "error": job.error if job and job.state != JobState.succeeded else None,
             "created_at": job.created_at.isoformat() if job else None,

@@ -7,6 +7,7 @@
     negative_prompt: ""
     variants:                        # grid (every combination) or zip (element-wise)
       mode: grid
+      strength: [0.5, 0.75]          # img2img: items whose prompt has an init_image
       seed: [1, 2]
       size: ["64x64"]
       steps: [20]
@@ -16,6 +17,9 @@
       n: 1                           # images per combination: seeds seed, seed+1, ...
     output: {dir: out/catalog, pattern: "{index:05d}-{seed}.{ext}", format: png}
     retries: 3
+
+A prompt item may start from a picture: `{prompt: "a green circle", init_image: red.png}` (a file
+next to the spec; base64, a data URL or an upload id when the spec is sent to /v1/batches).
 
 Every error names its place in the spec, e.g. `variants.size[1]: expected WIDTHxHEIGHT`.
 """
@@ -55,6 +59,12 @@ class PromptItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = Field(min_length=1)
     negative_prompt: str | None = None
+    init_image: str | None = Field(
+        None,
+        description="Start from this picture: a file (relative to the spec) in a local spec; base64, a "
+        "data URL or an upload id (sha256:<hex>) sent to /v1/batches.",
+    )
+    mask: str | None = Field(None, description="Inpaint where white; same forms as init_image.")
 
 
 class Variants(BaseModel):
@@ -68,6 +78,9 @@ class Variants(BaseModel):
     )
     sampler: list[SamplerName] = Field(default_factory=lambda: ["euler"])
     model: list[str | None] = Field(default_factory=lambda: [None])
+    strength: list[float] = Field(
+        default_factory=lambda: [0.75], description="img2img strengths (items with an init_image only)."
+    )
     n: int = Field(1, ge=1, le=1000, description="Images per combination (seeds seed, seed+1, ...).")
 
     @field_validator("seed")
@@ -77,6 +90,14 @@ class Variants(BaseModel):
             if not 0 <= seed <= MAX_SEED:
                 raise ValueError(f"seed[{index}] = {seed} is outside 0..{MAX_SEED}")
         return seeds
+
+    @field_validator("strength")
+    @classmethod
+    def _strengths_in_range(cls, strengths: list[float]) -> list[float]:
+        for index, strength in enumerate(strengths):
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength[{index}] = {strength} is outside (0, 1]")
+        return strengths
 
     @field_validator("size")
     @classmethod

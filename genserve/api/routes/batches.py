@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from genserve.api.deps import ServicesDep
 from genserve.api.sse import SSE_HEADERS
 from genserve.auth.deps import Principal, PrincipalDep, admit_batch
-from genserve.batch.expand import expand
+from genserve.batch.expand import expand, store_spec_pictures
 from genserve.batch.runner import manifest_csv, manifest_jsonl, manifest_rows, progress_counts, submit_items
 from genserve.batch.spec import BatchSpec, PromptFile, SpecError, load_spec
 from genserve.store.batches import BatchRecord, BatchStore
@@ -74,7 +74,11 @@ def create_batch(
     models = services.catalog.models()
     try:
         parsed, base_dir = load_spec(spec.model_dump())
-        items = expand(parsed, base_dir, models, services.settings)
+        # pictures by hash from here on: the stored spec stays small and expands the same later
+        parsed = store_spec_pictures(
+            parsed, base_dir, services.inputs, services.settings.limits, local_files=False
+        )
+        items = expand(parsed, base_dir, models, services.settings, services.inputs)
     except SpecError as error:
         detail = [
             {"loc": ["body", line.split(":", 1)[0]], "msg": line, "type": "spec_error"}
@@ -85,7 +89,7 @@ def create_batch(
     client = principal.client_id(client_id)
     job_ids = submit_items(services.store, items, parsed, models, client, principal.key_id)
     batch_id = BatchStore(services.store.engine).create(
-        parsed.name, spec.model_dump(), [(item.key, job_ids[item.key]) for item in items], client
+        parsed.name, parsed.model_dump(), [(item.key, job_ids[item.key]) for item in items], client
     )
     return _public(services, principal, batch_id)
 
@@ -116,7 +120,7 @@ def batch_manifest(
     """One row per item: key, prompt, parameters, seed, image URL, sha256, timings, errors."""
     batch = _owned_batch(services, principal, batch_id)
     parsed, base_dir = load_spec(batch.spec)
-    items = expand(parsed, base_dir, services.catalog.models(), services.settings)
+    items = expand(parsed, base_dir, services.catalog.models(), services.settings, services.inputs)
     job_ids = BatchStore(services.store.engine).job_ids(batch_id)
     rows = manifest_rows(
         parsed, items, job_ids, services.store.get_many(list(job_ids.values())), services.images, None
