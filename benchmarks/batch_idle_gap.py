@@ -35,8 +35,8 @@ from batching_throughput import TimedStore  # the sibling script (its folder is 
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine
-from genserve.engine.optimize import device_name, device_slug
-from genserve.engine.registry import scan_models
+from genserve.engine.models.registry import scan_models
+from genserve.engine.speed.optimize import device_name, device_slug
 from genserve.schemas import GenerationParams
 from genserve.store.jobs import JobStore
 from genserve.worker.loop import Worker

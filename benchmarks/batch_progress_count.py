@@ -18,7 +18,7 @@ from collections import Counter
 from datetime import date
 from pathlib import Path
 
-from genserve.engine.optimize import device_name
+from genserve.engine.speed.optimize import device_name
 from genserve.store.jobs import JobStore
 
 

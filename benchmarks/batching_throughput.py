@@ -25,8 +25,8 @@ import torch
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine
-from genserve.engine.optimize import device_name
-from genserve.engine.registry import ModelInfo, scan_models
+from genserve.engine.models.registry import ModelInfo, scan_models
+from genserve.engine.speed.optimize import device_name
 from genserve.schemas import GenerationParams
 from genserve.store.jobs import JobStore
 from genserve.worker.loop import Worker

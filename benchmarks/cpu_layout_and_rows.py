@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from genserve.engine.optimize import device_name
-from genserve.engine.registry import BUILTIN_MODELS_DIR
+from genserve.engine.models.registry import BUILTIN_MODELS_DIR
+from genserve.engine.speed.optimize import device_name
 
 
 def median_seconds(repeats: int, module: Callable, *inputs: torch.Tensor) -> float:

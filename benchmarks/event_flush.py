@@ -24,7 +24,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from genserve.engine.optimize import device_name
+from genserve.engine.speed.optimize import device_name
 from genserve.events.log import EventLog, append_event
 from genserve.store.db import write_transaction
 from genserve.store.jobs import JobStore

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-import genserve.engine.denoise as denoise_module
+import genserve.engine.loop.denoise as denoise_module
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine
-from genserve.engine.optimize import device_name
-from genserve.engine.registry import scan_models
+from genserve.engine.models.registry import scan_models
+from genserve.engine.speed.optimize import device_name
 from genserve.schemas import GenerationParams
 from genserve.store.jobs import JobStore
 from genserve.worker.loop import ProgressReporter, Worker

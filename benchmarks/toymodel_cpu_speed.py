@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from genserve.engine.engine import Engine
-from genserve.engine.optimize import device_name
-from genserve.engine.registry import read_model_info
+from genserve.engine.models.registry import read_model_info
+from genserve.engine.speed.optimize import device_name
 from genserve.schemas.generation import GenerationParams
 from genserve.toymodel.evaluate import DEFAULT_STEPS
 

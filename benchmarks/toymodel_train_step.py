@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from genserve.engine.optimize import device_name
+from genserve.engine.speed.optimize import device_name
 from genserve.toymodel import dataset, train
 from genserve.toymodel.tokenizer import build_tokenizer
 

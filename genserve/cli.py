@@ -121,9 +121,8 @@ def _progress() -> Progress:
 def _generate_local(params: GenerationParams, output: Path) -> list[Path]:
     from genserve.api.submission import resolve_params
     from genserve.artifacts.png import encode_png
-    from genserve.engine.engine import Engine, EngineError
-    from genserve.engine.optimize import engine_optimizations
-    from genserve.engine.registry import registered_models
+    from genserve.engine.engine import Engine, EngineError, engine_optimizations
+    from genserve.engine.models.registry import registered_models
 
     settings = Settings()
     models = registered_models(settings)
@@ -259,7 +258,7 @@ def models(
 
         rows = httpx.get(server.rstrip("/") + "/v1/models", timeout=30).raise_for_status().json()["data"]
     else:
-        from genserve.engine.registry import registered_models
+        from genserve.engine.models.registry import registered_models
 
         settings = Settings()
         rows = [
@@ -318,9 +317,8 @@ def calibrate(
     ] = None,
 ) -> None:
     """Measure the cost model's O and t_step on this machine and store them for `plan` and the server."""
-    from genserve.engine.engine import Engine, EngineError
-    from genserve.engine.optimize import engine_optimizations
-    from genserve.engine.registry import registered_models
+    from genserve.engine.engine import Engine, EngineError, engine_optimizations
+    from genserve.engine.models.registry import registered_models
     from genserve.scheduler.calibrate import calibrate as run_calibration
     from genserve.scheduler.calibrate import runs_per_point
     from genserve.store.calibration import CalibrationStore
@@ -410,7 +408,7 @@ def plan(
     ] = None,
 ) -> None:
     """Time per image, images/hour, cost per 1,000 images and GPU-hours, from the cost model."""
-    from genserve.engine.registry import DEFAULT_NATIVE_SIZE, registered_models
+    from genserve.engine.models.registry import DEFAULT_NATIVE_SIZE, registered_models
     from genserve.scheduler.cost import default_device, estimate, lookup
 
     settings = _settings(models_dir=models_dir, store_url=store)

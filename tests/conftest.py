@@ -67,7 +67,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models directory holding a tiny random-weight diffusers pipeline of every family."""
-    from genserve.engine.fixtures import write_tiny_pipeline
+    from genserve.engine.models.fixtures import write_tiny_pipeline
 
     root = tmp_path_factory.mktemp("models")
     for family in ("sd15", "sdxl", "sd3"):

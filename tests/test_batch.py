@@ -19,7 +19,7 @@ from PIL import Image
 from genserve.batch.expand import expand, variant_rows
 from genserve.batch.spec import SpecError, load_spec
 from genserve.config import Settings
-from genserve.engine.registry import scan_models
+from genserve.engine.models.registry import scan_models
 from tests.helpers import LiveServer, parse_sse
 
 

@@ -346,7 +346,7 @@ def test_calibrate_measures_and_stores_timings(tiny_models_dir: Path, tmp_path: 
     import torch
 
     from genserve.engine.engine import Engine
-    from genserve.engine.registry import scan_models
+    from genserve.engine.models.registry import scan_models
     from genserve.scheduler.calibrate import calibrate
 
     threads = torch.get_num_threads()

@@ -7,7 +7,7 @@ import shutil
 
 from genserve.api.submission import resolve_params
 from genserve.config import Settings
-from genserve.engine.registry import BUILTIN_MODELS_DIR, scan_models
+from genserve.engine.models.registry import BUILTIN_MODELS_DIR, scan_models
 from genserve.schemas import GenerationParams
 
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from genserve.engine.denoise import BatchItem, apply_guidance
 from genserve.engine.engine import (
     Engine,
     EngineError,
@@ -20,9 +19,11 @@ from genserve.engine.engine import (
     UnsupportedSampler,
     activation_room_bytes,
 )
-from genserve.engine.fixtures import write_tiny_pipeline, write_tiny_single_file
-from genserve.engine.registry import SUPPORTED_SAMPLERS, scan_models
-from genserve.engine.samplers import FAMILY_SAMPLERS, build_scheduler
+from genserve.engine.loop.denoise import BatchItem
+from genserve.engine.loop.guidance import apply_guidance
+from genserve.engine.models.fixtures import write_tiny_pipeline, write_tiny_single_file
+from genserve.engine.models.registry import SUPPORTED_SAMPLERS, scan_models
+from genserve.engine.models.samplers import FAMILY_SAMPLERS, build_scheduler
 from genserve.schemas.generation import SAMPLER_NAMES, GenerationParams
 
 

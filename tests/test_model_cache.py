@@ -14,9 +14,9 @@ import torch
 from prometheus_client import REGISTRY
 from safetensors.torch import save_file
 
-from genserve.engine import gpu_metrics
-from genserve.engine.cache import ModelCache, budget_bytes, estimate_bytes, pipeline_bytes
 from genserve.engine.errors import OutOfMemory
+from genserve.engine.models.cache import ModelCache, budget_bytes, estimate_bytes, pipeline_bytes
+from genserve.engine.speed import gpu_metrics
 from genserve.metrics import GPU_TEMPERATURE, GPU_UTILIZATION
 
 
@@ -150,7 +150,7 @@ def test_without_estimate_the_cache_loads_then_evicts() -> None:
 def test_a_model_larger_than_the_budget_loads_alone_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     cache, _ = make_cache({"big-small": 100, "big-huge": 500}, ram_budget_bytes=150)
     cache.get("big-small")
-    with caplog.at_level(logging.WARNING, logger="genserve.engine.cache"):
+    with caplog.at_level(logging.WARNING, logger="genserve.engine.models.cache"):
         cache.get("big-huge")
     assert cache.loaded() == ["big-huge"]
     assert [r.getMessage() for r in caplog.records if "larger than" in r.getMessage()]
@@ -353,8 +353,8 @@ def test_estimate_bytes_reads_only_loaded_components(tmp_path: Path) -> None:
 
 
 def test_estimate_matches_a_loaded_tiny_pipeline(tiny_models_dir: Path) -> None:
-    from genserve.engine.loading import load_pipeline
-    from genserve.engine.registry import read_model_info
+    from genserve.engine.models.loading import load_pipeline
+    from genserve.engine.models.registry import read_model_info
 
     info = read_model_info(tiny_models_dir / "tiny-sd15")
     pipe = load_pipeline(info, {info.name: info}, device="cpu", dtype=torch.float32)

@@ -14,18 +14,18 @@ import pytest
 import torch
 
 from genserve.bench.paths import ACCURACY_LIMIT, engine_latents, relative_l2
-from genserve.engine.deepcache import DeepCacheForward, begin_run, enable_deepcache, shallow_forward
-from genserve.engine.fixtures import _build
-from genserve.engine.gated import GatedForward, bucket_for, resolve_sdpa
-from genserve.engine.optimize import (
+from genserve.engine.loop.previews import fit_latent_rgb_map
+from genserve.engine.models.fixtures import _build
+from genserve.engine.speed.deepcache import DeepCacheForward, begin_run, enable_deepcache, shallow_forward
+from genserve.engine.speed.gated import GatedForward, bucket_for, resolve_sdpa
+from genserve.engine.speed.optimize import (
     EngineOptimizations,
     OptimizationError,
     apply_optimizations,
     preferred_dtype,
     resolve_compile_mode,
 )
-from genserve.engine.previews import fit_latent_rgb_map
-from genserve.engine.vae_decode import GuardedDecode
+from genserve.engine.speed.vae_decode import GuardedDecode
 from genserve.schemas.generation import GenerationParams
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from genserve.engine.previews import fit_latent_rgb_map, latents_to_rgb, preview_images
+from genserve.engine.loop.previews import fit_latent_rgb_map, latents_to_rgb, preview_images
 
 
 class LinearVae(torch.nn.Module):
@@ -53,7 +53,7 @@ def test_latents_to_rgb_shapes_and_range():
 @pytest.fixture(scope="module")
 def engine(tiny_models_dir):
     from genserve.engine.engine import Engine
-    from genserve.engine.registry import scan_models
+    from genserve.engine.models.registry import scan_models
 
     torch.set_num_threads(1)
     return Engine(scan_models(tiny_models_dir))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from genserve.engine.registry import (
+from genserve.engine.models.registry import (
     SUPPORTED_SAMPLERS,
     UnknownModelFormat,
     detect_family,
@@ -109,7 +109,7 @@ def test_scan_skips_entries_that_are_not_models(tmp_path: Path, caplog: pytest.L
     (tmp_path / "old.ckpt").write_bytes(b"pickle")
     (tmp_path / ".hidden").mkdir()
 
-    with caplog.at_level(logging.WARNING, logger="genserve.engine.registry"):
+    with caplog.at_level(logging.WARNING, logger="genserve.engine.models.registry"):
         models = scan_models(tmp_path)
 
     assert list(models) == ["good"]
@@ -174,7 +174,7 @@ def test_sampler_table() -> None:
 def test_registry_and_artifacts_do_not_import_torch() -> None:
     # The API server imports these; it must stay free of the ML stack.
     code = (
-        "import sys, genserve.engine.registry, genserve.engine.errors, genserve.artifacts; "
+        "import sys, genserve.engine.models.registry, genserve.engine.errors, genserve.artifacts; "
         "heavy = {'torch', 'diffusers', 'transformers'} & set(sys.modules); "
         "assert not heavy, heavy"
     )

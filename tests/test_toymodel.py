@@ -174,7 +174,7 @@ def _load_pipeline():
 
 
 def test_committed_model_is_a_small_plain_sd15_folder():
-    from genserve.engine.registry import read_model_info
+    from genserve.engine.models.registry import read_model_info
 
     info = read_model_info(MODEL_DIR)
     assert (info.family, info.format, info.native_width, info.native_height) == ("sd15", "diffusers", 64, 64)

@@ -13,7 +13,7 @@ import pytest
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine
-from genserve.engine.registry import scan_models
+from genserve.engine.models.registry import scan_models
 from genserve.schemas import GenerationParams
 from genserve.store.jobs import JobStore
 from genserve.worker.loop import Worker

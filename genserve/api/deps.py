@@ -13,7 +13,7 @@ from genserve.artifacts.images import ImageStore
 from genserve.artifacts.inputs import InputStore
 from genserve.artifacts.s3 import make_input_store
 from genserve.config import Settings
-from genserve.engine.registry import ModelInfo, registered_models
+from genserve.engine.models.registry import ModelInfo, registered_models
 from genserve.store.jobs import JobStore
 from genserve.worker.supervisor import Supervisor
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from genserve.api.pictures import PICTURE_FIELDS, size_from_picture, stored_size
 from genserve.artifacts.inputs import InputStore
 from genserve.config import Settings
-from genserve.engine.registry import ModelInfo, sampler_supported
+from genserve.engine.models.registry import ModelInfo, sampler_supported
 from genserve.scheduler.cost import seconds_per_batch, steps_run
 from genserve.scheduler.policy import classify
 from genserve.schemas import (

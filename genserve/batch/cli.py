@@ -22,7 +22,7 @@ from genserve.batch.expand import RenderItem, expand, store_spec_pictures
 from genserve.batch.runner import cost_group, manifest_rows, progress_counts, submit_items, write_manifest
 from genserve.batch.spec import BatchSpec, SpecError, load_spec
 from genserve.config import Settings
-from genserve.engine.registry import ModelInfo, registered_models
+from genserve.engine.models.registry import ModelInfo, registered_models
 
 batch_app = typer.Typer(help="Render N prompts × variants, resumable, with a manifest.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -126,7 +126,7 @@ def run_local(
     spec: BatchSpec, items: list[RenderItem], models: dict[str, ModelInfo], settings: Settings, out_dir: Path
 ) -> dict:
     from genserve.artifacts.images import ImageStore
-    from genserve.engine.optimize import engine_from_settings
+    from genserve.engine.engine import engine_from_settings
     from genserve.store.jobs import JobStore
     from genserve.worker.loop import Worker, new_worker_id
     from genserve.worker.supervisor import recover_dead_local_workers

@@ -23,7 +23,7 @@ from genserve.api.submission import resolve_params
 from genserve.artifacts.inputs import InputStore
 from genserve.batch.spec import BatchSpec, PromptFile, PromptItem, PromptTemplate, SpecError, parse_size
 from genserve.config import Limits, Settings
-from genserve.engine.registry import ModelInfo
+from genserve.engine.models.registry import ModelInfo
 from genserve.schemas import GenerationParams, LimitError
 from genserve.schemas.image_inputs import is_image_hash
 

@@ -17,7 +17,7 @@ from genserve.api.submission import estimated_seconds
 from genserve.artifacts.images import ImageStore
 from genserve.batch.expand import RenderItem
 from genserve.batch.spec import BatchSpec
-from genserve.engine.registry import ModelInfo
+from genserve.engine.models.registry import ModelInfo
 from genserve.schemas import GenerationParams, JobState
 from genserve.schemas.generation import batch_key
 from genserve.store.jobs import JobRecord, JobStore

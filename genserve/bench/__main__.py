@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from genserve.engine.optimize import parse_size
+from genserve.engine.speed.optimize import parse_size
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 The configs are `architectures.json` in this package (a copy of the team's reference). Timing does
 not depend on the weight values, so random weights measure what trained checkpoints would. The CLIP
-tokenizers are the byte-level ones of `genserve.engine.fixtures` (prompts tokenize to different ids than
+tokenizers are the byte-level ones of `genserve.engine.models.fixtures` (prompts tokenize to different ids than
 with CLIP's real vocabulary, but every prompt is padded to the same 77 tokens, so the shapes are real).
 SD3-medium is built without its T5-XXL encoder, as its pipeline allows: T5 runs once per request, and
 without it the pipeline feeds zeros of the same shape (77 CLIP + 256 T5 tokens), so the transformer's
@@ -33,9 +33,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from genserve.engine.fixtures import _BOS_ID, _EOS_ID, _tiny_tokenizer
-from genserve.engine.fixtures import _build as build_tiny_pipeline
-from genserve.engine.registry import Family
+from genserve.engine.models.fixtures import _BOS_ID, _EOS_ID, _tiny_tokenizer
+from genserve.engine.models.fixtures import _build as build_tiny_pipeline
+from genserve.engine.models.registry import Family
 
 MODELS: dict[str, Family] = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3"}
 DEFAULT_STEPS = {"sd15": 30, "sdxl": 30, "sd3": 28}  # SD3's own pipeline default is 28

@@ -14,15 +14,12 @@ from diffusers import DiffusionPipeline
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from genserve.bench.paths import initial_noise
-from genserve.engine.denoise import (
-    BatchItem,
-    decode_latents,
-    encode_conditioning,
-    predict_noise,
-    prepare_schedulers,
-)
-from genserve.engine.registry import Family
-from genserve.engine.samplers import build_scheduler
+from genserve.engine.conditioning.latents import decode_latents
+from genserve.engine.conditioning.text import encode_conditioning
+from genserve.engine.loop.guidance import predict_noise
+from genserve.engine.loop.schedule import prepare_schedulers
+from genserve.engine.models.registry import Family
+from genserve.engine.models.samplers import build_scheduler
 from genserve.schemas.generation import GenerationParams
 
 
@@ -101,12 +98,11 @@ def count_flops(
     pipe: DiffusionPipeline, family: Family, params: GenerationParams, device: str, dtype: torch.dtype
 ) -> float:
     """FLOPs of one batch: text encoding + steps x one denoiser call + one VAE decode, counted on `pipe`."""
-    items = [BatchItem(params)]
     cfg = params.cfg_scale > 1
     counters = {name: FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) for name in "tud"}
     with torch.inference_mode():
         with counters["t"]:
-            cond = encode_conditioning(pipe, family, items, device)
+            cond = encode_conditioning(pipe, family, [params], device)
         scheduler = build_scheduler(family, params.sampler, pipe.scheduler.config)
         _, timesteps = prepare_schedulers(pipe, family, scheduler, 1, params, device)
         latents = initial_noise(pipe, family, params).to(device=device, dtype=dtype)

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-import genserve.engine.denoise as denoise_module
-from genserve.engine.deepcache import begin_run
-from genserve.engine.denoise import BatchItem, denoise_batch
-from genserve.engine.previews import LatentRgbMap
-from genserve.engine.registry import Family
-from genserve.engine.samplers import build_scheduler
+import genserve.engine.loop.denoise as denoise_module
+from genserve.engine.loop.denoise import BatchItem, denoise_batch
+from genserve.engine.loop.previews import LatentRgbMap
+from genserve.engine.models.registry import Family
+from genserve.engine.models.samplers import build_scheduler
+from genserve.engine.speed.deepcache import begin_run
 from genserve.schemas.generation import GenerationParams
 
 ACCURACY_LIMIT = 2e-2  # relative L2 of the final latents, optimized against eager, in fp16/bf16

@@ -48,10 +48,15 @@ from genserve.bench.paths import (
     run_diffusers,
     run_engine,
 )
-from genserve.engine.loading import DTYPES, resolve_device
-from genserve.engine.optimize import EngineOptimizations, apply_optimizations, device_name, preferred_dtype
-from genserve.engine.previews import LatentRgbMap, fit_latent_rgb_map
-from genserve.engine.registry import Family
+from genserve.engine.loop.previews import LatentRgbMap, fit_latent_rgb_map
+from genserve.engine.models.loading import DTYPES, resolve_device
+from genserve.engine.models.registry import Family
+from genserve.engine.speed.optimize import (
+    EngineOptimizations,
+    apply_optimizations,
+    device_name,
+    preferred_dtype,
+)
 from genserve.schemas.generation import DEFAULT_CFG_SCALE, GenerationParams
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"

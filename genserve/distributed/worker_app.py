@@ -51,8 +51,8 @@ class WorkerRuntime:
 
     def start_child(self) -> None:
         from genserve.artifacts.s3 import make_image_store
-        from genserve.engine.optimize import engine_from_settings
-        from genserve.engine.registry import registered_models
+        from genserve.engine.engine import engine_from_settings
+        from genserve.engine.models.registry import registered_models
         from genserve.store.jobs import JobStore
         from genserve.worker.loop import Worker
 

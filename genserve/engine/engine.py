@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 
-from genserve.engine.cache import ModelCache, budget_bytes, estimate_bytes
-from genserve.engine.denoise import (
+from genserve.engine.errors import EngineError, ModelLoadError, OutOfMemory, UnsupportedSampler
+from genserve.engine.loop.denoise import (
     BatchItem,
     BatchStepCallback,
     ItemOutcome,
@@ -29,13 +30,21 @@ from genserve.engine.denoise import (
     StepCallback,
     denoise_batch,
 )
-from genserve.engine.errors import EngineError, ModelLoadError, OutOfMemory, UnsupportedSampler
-from genserve.engine.loading import load_pipeline, resolve_device, resolve_dtype
-from genserve.engine.optimize import AppliedOptimizations, EngineOptimizations, WarmupRun, apply_optimizations
-from genserve.engine.previews import LatentRgbMap, fit_latent_rgb_map
-from genserve.engine.registry import SUPPORTED_SAMPLERS, ModelInfo, sampler_supported
-from genserve.engine.samplers import build_scheduler
+from genserve.engine.loop.previews import LatentRgbMap, fit_latent_rgb_map
+from genserve.engine.models.cache import ModelCache, budget_bytes, estimate_bytes
+from genserve.engine.models.loading import load_pipeline, resolve_device, resolve_dtype
+from genserve.engine.models.registry import SUPPORTED_SAMPLERS, ModelInfo, sampler_supported
+from genserve.engine.models.samplers import build_scheduler
+from genserve.engine.speed.optimize import (
+    AppliedOptimizations,
+    EngineOptimizations,
+    WarmupRun,
+    apply_optimizations,
+)
 from genserve.schemas.generation import GenerationParams, batch_key
+
+if TYPE_CHECKING:
+    from genserve.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -187,15 +196,20 @@ class Engine:
         params: GenerationParams,
         on_step: StepCallback | None = None,
         on_preview: PreviewCallback | None = None,
+        *,
+        init_image: PIL.Image.Image | None = None,
+        mask: PIL.Image.Image | None = None,
     ) -> list[PIL.Image.Image]:
         """Generate `params.num_images` images; image i uses seed `params.seed + i`.
+
+        `init_image` / `mask` are the pictures behind `params.init_image` / `params.mask`.
 
         `on_step(step, total)` runs after every denoising step (1-based). An exception it raises
         stops the run and propagates unchanged; that is how a worker cancels a job.
         `on_preview(step, total, images)` gets cheap latent→RGB previews every `params.preview_every`
         steps (never on the last step: the real images follow).
         """
-        [outcome] = self.generate_batch([BatchItem(params, on_step, on_preview)])
+        [outcome] = self.generate_batch([BatchItem(params, on_step, on_preview, init_image, mask)])
         if outcome.error is not None:
             raise outcome.error
         return outcome.images
@@ -269,6 +283,32 @@ class Engine:
     def _release_cached_memory(self) -> None:
         if torch.device(self._device).type == "cuda":
             torch.cuda.empty_cache()
+
+
+def engine_optimizations(settings: Settings) -> EngineOptimizations:
+    """The engine's levers from the settings; compile caches default to <data_dir>/compile-cache."""
+    options = settings.optimizations.model_dump()
+    options["compile_cache_dir"] = (
+        settings.optimizations.compile_cache_dir or settings.data_dir / "compile-cache"
+    )
+    return EngineOptimizations.from_dict(options)
+
+
+def engine_from_settings(
+    models: Mapping[str, ModelInfo], settings: Settings, *, warmup: bool | None = None
+) -> Engine:
+    """The serving engine as the settings describe it: device, dtype, threads, cache budgets, levers."""
+    return Engine(
+        models,
+        device=settings.device,
+        dtype=settings.dtype,
+        threads=settings.torch_threads,
+        vram_budget_gib=settings.vram_budget_gib,
+        ram_budget_gib=settings.ram_budget_gib,
+        offload_to_cpu=settings.offload_to_cpu,
+        warmup_on_load=settings.warmup if warmup is None else warmup,
+        optimizations=engine_optimizations(settings),
+    )
 
 
 # Pure helpers: seeds, noise and shapes

@@ -150,7 +150,7 @@ def engine_generator(
     `cfg=None` leaves the CFG scale to the model, as a request that names none: its card's default.
     """
     from genserve.engine.engine import Engine
-    from genserve.engine.registry import read_model_info
+    from genserve.engine.models.registry import read_model_info
     from genserve.schemas.generation import GenerationParams
 
     info = read_model_info(folder)

@@ -15,8 +15,8 @@ import threading
 from genserve import tracing
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
-from genserve.engine.optimize import engine_from_settings
-from genserve.engine.registry import registered_models
+from genserve.engine.engine import engine_from_settings
+from genserve.engine.models.registry import registered_models
 from genserve.logs import configure_logging
 from genserve.store.jobs import JobStore
 from genserve.worker.loop import Worker, new_worker_id

@@ -23,10 +23,10 @@ from genserve import tracing
 from genserve.artifacts.images import ImageStore, image_id_for
 from genserve.artifacts.png import encode_png, preview_data_url
 from genserve.config import Settings
-from genserve.engine.denoise import BatchItem, ItemOutcome
 from genserve.engine.engine import Engine, EngineError
-from genserve.engine.gpu_metrics import publish_gpu_metrics
-from genserve.engine.registry import registered_models
+from genserve.engine.loop.denoise import BatchItem, ItemOutcome
+from genserve.engine.models.registry import registered_models
+from genserve.engine.speed.gpu_metrics import publish_gpu_metrics
 from genserve.metrics import (
     BATCH_GAP_SECONDS,
     BATCH_IMAGES,

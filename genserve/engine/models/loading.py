@@ -23,7 +23,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from genserve.engine.errors import ModelLoadError, OutOfMemory
-from genserve.engine.registry import Family, ModelInfo
+from genserve.engine.models.registry import Family, ModelInfo
 
 # Loading progress bars would interleave with the JSON logs and the CLI's own progress bar.
 diffusers_logging.disable_progress_bar()

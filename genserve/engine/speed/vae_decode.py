@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from diffusers.models.autoencoders.vae import DecoderOutput
 
-from genserve.engine.gated import sdpa_context
+from genserve.engine.speed.gated import sdpa_context
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from genserve.engine.errors import ModelLoadError, OutOfMemory
-from genserve.engine.registry import UnknownModelFormat, _safetensors_header
+from genserve.engine.models.registry import UnknownModelFormat, _safetensors_header
 from genserve.metrics import MODEL_CACHE_REQUESTS, MODEL_EVICTIONS, MODEL_LOAD_SECONDS, MODEL_LOADS
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from genserve.engine.registry import SUPPORTED_SAMPLERS, Family
+from genserve.engine.models.registry import SUPPORTED_SAMPLERS, Family
 
 # A model config may ask for another sigma spacing; each sampler states the one it means.
 _PLAIN_SIGMAS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}

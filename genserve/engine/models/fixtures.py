@@ -33,7 +33,7 @@ from diffusers import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from genserve.engine.registry import Family
+from genserve.engine.models.registry import Family
 
 # Text encoders: 32 wide, 2 layers; the vocabulary is the 514 tokens of `_byte_level_vocab`.
 _VOCAB_SIZE = 514

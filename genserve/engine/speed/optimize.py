@@ -24,16 +24,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 
-from genserve.engine.deepcache import enable_deepcache
 from genserve.engine.errors import ModelLoadError
-from genserve.engine.gated import GatedForward, resolve_sdpa
-from genserve.engine.registry import Family
-from genserve.engine.vae_decode import GuardedDecode
+from genserve.engine.models.registry import Family
+from genserve.engine.speed.deepcache import enable_deepcache
+from genserve.engine.speed.gated import GatedForward, resolve_sdpa
+from genserve.engine.speed.vae_decode import GuardedDecode
 
 log = logging.getLogger(__name__)
 
@@ -491,39 +491,3 @@ def device_name(device: str) -> str:
     import platform
 
     return platform.processor() or platform.machine() or "cpu"
-
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
-    from genserve.config import Settings
-    from genserve.engine.engine import Engine
-    from genserve.engine.registry import ModelInfo
-
-
-def engine_optimizations(settings: Settings) -> EngineOptimizations:
-    """The engine's levers from the settings; compile caches default to <data_dir>/compile-cache."""
-    options = settings.optimizations.model_dump()
-    options["compile_cache_dir"] = (
-        settings.optimizations.compile_cache_dir or settings.data_dir / "compile-cache"
-    )
-    return EngineOptimizations.from_dict(options)
-
-
-def engine_from_settings(
-    models: Mapping[str, ModelInfo], settings: Settings, *, warmup: bool | None = None
-) -> Engine:
-    """The serving engine as the settings describe it: device, dtype, threads, cache budgets, levers."""
-    from genserve.engine.engine import Engine
-
-    return Engine(
-        models,
-        device=settings.device,
-        dtype=settings.dtype,
-        threads=settings.torch_threads,
-        vram_budget_gib=settings.vram_budget_gib,
-        ram_budget_gib=settings.ram_budget_gib,
-        offload_to_cpu=settings.offload_to_cpu,
-        warmup_on_load=settings.warmup if warmup is None else warmup,
-        optimizations=engine_optimizations(settings),
-    )

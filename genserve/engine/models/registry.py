@@ -98,7 +98,7 @@ class ModelInfo:
 
 
 # Models shipped inside the package (the trained default, genserve-shapes); see builtin_models/.
-BUILTIN_MODELS_DIR = Path(__file__).resolve().parent.parent / "builtin_models"
+BUILTIN_MODELS_DIR = Path(__file__).resolve().parents[2] / "builtin_models"
 
 
 def scan_models(models_dir: Path, *, builtin: bool = False) -> dict[str, ModelInfo]:

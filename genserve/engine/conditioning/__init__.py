@@ -1,0 +1,1 @@
+"""What a row is conditioned on: text embeddings, and image latents through the VAE."""

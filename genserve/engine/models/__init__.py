@@ -1,0 +1,1 @@
+"""Models: the torch-free registry, loading, the LRU model cache, sampler construction, tiny fixtures."""
