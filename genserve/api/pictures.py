@@ -14,12 +14,18 @@ import math
 import re
 from typing import TypeVar
 
-from genserve.artifacts.inputs import InputStore, MissingPicture, PictureError, PictureInfo, inspect_picture
+from genserve.artifacts.inputs import (
+    PICTURE_FIELDS,
+    InputStore,
+    MissingPicture,
+    PictureError,
+    PictureInfo,
+    inspect_picture,
+)
 from genserve.config import Limits
 from genserve.schemas import GenerationParams, LimitError
 from genserve.schemas.image_inputs import is_image_hash
 
-PICTURE_FIELDS = ("init_image", "mask")
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w-]+=[\w.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 

@@ -24,6 +24,8 @@ import PIL.ImageOps
 
 from genserve.schemas.image_inputs import is_image_hash
 
+# The GenerationParams fields that name input pictures (and BatchItem's fields for them, decoded).
+PICTURE_FIELDS = ("init_image", "mask")
 # PIL format name -> the name the API reports. Nothing else is opened (PIL has many more decoders).
 INPUT_FORMATS: dict[str, str] = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 _OTHER_FORMATS = {  # magic numbers of formats people try, for a clearer refusal

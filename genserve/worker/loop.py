@@ -21,7 +21,9 @@ import PIL.Image
 
 from genserve import tracing
 from genserve.artifacts.images import ImageStore, image_id_for
+from genserve.artifacts.inputs import PICTURE_FIELDS, InputStore, MissingPicture, PictureError, open_picture
 from genserve.artifacts.png import encode_png, preview_data_url
+from genserve.artifacts.s3 import make_input_store
 from genserve.config import Settings
 from genserve.engine.engine import Engine, EngineError
 from genserve.engine.loop.denoise import BatchItem, ItemOutcome
@@ -45,6 +47,11 @@ from genserve.worker.lease import JobCanceled, LeaseKeeper, LeaseLost
 from genserve.worker.overlap import BatchFinisher, BatchPrefetcher
 
 log = logging.getLogger(__name__)
+
+
+class PictureUnavailable(Exception):
+    """A job's input picture is missing or damaged in the artifact store."""
+
 
 # How often an idle worker refreshes its row in the workers table (readiness, model list).
 WORKER_HEARTBEAT_SECONDS = 2.0
@@ -124,12 +131,19 @@ class StepTimer:
 
 class Worker:
     def __init__(
-        self, settings: Settings, store: JobStore, engine: Engine, images: ImageStore, worker_id: str
+        self,
+        settings: Settings,
+        store: JobStore,
+        engine: Engine,
+        images: ImageStore,
+        worker_id: str,
+        inputs: InputStore | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.engine = engine
         self.images = images
+        self.inputs = inputs if inputs is not None else make_input_store(settings)  # pictures in, by hash
         self.worker_id = worker_id
         self.state = "starting"
         self.scheduler_state = SchedulerState()
@@ -353,13 +367,22 @@ class Worker:
     ) -> dict[str, str | ItemOutcome]:
         """Run the batch on the engine: each job's images, or the outcome of a job that already ended.
         Each engine run that succeeded adds its step timer to `timed`."""
+        pictures, unloadable = self._load_pictures(jobs, params)
+        jobs = [job for job in jobs if job.id not in unloadable]
+        if not jobs:
+            return unloadable
         first = params[jobs[0].id]
         if not self.engine.knows(first.model):
             self.engine.update_models(registered_models(self.settings))
         events = EventBuffer(self.store)
         reporters = {job.id: ProgressReporter(job.id, self.leases, events) for job in jobs}
         items = [
-            BatchItem(params[job.id], on_step=reporters[job.id], on_preview=reporters[job.id].preview)
+            BatchItem(
+                params[job.id],
+                on_step=reporters[job.id],
+                on_preview=reporters[job.id].preview,
+                **pictures[job.id],
+            )
             for job in jobs
         ]
         timer = StepTimer(first, events, on_last_step)
@@ -372,21 +395,51 @@ class Worker:
             if len(jobs) > 1:
                 # One member may be what broke the batch (say, out of memory at its size): give each its own run.
                 log.warning("batch failed; running its jobs one by one", extra={"error": str(error)})
-                outcomes: dict[str, str | ItemOutcome] = {}
+                outcomes: dict[str, str | ItemOutcome] = dict(unloadable)
                 for job in jobs:
                     outcomes.update(self._generate([job], params, on_last_step, timed))
                 return outcomes
-            return {jobs[0].id: self._finish_failed(jobs[0], str(error))}
+            return {**unloadable, jobs[0].id: self._finish_failed(jobs[0], str(error))}
         except Exception as error:  # a bug must fail the jobs, never the worker
             log.exception("batch crashed", extra={"jobs": [job.id for job in jobs]})
             return {
-                job.id: self._finish_failed(job, f"internal error: {type(error).__name__}: {error}")
-                for job in jobs
+                **unloadable,
+                **{
+                    job.id: self._finish_failed(job, f"internal error: {type(error).__name__}: {error}")
+                    for job in jobs
+                },
             }
         finally:
             self._engine_left_at = time.perf_counter()
         timed.append((first, timer))
-        return {job.id: outcome for job, outcome in zip(jobs, results, strict=True)}
+        return {**unloadable, **{job.id: outcome for job, outcome in zip(jobs, results, strict=True)}}
+
+    def _load_pictures(
+        self, jobs: list[JobRecord], params: dict[str, GenerationParams]
+    ) -> tuple[dict[str, dict[str, PIL.Image.Image]], dict[str, str | ItemOutcome]]:
+        """Each job's input pictures, decoded, by BatchItem field; a job whose picture is missing or
+        damaged in the artifact store fails with the reason and leaves the batch."""
+        pictures: dict[str, dict[str, PIL.Image.Image]] = {}
+        failed: dict[str, str | ItemOutcome] = {}
+        for job in jobs:
+            loaded = {}
+            try:
+                for field in PICTURE_FIELDS:
+                    ref = getattr(params[job.id], field)
+                    if ref is not None:
+                        loaded[field] = self._picture(field, ref)
+            except PictureUnavailable as error:
+                log.warning("input picture unavailable", extra={"job_id": job.id, "error": str(error)})
+                failed[job.id] = self._finish_failed(job, str(error))
+                continue
+            pictures[job.id] = loaded
+        return pictures, failed
+
+    def _picture(self, field: str, ref: str) -> PIL.Image.Image:
+        try:
+            return open_picture(self.inputs.get(ref))
+        except (MissingPicture, PictureError, OSError) as error:
+            raise PictureUnavailable(f"{field} {ref} cannot be loaded: {error}") from None
 
     def observe_step_times(self, params: GenerationParams, timer: StepTimer) -> None:
         """Refine the cost model with this batch's steady-state step times (one write per batch size)."""
