@@ -353,6 +353,14 @@ def test_bad_pictures_in_a_spec_are_located(tiny_models_dir, tmp_path):
     with pytest.raises(SpecError) as caught:
         store_spec_pictures(spec, base, pictures, settings.limits, local_files=False)
     assert "not base64, a data URL or an upload id" in caught.value.errors[0]
+    with pytest.raises(SpecError) as caught:  # an empty template prompt is located, not a crash
+        expand(
+            load_spec({"prompts": {"template": "", "values": {}}})[0],
+            base,
+            scan_models(tiny_models_dir),
+            settings,
+        )
+    assert caught.value.errors[0].startswith("prompts[0] × variants[0] (n=0): prompt")
     with pytest.raises(SpecError) as caught:
         load_spec({"prompts": ["x"], "variants": {"strength": [0.5, 1.5]}})
     assert "variants.strength: strength[1] = 1.5 is outside (0, 1]" in caught.value.errors[0]

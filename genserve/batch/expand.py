@@ -62,7 +62,8 @@ def read_prompts(spec: BatchSpec, base_dir: Path) -> list[PromptItem]:
     """The prompts in order; a None negative prompt means the spec's default."""
     source = spec.prompts
     if isinstance(source, PromptTemplate):
-        return [PromptItem(prompt=prompt) for prompt, _ in _fill_template(source)]
+        # unvalidated: an empty prompt is reported per item by expand, with its place
+        return [PromptItem.model_construct(prompt=prompt) for prompt, _ in _fill_template(source)]
     if isinstance(source, PromptFile):
         return _read_prompt_file(base_dir / source.file, source.file)
     return [PromptItem(prompt=entry) if isinstance(entry, str) else entry for entry in source]
@@ -141,7 +142,7 @@ def _read_prompt_file(path: Path, shown: str) -> list[PromptItem]:
                 continue
             prompts.append(entry)
         else:
-            prompts.append(PromptItem(prompt=line.strip()))
+            prompts.append(PromptItem.model_construct(prompt=line.strip()))
     if errors:
         raise SpecError(errors[:MAX_REPORTED_ERRORS])
     if not prompts:
