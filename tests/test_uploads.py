@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from genserve.config import Settings
+from tests.test_s3_artifacts import aws_env, s3_endpoint  # noqa: F401 - fixtures
 
 PNG_MEDIA = "image/png"
 
@@ -331,3 +332,31 @@ def test_estimate_counts_only_the_steps_that_run(client):
     # 10 of the 20 steps, plus a VAE encode guessed at a quarter of O
     assert half["seconds_per_batch"] == pytest.approx(0.4 + 10 * 0.1 + 0.25 * 0.4)
     assert 0.5 < half["seconds_per_batch"] / txt2img["seconds_per_batch"] < 0.65
+
+
+# The S3 artifact store
+
+
+def test_pictures_in_s3_are_shared_between_api_and_worker(s3_endpoint, aws_env, tmp_path):  # noqa: F811
+    import boto3
+
+    from genserve.artifacts.inputs import MissingPicture
+    from genserve.artifacts.s3 import S3InputStore, make_input_store
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="genserve-images")
+    url = "s3://genserve-images/prod"
+    api_side = make_input_store(
+        Settings(data_dir=tmp_path / "api", artifact_url=url, s3_endpoint_url=s3_endpoint)
+    )
+    assert isinstance(api_side, S3InputStore)
+    data = picture((40, 24))
+    assert api_side.put(data) == sha(data) and api_side.put(data) == sha(data)
+    keys = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="genserve-images")["Contents"]
+    assert [item["Key"] for item in keys] == ["prod/inputs/" + sha(data).removeprefix("sha256:")]
+    worker_side = S3InputStore(url, tmp_path / "worker-cache", endpoint_url=s3_endpoint)
+    assert worker_side.exists(sha(data)) and worker_side.get(sha(data)) == data
+    assert worker_side.size(sha(data)) == (40, 24)
+    missing = "sha256:" + "1" * 64
+    assert not worker_side.exists(missing)
+    with pytest.raises(MissingPicture):
+        worker_side.get(missing)
