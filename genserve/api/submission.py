@@ -73,11 +73,23 @@ def _size(
     params: GenerationParams, info: ModelInfo, settings: Settings, pictures: InputStore | None
 ) -> tuple[int, int]:
     """The request's size; else the init image's (plus outpaint margins); else the model's native size."""
+    _check_pictures(params, pictures)
+    if params.init_image is None:
+        return params.width or info.native_width, params.height or info.native_height
+    assert pictures is not None  # _check_pictures
+    if params.width is not None and params.height is not None:
+        return params.width, params.height
+    picture = stored_size(pictures, params.init_image, "init_image")
+    return size_from_picture(params, picture, settings.limits, SIZE_MULTIPLE.get(info.family, 8))
+
+
+def _check_pictures(params: GenerationParams, pictures: InputStore | None) -> None:
+    """The picture options make sense together, and the pictures are stored."""
     if params.init_image is None:
         for name in ("mask", "outpaint", "inpaint"):
             if getattr(params, name) is not None:
                 raise LimitError(name, f"{name} needs an init_image")
-        return params.width or info.native_width, params.height or info.native_height
+        return
     if params.inpaint is not None and params.mask is None and params.outpaint is None:
         raise LimitError("inpaint", "inpaint options need a mask (or outpaint)")
     if steps_run(params.steps, params.strength) < 1:  # diffusers refuses a run of no steps too
@@ -90,11 +102,6 @@ def _size(
         ref = getattr(params, name)
         if ref is not None and (pictures is None or not is_image_hash(ref)):
             raise LimitError(name, f"{name} must be stored first; send it to POST /v1/jobs or /v1/uploads")
-    assert pictures is not None and params.init_image is not None  # checked just above
-    if params.width is not None and params.height is not None:
-        return params.width, params.height
-    picture = stored_size(pictures, params.init_image, "init_image")
-    return size_from_picture(params, picture, settings.limits, SIZE_MULTIPLE.get(info.family, 8))
 
 
 def request_hash(body: JobCreate) -> str:
