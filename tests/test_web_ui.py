@@ -320,6 +320,53 @@ def test_model_picker_switches_size_presets_to_the_family(open_page, playwright_
     expect(page.locator("#cfg_scale")).to_have_value("7")
 
 
+def test_model_defaults_follow_the_model_unless_the_user_set_them(open_page, api, playwright_api):
+    """Issue 15: the form sent CFG 7 for genserve-shapes, whose model card (and the API) says 4."""
+    expect = playwright_api.expect
+    shapes = {m["name"]: m for m in api.get("/v1/models").json()["data"]}["genserve-shapes"]
+    assert shapes["default_cfg_scale"] == 4.0
+    page = open_page()
+    # What an earlier version of the page remembered: the old global CFG 7 beside the shapes model.
+    page.evaluate(
+        "localStorage.setItem('genserve.form.v1', JSON.stringify("
+        "{model: 'genserve-shapes', cfg_scale: '7', steps: '20', sampler: 'euler'}))"
+    )
+    page.reload()
+    expect(page.locator("body[data-ready]")).to_have_count(1)
+    expect(page.locator("#model")).to_have_value("genserve-shapes")
+    expect(page.locator("#cfg_scale")).to_have_value("4")
+
+    page.fill("#prompt", "a yellow star on a blue background")
+    page.fill("#steps", "4")
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/jobs")) as sent:
+        page.press("#prompt", "Enter")
+    body = sent.value.post_data_json
+    assert body["model"] == "genserve-shapes" and body["cfg_scale"] == 4, body
+    card = _newest_card(page)
+    expect(card).to_have_attribute("data-state", "succeeded", timeout=60_000)
+    job = api.get(f"/v1/jobs/{card.get_attribute('data-job-id')}").json()
+    assert job["params"]["cfg_scale"] == 4.0
+
+    # Another model brings its own default; a value the user typed stays theirs, across model
+    # switches and reloads; typing the model's default again hands the field back to the model.
+    page.select_option("#model", "tiny-sd15")
+    expect(page.locator("#cfg_scale")).to_have_value("7")
+    expect(page.locator("#steps")).to_have_value("4")  # the user's, and no model names its own steps
+    page.fill("#cfg_scale", "5.5")
+    page.select_option("#model", "genserve-shapes")
+    expect(page.locator("#cfg_scale")).to_have_value("5.5")
+    page.reload()
+    expect(page.locator("body[data-ready]")).to_have_count(1)
+    expect(page.locator("#cfg_scale")).to_have_value("5.5")
+    page.fill("#cfg_scale", "4")
+    page.select_option("#model", "tiny-sd15")
+    expect(page.locator("#cfg_scale")).to_have_value("7")
+    page.reload()
+    expect(page.locator("body[data-ready]")).to_have_count(1)
+    page.select_option("#model", "genserve-shapes")
+    expect(page.locator("#cfg_scale")).to_have_value("4")
+
+
 def test_phone_width_stacks_without_horizontal_scroll(open_page, api, playwright_api):
     prompt = "a quiet harbour town at dawn, fishing boats, mist over the water, watercolour, pastel palette"
     job = api.post("/v1/jobs", json={"prompt": prompt, "steps": 4, "num_images": 2}).json()

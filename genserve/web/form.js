@@ -17,6 +17,9 @@ const FIELDS = [
   "priority",
 ];
 const NUMBER_FIELDS = new Set(["width", "height", "steps", "cfg_scale", "num_images", "seed", "preview_every", "priority"]);
+// Fields whose default comes with the model (GET /v1/models), else from the API contract. They follow
+// the model as it changes, unless the user has set them to something else.
+const MODEL_DEFAULTS = { cfg_scale: "default_cfg_scale", steps: "default_steps", sampler: "default_sampler" };
 const STORAGE_KEY = "genserve.form.v1";
 
 export class GenerateForm {
@@ -25,6 +28,10 @@ export class GenerateForm {
     this.form = form;
     this.models = [];
     this.lastSeed = null;
+    this.baseDefaults = { steps: 20, cfg_scale: 7, sampler: "euler" };
+    /** Model-default fields the user has set to a value of their own (see MODEL_DEFAULTS). */
+    this.ownValues = new Set();
+    this.restored = false; // nothing is saved before the remembered values are read back
     this.el = Object.fromEntries(FIELDS.map((name) => [name, form.elements.namedItem(name)]));
     this.presets = form.querySelector("#size-presets");
     this.formError = form.querySelector("#form-error");
@@ -50,10 +57,14 @@ export class GenerateForm {
     });
     form.addEventListener("input", (event) => {
       this.clearError(event.target.name);
+      this.noteOwnValue(event.target.name);
       if (event.target === this.el.width || event.target === this.el.height) this.syncPresetChoice();
       this.save();
     });
-    form.addEventListener("change", () => this.save());
+    form.addEventListener("change", (event) => {
+      if (event.target !== this.el.model) this.noteOwnValue(event.target.name);
+      this.save();
+    });
     this.el.model.addEventListener("change", () => this.onModelChange());
     form.querySelector("#swap-size").addEventListener("click", () => {
       [this.el.width.value, this.el.height.value] = [this.el.height.value, this.el.width.value];
@@ -93,10 +104,39 @@ export class GenerateForm {
       if (props[key]?.default != null) defaults[key] = props[key].default;
       this.el[key].value = defaults[key];
     }
+    this.baseDefaults = { steps: defaults.steps, cfg_scale: defaults.cfg_scale, sampler: defaults.sampler };
     const fallback = models.find((m) => m.default) ?? models[0];
     if (fallback) this.el.model.value = fallback.name;
     this.applyModel({ keepSize: false });
+    this.applyModelDefaults();
     this.restore();
+    this.restored = true;
+  }
+
+  /** What `name` is for the chosen model when the user has not set it: the model's, else the API's. */
+  modelDefault(name) {
+    return this.model()?.[MODEL_DEFAULTS[name]] ?? this.baseDefaults[name];
+  }
+
+  /** Each model has its own best settings (the built-in shapes model draws best at a CFG of 4). */
+  applyModelDefaults() {
+    for (const name of Object.keys(MODEL_DEFAULTS)) {
+      if (this.ownValues.has(name)) continue;
+      const value = String(this.modelDefault(name));
+      if (name === "sampler" && ![...this.el.sampler.options].some((o) => o.value === value)) continue;
+      this.el[name].value = value;
+      this.clearError(name);
+    }
+  }
+
+  /** A value the user typed is theirs, unless it is the model's default (then it follows the model). */
+  noteOwnValue(name) {
+    if (!(name in MODEL_DEFAULTS)) return;
+    const raw = this.el[name].value.trim();
+    const fallback = this.modelDefault(name);
+    const same = raw === "" || (NUMBER_FIELDS.has(name) ? Number(raw) === Number(fallback) : raw === String(fallback));
+    if (same) this.ownValues.delete(name);
+    else this.ownValues.add(name);
   }
 
   model() {
@@ -106,6 +146,7 @@ export class GenerateForm {
   onModelChange() {
     this.clearError("model");
     this.applyModel({ keepSize: false });
+    this.applyModelDefaults();
     this.save();
   }
 
@@ -133,9 +174,6 @@ export class GenerateForm {
     if (!keepSize) {
       const same = presets.find((p) => p.label === previous) ?? presets[0];
       if (same) this.choosePreset(same);
-      // Each model has its own best guidance (the built-in shapes model draws best at a low one).
-      const cfg = this.model()?.default_cfg_scale;
-      if (cfg != null) this.el.cfg_scale.value = cfg;
     }
     this.syncPresetChoice();
   }
@@ -187,6 +225,8 @@ export class GenerateForm {
       if (name === "model" || params[name] === undefined || params[name] === null || !this.el[name]) continue;
       this.el[name].value = params[name];
     }
+    // The job's values are the user's choice where they differ from the model's defaults.
+    for (const name of Object.keys(MODEL_DEFAULTS)) this.noteOwnValue(name);
     this.syncPresetChoice();
     this.clearErrors();
     this.save();
@@ -261,7 +301,9 @@ export class GenerateForm {
   // Remembered values ------------------------------------------------------------------------------
 
   save() {
+    if (!this.restored) return;
     const values = Object.fromEntries(FIELDS.map((name) => [name, this.el[name]?.value ?? ""]));
+    values.own_values = [...this.ownValues];
     try {
       localStorage.setItem(STORAGE_KEY, JSON.stringify(values));
     } catch {
@@ -281,11 +323,23 @@ export class GenerateForm {
       this.el.model.value = values.model;
       this.applyModel({ keepSize: true });
     }
+    // Saved before the form told the user's values from the model's defaults: the old global default
+    // (CFG 7) was never the user's choice, anything else that differs from the model's default was.
+    const legacy = !Array.isArray(values.own_values);
+    const own = new Set(legacy ? [] : values.own_values.filter((name) => name in MODEL_DEFAULTS));
     for (const name of FIELDS) {
       if (name === "model" || values[name] === undefined || !this.el[name]) continue;
       if (name === "sampler" && ![...this.el.sampler.options].some((o) => o.value === values.sampler)) continue;
+      if (name in MODEL_DEFAULTS) {
+        const raw = String(values[name]).trim();
+        const notOld = !(name === "cfg_scale" && Number(raw) === 7) && !(name === "steps" && Number(raw) === 20);
+        if (legacy && raw !== "" && notOld && raw !== String(this.modelDefault(name))) own.add(name);
+        if (!own.has(name)) continue;
+      }
       this.el[name].value = values[name];
     }
+    this.ownValues = own;
+    this.applyModelDefaults();
     this.syncPresetChoice();
   }
 }
