@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-import genserve.engine.loop.denoise as denoise_module
-from genserve.engine.loop.denoise import BatchItem, denoise_batch
+import genserve.engine.batch as batch_module
+from genserve.engine.batch import denoise_batch
+from genserve.engine.loop.denoise import BatchItem
 from genserve.engine.loop.previews import LatentRgbMap
 from genserve.engine.models.registry import Family
 from genserve.engine.models.samplers import build_scheduler
@@ -34,7 +35,7 @@ def clone_pipeline(pipe: DiffusionPipeline, family: Family) -> DiffusionPipeline
 
 
 def initial_noise(pipe: DiffusionPipeline, family: Family, params: GenerationParams) -> torch.Tensor:
-    """The engine's initial noise (denoise.py phase 3): per image from a CPU generator seeded seed + i."""
+    """The engine's initial noise (stages/rows.py): per image from a CPU generator seeded seed + i."""
     denoiser = pipe.transformer if family == "sd3" else pipe.unet
     shape = (
         denoiser.config.in_channels,
@@ -94,17 +95,17 @@ def run_engine(
 def capture_final_latents() -> Iterator[list[torch.Tensor]]:
     """Record the latents denoise_batch hands to its VAE decode (benchmark instrumentation)."""
     captured: list[torch.Tensor] = []
-    original = denoise_module.decode_latents
+    original = batch_module.decode_latents
 
     def decode(pipe: DiffusionPipeline, family: Family, latents: torch.Tensor) -> Any:
         captured.append(latents.float().cpu())
         return original(pipe, family, latents)
 
-    denoise_module.decode_latents = decode
+    batch_module.decode_latents = decode
     try:
         yield captured
     finally:
-        denoise_module.decode_latents = original
+        batch_module.decode_latents = original
 
 
 def engine_latents(

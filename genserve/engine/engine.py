@@ -17,10 +17,13 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 
+from genserve.engine.batch import denoise_batch
+from genserve.engine.conditioning.latents import EncodingCache, LatentDist
 from genserve.engine.errors import EngineError, ModelLoadError, OutOfMemory, UnsupportedSampler
 from genserve.engine.loop.denoise import (
     BatchItem,
@@ -28,9 +31,9 @@ from genserve.engine.loop.denoise import (
     ItemOutcome,
     PreviewCallback,
     StepCallback,
-    denoise_batch,
 )
 from genserve.engine.loop.previews import LatentRgbMap, fit_latent_rgb_map
+from genserve.engine.loop.row import start_index
 from genserve.engine.models.cache import ModelCache, budget_bytes, estimate_bytes
 from genserve.engine.models.loading import load_pipeline, resolve_device, resolve_dtype
 from genserve.engine.models.registry import SUPPORTED_SAMPLERS, ModelInfo, sampler_supported
@@ -91,6 +94,7 @@ class Engine:
         self._warmup_on_load = warmup_on_load
         self._optimizations = optimizations or EngineOptimizations()
         self._applied: dict[str, AppliedOptimizations] = {}
+        self._encodings = EncodingCache()  # VAE encodings of input pictures, by model and pixels
         # Loaded pipelines live in an LRU cache bounded by the memory budgets (weights only).
         self._cache = ModelCache(
             lambda name: load_pipeline(
@@ -124,6 +128,7 @@ class Engine:
 
     def _prepare(self, name: str, pipe: DiffusionPipeline) -> None:
         """After every fresh load (never on a cache hit): fit the preview map, warm up if asked."""
+        self._encodings.forget(name)
         self._preview_maps[name] = fit_latent_rgb_map(pipe.vae, pipe.vae_scale_factor)
         family = self._models[name].family
         self._applied[name] = apply_optimizations(
@@ -233,6 +238,7 @@ class Engine:
                 )
             if batch_key(p) != batch_key(items[0].params):
                 raise ValueError("a batch needs the same model, size, steps and sampler for every item")
+            _check_pictures(item)
         params = items[0].params
         info = self._model_info(params.model)
         items = [_with_default_cfg_scale(item, info) for item in items]
@@ -251,6 +257,12 @@ class Engine:
 
         # 1. Denoise and decode; the cached pipeline and its scheduler are never modified
         scheduler = build_scheduler(info.family, params.sampler, pipe.scheduler.config)
+
+        def encode(image: np.ndarray) -> LatentDist:
+            return self._encodings.encode(
+                info.name, pipe, image, device=self._device, tile_above=self._encode_tile_above()
+            )
+
         try:
             with torch.inference_mode():
                 return denoise_batch(
@@ -262,6 +274,7 @@ class Engine:
                     dtype=self._dtype,
                     rgb_map=self._preview_maps[info.name],
                     on_batch_step=on_batch_step,
+                    encode=encode,
                 )
         except Exception as error:
             if is_out_of_memory(error):
@@ -273,6 +286,13 @@ class Engine:
                     f"{_first_line(error)}"
                 ) from error
             raise EngineError(f"generation failed: {type(error).__name__}: {_first_line(error)}") from error
+
+    def _encode_tile_above(self) -> int:
+        """Input pictures encode in tiles as images decode: the same `vae_tiling` lever and threshold."""
+        mode = self._optimizations.vae_tiling
+        if mode == "auto":
+            return self._optimizations.vae_tile_above_pixels
+        return 0 if mode == "on" else 2**62
 
     def _model_info(self, name: str) -> ModelInfo:
         if name not in self._models:
@@ -330,6 +350,24 @@ def is_out_of_memory(error: BaseException) -> bool:
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else "(no message)"
+
+
+def _check_pictures(item: BatchItem) -> None:
+    """The pictures a request names must have been loaded, and its strength must run a step."""
+    p = item.params
+    for field in ("init_image", "mask"):
+        if (getattr(p, field) is None) != (getattr(item, field) is None):
+            raise EngineError(
+                f"params.{field} and BatchItem.{field} must be given together "
+                "(the worker loads the picture the job names)"
+            )
+    if (p.mask is not None or p.outpaint is not None) and p.init_image is None:
+        raise EngineError("a mask or outpaint needs an init_image")
+    if p.init_image is not None:
+        try:
+            start_index(p.steps, p.strength)
+        except ValueError as error:  # int(steps × strength) < 1
+            raise EngineError(str(error)) from None
 
 
 def _with_default_cfg_scale(item: BatchItem, info: ModelInfo) -> BatchItem:

@@ -71,9 +71,26 @@ class GenerationParams(BaseModel):
 def batch_key(params: GenerationParams) -> tuple:
     """What must match for requests to share one batch on the GPU.
 
-    Prompts, negative prompts, seeds, CFG scales, image counts and preview cadence may all differ.
+    Prompts, negative prompts, seeds, CFG scales, image counts and preview cadence may all differ, and
+    so may the pictures in: init_image, mask, strength, resize mode, inpaint and outpaint options. A
+    row that starts from a picture joins the shared schedule at its own step (the last
+    int(steps × strength) steps run), and its mask travels with the row. width × height is the size
+    denoised, which for "only masked" inpainting is the request's size, not the picture's. The second
+    stages (hires fix, refiner) run with their own options, so those must match.
     """
-    return (params.model, params.width, params.height, params.steps, params.sampler)
+    return (
+        params.model,
+        params.width,
+        params.height,
+        params.steps,
+        params.sampler,
+        _options_key(params.hires),
+        _options_key(params.refiner),
+    )
+
+
+def _options_key(options: BaseModel | None) -> tuple | None:
+    return None if options is None else tuple(sorted(options.model_dump().items()))
 
 
 class LimitError(ValueError):

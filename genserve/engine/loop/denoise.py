@@ -1,30 +1,27 @@
 """The denoising loop: several requests, one model call per step.
 
-Requests that share a model, size, step count and sampler run as one batch. Each request keeps its
-own prompt, negative prompt, seed and CFG scale, and each image ("row") its own scheduler instance
-and noise generator, so a row follows exactly the arithmetic it would follow alone. When a request's
-callback raises (cancellation), its rows leave the batch before the next step and stop costing compute.
-
-The phases follow diffusers' pipelines, on the pipeline's own components:
-  1. encode prompts per request      2. timesteps and per-row schedulers     3. initial noise
-  4. denoising loop with per-row CFG  5. decode the surviving rows
+Requests that share a model, size, step count and sampler run as one batch (`engine/batch.py` sets
+it up). Each request keeps its own prompt, negative prompt, seed and CFG scale, and each image (a
+`Row`) its own scheduler, generator, start index and blend, so a row follows exactly the arithmetic
+it would follow alone. A row joins the loop at its start index (img2img runs the end of the
+schedule) and costs nothing before. When a request's callback raises (cancellation), its rows leave
+the batch before the next step and stop costing compute.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 
-from genserve.engine.conditioning.latents import decode_latents
-from genserve.engine.conditioning.text import encode_conditioning
+from genserve.engine.conditioning.text import Conditioning
 from genserve.engine.loop.guidance import apply_guidance, predict_noise
 from genserve.engine.loop.previews import LatentRgbMap, preview_images
-from genserve.engine.loop.schedule import prepare_schedulers, scale_model_input, step_kwargs
+from genserve.engine.loop.row import Row
+from genserve.engine.loop.schedule import step_kwargs
 from genserve.engine.models.registry import Family
 from genserve.engine.speed.deepcache import begin_run
 from genserve.schemas.generation import GenerationParams
@@ -55,106 +52,100 @@ class ItemOutcome:
     error: BaseException | None = None  # what the item's callback raised; its rows were dropped
 
 
-def denoise_batch(
+def run_rows(
     pipe: DiffusionPipeline,
     family: Family,
-    scheduler: Any,
     items: list[BatchItem],
+    rows: list[Row],
+    cond: Conditioning,
+    timesteps: torch.Tensor,
     *,
-    device: str,
-    dtype: torch.dtype,
     rgb_map: LatentRgbMap,
+    outcomes: list[ItemOutcome],
     on_batch_step: BatchStepCallback | None = None,
-) -> list[ItemOutcome]:
-    """Run compatible requests as one batch. Item i's images use seeds seed_i, seed_i + 1, ..."""
-    params = items[0].params
-    if any(item.params.cfg_scale is None for item in items):
-        raise ValueError("denoise_batch needs resolved params: cfg_scale is unset (Engine fills the model's)")
-    outcomes = [ItemOutcome() for _ in items]
+) -> list[Row]:
+    """Denoise `rows` over the shared `timesteps`; returns the rows that finished (in order).
 
-    # 0. Rows: one per image, remembering which item each belongs to
-    row_item = torch.tensor([i for i, item in enumerate(items) for _ in range(item.params.num_images)])
-    seeds = [item.params.seed + k for item in items for k in range(item.params.num_images)]
-    scales = torch.tensor([item.params.cfg_scale for item in items])[row_item]
-    use_cfg = bool((scales > 1).any())
-
-    # 1. Text conditioning
-    cond = encode_conditioning(pipe, family, [item.params for item in items], device)
-
-    # 2. Timesteps, one scheduler per row
-    schedulers, timesteps = prepare_schedulers(pipe, family, scheduler, len(seeds), params, device)
+    Row r is computed from loop index `rows[r].start` on. `cond` and the CFG scales are per row.
+    A request's `on_step(step, total)` counts its own steps (img2img at strength 0.5 of 20: 1..10)
+    and runs once its rows have joined. An exception it raises is stored in `outcomes` and the
+    request's rows leave the batch.
+    """
     total = len(timesteps)
-
-    # 3. Initial noise, drawn on the CPU per row so it is the same on every GPU
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    scales = torch.tensor([items[row.item].params.cfg_scale for row in rows])
+    alive = set(range(len(rows)))
     denoiser = pipe.transformer if family == "sd3" else pipe.unet
-    begin_run(denoiser)  # DeepCache (opt-in) starts each run with a full step; a no-op otherwise
-    shape = (
-        denoiser.config.in_channels,
-        params.height // pipe.vae_scale_factor,
-        params.width // pipe.vae_scale_factor,
-    )
-    noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
-    # SD/SDXL samplers start at sigma_max; flow-matching schedulers start from unit noise.
-    latents = (noise * getattr(schedulers[0], "init_noise_sigma", 1.0)).to(device=device, dtype=dtype)
-
-    # 4. Denoising loop
-    alive = list(range(len(items)))  # items still running
-    for index, t in enumerate(timesteps):
-        step = index + 1
-        model_input = scale_model_input(schedulers, latents, t)
-        noise_uncond, noise_cond = predict_noise(pipe, family, model_input, t, cond, use_cfg)
-        noise_pred = apply_guidance(noise_uncond, noise_cond, scales)
-        latents = torch.cat(
-            [
-                s.step(
-                    noise_pred[r : r + 1],
-                    t,
-                    latents[r : r + 1],
-                    return_dict=False,
-                    **step_kwargs(s, generators[r]),
-                )[0]
-                for r, s in enumerate(schedulers)
-            ]
-        )
-        rows_this_step = len(schedulers)
+    computed: list[int] = []
+    for index in range(total):
+        active = [r for r in sorted(alive) if rows[r].active(index)]
+        if active != computed:
+            begin_run(denoiser)  # DeepCache (opt-in): a new set of rows needs a full step; else a no-op
+            computed = active
+        if active:
+            _step(pipe, family, rows, active, cond, scales, timesteps, index)
         # Per-request callbacks; a request whose callback raises leaves the batch now.
-        dropped = set()
-        for i in alive:
-            item = items[i]
+        for i in sorted({rows[r].item for r in active}):
             try:
-                if item.on_step is not None:
-                    item.on_step(step, total)
-                every = item.params.preview_every or 0
-                if item.on_preview is not None and every and step % every == 0 and step < total:
-                    rows = (row_item == i).nonzero().flatten()
-                    item.on_preview(
-                        step, total, preview_images(latents.index_select(0, rows.to(device)), rgb_map)
-                    )
+                _report(items[i], [rows[r] for r in active if rows[r].item == i], index, total, rgb_map)
             except BaseException as error:  # noqa: BLE001 - handed back to the caller per item
                 outcomes[i].error = error
-                dropped.add(i)
-        if dropped:
-            alive = [i for i in alive if i not in dropped]
-            keep = torch.tensor(
-                [r for r, i in enumerate(row_item.tolist()) if i not in dropped], dtype=torch.long
-            )
-            if len(keep) == 0:
-                if on_batch_step is not None:
-                    on_batch_step(step, total, rows_this_step)
-                return outcomes
-            latents = latents.index_select(0, keep.to(device))
-            cond = cond.select(keep.to(device))
-            scales = scales.index_select(0, keep)
-            schedulers = [schedulers[r] for r in keep.tolist()]
-            generators = [generators[r] for r in keep.tolist()]
-            row_item = row_item.index_select(0, keep)
-            use_cfg = bool((scales > 1).any())
+                alive -= {r for r in alive if rows[r].item == i}
         if on_batch_step is not None:
-            on_batch_step(step, total, rows_this_step)
+            on_batch_step(index + 1, total, len(active))
+        if not alive:
+            break
+    return [rows[r] for r in sorted(alive)]
 
-    # 5. Decode what survived, and hand each request its images
-    images = decode_latents(pipe, family, latents)
-    for row, image in zip(row_item.tolist(), images, strict=True):
-        outcomes[row].images.append(image)
-    return outcomes
+
+def _step(
+    pipe: DiffusionPipeline,
+    family: Family,
+    rows: list[Row],
+    active: list[int],
+    cond: Conditioning,
+    scales: torch.Tensor,
+    timesteps: torch.Tensor,
+    index: int,
+) -> None:
+    """One model call for the active rows, then each row's own scheduler step and blend."""
+    t = timesteps[index]
+    picked = torch.tensor(active, dtype=torch.long)
+    row_scales = scales.index_select(0, picked)
+    model_input = torch.cat([_scaled(rows[r], t) for r in active])
+    if rows[active[0]].extra is not None:  # 9-channel inpainting: every row carries its channels
+        model_input = torch.cat([model_input, torch.cat([rows[r].extra for r in active])], dim=1)
+    use_cfg = bool((row_scales > 1).any())
+    noise_uncond, noise_cond = predict_noise(
+        pipe, family, model_input, t, cond.select(picked.to(model_input.device)), use_cfg
+    )
+    noise_pred = apply_guidance(noise_uncond, noise_cond, row_scales)
+    next_t = timesteps[index + 1] if index + 1 < len(timesteps) else None
+    for j, r in enumerate(active):
+        row = rows[r]
+        row.latents = row.scheduler.step(
+            noise_pred[j : j + 1],
+            t,
+            row.latents,
+            return_dict=False,
+            **step_kwargs(row.scheduler, row.generator),
+        )[0]
+        if row.blend is not None:
+            row.latents = row.blend.apply(row.scheduler, row.latents, next_t)
+
+
+def _scaled(row: Row, t: torch.Tensor) -> torch.Tensor:
+    """The row scaled by its own scheduler; flow-matching schedulers take latents as they are."""
+    if not hasattr(row.scheduler, "scale_model_input"):
+        return row.latents
+    return row.scheduler.scale_model_input(row.latents, t)
+
+
+def _report(item: BatchItem, rows: list[Row], index: int, total: int, rgb_map: LatentRgbMap) -> None:
+    """The request's progress in its own steps, and a preview every `preview_every` of them."""
+    start = rows[0].start
+    step, steps = index + 1 - start, total - start
+    if item.on_step is not None:
+        item.on_step(step, steps)
+    every = item.params.preview_every or 0
+    if item.on_preview is not None and every and step % every == 0 and step < steps:
+        item.on_preview(step, steps, preview_images(torch.cat([row.latents for row in rows]), rgb_map))

@@ -8,6 +8,9 @@ The weights are random: images are noise-like, but the shapes, dtypes and contro
 `write_tiny_single_file` writes the same SD1.5 weights in the original single-file layout
 (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`), to test
 single-file loading against the folder.
+
+`inpainting=True` (SD1.5) gives an inpainting checkpoint: a 9-channel UNet (latents, mask, masked
+picture's latents) in a `StableDiffusionInpaintPipeline`, as the real SD1.5 inpainting model.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -54,21 +58,21 @@ _SD_SCHEDULER = dict(
 )
 
 
-def write_tiny_pipeline(family: Family, path: Path, *, seed: int = 0) -> Path:
+def write_tiny_pipeline(family: Family, path: Path, *, seed: int = 0, inpainting: bool = False) -> Path:
     """Write a tiny diffusers-format pipeline of `family` to `path` and return `path`.
 
     The same seed always gives identical weights; the global torch RNG is left untouched.
     """
     path = Path(path)
-    _build(family, seed).save_pretrained(path, safe_serialization=True)
+    _build(family, seed, inpainting=inpainting).save_pretrained(path, safe_serialization=True)
     return path
 
 
-def write_tiny_single_file(path: Path, *, seed: int = 0) -> Path:
+def write_tiny_single_file(path: Path, *, seed: int = 0, inpainting: bool = False) -> Path:
     """Write the sd15 weights of `write_tiny_pipeline("sd15", ..., seed=seed)` as one original-layout
     `.safetensors` file. Loading it needs that folder (or any tiny sd15 folder) for configs and tokenizer.
     """
-    pipe = _build("sd15", seed)
+    pipe = _build("sd15", seed, inpainting=inpainting)
     state = {
         **_prefixed("model.diffusion_model.", _unet_to_original(pipe.unet)),
         **_prefixed("first_stage_model.", _vae_to_original(pipe.vae)),
@@ -79,13 +83,15 @@ def write_tiny_single_file(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
-def _build(family: Family, seed: int) -> Any:
+def _build(family: Family, seed: int, *, inpainting: bool = False) -> Any:
     builders = {"sd15": _tiny_sd15, "sdxl": _tiny_sdxl, "sd3": _tiny_sd3}
     if family not in builders:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(builders)}")
+    if inpainting and family != "sd15":
+        raise ValueError("tiny inpainting pipelines exist for sd15 only")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return builders[family]()
+        return _tiny_sd15_inpaint() if inpainting else builders[family]()
 
 
 # 1. Pipelines, one per family
@@ -94,6 +100,21 @@ def _build(family: Family, seed: int) -> Any:
 def _tiny_sd15() -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
         unet=UNet2DConditionModel(**_unet_kwargs(cross_attention_dim=32, attention_at="high")),
+        vae=_tiny_vae(latent_channels=4, scaling_factor=0.18215),
+        text_encoder=CLIPTextModel(_clip_config(hidden_act="quick_gelu")),
+        tokenizer=_tiny_tokenizer(),
+        scheduler=EulerDiscreteScheduler(**_SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _tiny_sd15_inpaint() -> StableDiffusionInpaintPipeline:
+    return StableDiffusionInpaintPipeline(
+        unet=UNet2DConditionModel(
+            **{**_unet_kwargs(cross_attention_dim=32, attention_at="high"), "in_channels": 9}
+        ),
         vae=_tiny_vae(latent_channels=4, scaling_factor=0.18215),
         text_encoder=CLIPTextModel(_clip_config(hidden_act="quick_gelu")),
         tokenizer=_tiny_tokenizer(),

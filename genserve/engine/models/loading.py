@@ -16,7 +16,9 @@ import torch
 from diffusers import (
     DiffusionPipeline,
     StableDiffusion3Pipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 from diffusers.utils import logging as diffusers_logging
@@ -33,6 +35,13 @@ PIPELINE_CLASSES: dict[Family, type[DiffusionPipeline]] = {
     "sd15": StableDiffusionPipeline,
     "sdxl": StableDiffusionXLPipeline,
     "sd3": StableDiffusion3Pipeline,
+}
+
+# Inpainting checkpoints (9-channel UNets) load with their own pipeline classes; the engine uses the
+# same components either way.
+INPAINT_PIPELINE_CLASSES: dict[Family, type[DiffusionPipeline]] = {
+    "sd15": StableDiffusionInpaintPipeline,
+    "sdxl": StableDiffusionXLInpaintPipeline,
 }
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -73,7 +82,7 @@ def load_pipeline(
     info: ModelInfo, models: Mapping[str, ModelInfo], *, device: str, dtype: torch.dtype
 ) -> DiffusionPipeline:
     """Load `info` onto `device`; raises ModelLoadError (or OutOfMemory) with a readable message."""
-    pipeline_class = PIPELINE_CLASSES[info.family]
+    pipeline_class = (INPAINT_PIPELINE_CLASSES if info.inpainting else PIPELINE_CLASSES)[info.family]
     try:
         # 1. Read the weights
         if info.format == "diffusers":
@@ -105,13 +114,18 @@ def load_pipeline(
 def single_file_config_folder(info: ModelInfo, models: Mapping[str, ModelInfo]) -> Path:
     """The diffusers folder that supplies configs and tokenizers for a single-file checkpoint."""
     candidates = sorted(
-        (m for m in models.values() if m.format == "diffusers" and m.family == info.family),
+        (
+            m
+            for m in models.values()
+            if m.format == "diffusers" and m.family == info.family and m.inpainting == info.inpainting
+        ),
         key=lambda m: m.name,
     )
     if not candidates:
+        kind = f"{info.family} inpainting" if info.inpainting else info.family
         raise ModelLoadError(
             f"cannot load single-file model '{info.name}' ({info.path.name}) offline: it needs a "
-            f"diffusers-format {info.family} model folder in the models directory to supply the model "
+            f"diffusers-format {kind} model folder in the models directory to supply the model "
             f"configs and tokenizers, and there is none. Add one (for example the base model this "
             f"checkpoint was fine-tuned from) next to the file."
         )

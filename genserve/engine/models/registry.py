@@ -66,7 +66,11 @@ PIPELINE_FAMILIES: dict[str, Family] = {
     "StableDiffusionPipeline": "sd15",  # SD1.x and SD2.x
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
+    # Inpainting checkpoints: the same families with a 9-channel UNet (latents + mask + masked picture)
+    "StableDiffusionInpaintPipeline": "sd15",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
 }
+INPAINT_UNET_CHANNELS = 9
 
 DEFAULT_NATIVE_SIZE: dict[Family, int] = {"sd15": 512, "sdxl": 1024, "sd3": 1024}
 SD2_NATIVE_SIZE = 768
@@ -90,6 +94,8 @@ class ModelInfo:
     dtype: str  # dtype of the stored denoiser weights ("float16", "float32", ...), or "unknown"
     # The CFG scale from the model card's front matter, if it names one.
     default_cfg_scale: float | None = None
+    # An inpainting checkpoint: its UNet takes the mask and the masked picture's latents as well.
+    inpainting: bool = False
 
     @property
     def request_cfg_scale(self) -> float:
@@ -160,10 +166,20 @@ def read_model_info(path: Path) -> ModelInfo:
             height,
             _diffusers_dtype(path),
             default_cfg_scale=_model_card_cfg_scale(path / "README.md"),
+            inpainting=_diffusers_unet_channels(path) == INPAINT_UNET_CHANNELS,
         )
     keys_and_dtypes = _safetensors_header(path)
     size = SD2_NATIVE_SIZE if family == "sd15" and _is_sd2(keys_and_dtypes) else DEFAULT_NATIVE_SIZE[family]
-    return ModelInfo(path.stem, path, family, "single_file", size, size, _majority_dtype(keys_and_dtypes))
+    return ModelInfo(
+        path.stem,
+        path,
+        family,
+        "single_file",
+        size,
+        size,
+        _majority_dtype(keys_and_dtypes),
+        inpainting=_single_file_unet_channels(keys_and_dtypes) == INPAINT_UNET_CHANNELS,
+    )
 
 
 def detect_family(path: Path) -> Family:
@@ -215,6 +231,13 @@ def _diffusers_native_size(folder: Path, family: Family) -> tuple[int, int]:
     # sample_size is the latent size: one int, or [height, width] for non-square models.
     height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
     return width * scale, height * scale
+
+
+def _diffusers_unet_channels(folder: Path) -> int | None:
+    try:
+        return int(_read_json(folder / "unet" / "config.json")["in_channels"])
+    except (OSError, KeyError, ValueError, TypeError, UnknownModelFormat):
+        return None  # SD3 (a transformer) or an unreadable config: not an inpainting UNet
 
 
 def _diffusers_dtype(folder: Path) -> str:
@@ -271,6 +294,12 @@ def _single_file_family(keys_and_dtypes: dict[str, tuple[str, list[int]]], path:
         f"{path.name}: tensor names match no supported family (SD1.x/2.x, SDXL, SD3); "
         f"first keys: {sorted(keys)[:3]}"
     )
+
+
+def _single_file_unet_channels(keys_and_dtypes: dict[str, tuple[str, list[int]]]) -> int | None:
+    """Input channels of the UNet's first convolution (weight shape [out, in, 3, 3])."""
+    _, shape = keys_and_dtypes.get("model.diffusion_model.input_blocks.0.0.weight", ("", []))
+    return int(shape[1]) if len(shape) == 4 else None
 
 
 def _is_sd2(keys_and_dtypes: dict[str, tuple[str, list[int]]]) -> bool:
