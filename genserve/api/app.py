@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from genserve import __version__
 from genserve.api.deps import ModelCatalog, Services
+from genserve.api.input_guard import InputGuard, InputProblem, fastapi_shape
 from genserve.api.routes import (
     a1111,
     admin,
@@ -66,6 +71,8 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
         lifespan=lifespan,
     )
     app.state.services = services
+    # Inside auth (a request without a key is refused before its body is read), outside every route.
+    app.add_middleware(InputGuard, max_body_bytes=settings.limits.max_body_bytes, shape=_guard_error_shape)
     install_auth(app, settings, KeyStore(store.engine))  # keys, rate limits, CORS
     app.add_middleware(TracingMiddleware, log_keys=settings.log_keys)
     for module in (health, web):
@@ -80,6 +87,16 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
         detail = [{"loc": ["body", error.field], "msg": error.message, "type": "limit_exceeded"}]
         return JSONResponse({"detail": detail}, status_code=422)
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": safe_errors(error.errors())}, status_code=422)
+
+    @app.exception_handler(ValidationError)
+    async def inner_validation_error(request: Request, error: ValidationError) -> JSONResponse:
+        # A schema built inside a route (form fields, compatibility mappings): still the caller's input.
+        errors = [{**item, "loc": ["body", *item["loc"]]} for item in error.errors()]
+        return JSONResponse({"detail": safe_errors(errors)}, status_code=422)
+
     @app.exception_handler(IdempotencyConflict)
     async def idempotency_conflict(request: Request, error: IdempotencyConflict) -> JSONResponse:
         message = "this request_id was already used with different parameters"
@@ -87,3 +104,40 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
 
     openai.install_error_shape(app)  # OpenAI's error shape on /v1/images/generations only
     return app
+
+
+def safe_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Validation errors without what cannot or should not be echoed back: a non-finite number
+    (JSON cannot hold it), a 10 MB prompt (only its first characters), exception objects in `ctx`."""
+    cleaned = []
+    for item in errors:
+        item = dict(item)
+        value = item.get("input")
+        if isinstance(value, float) and not math.isfinite(value):
+            item["input"] = str(value)
+        elif isinstance(value, str) and len(value) > 100:
+            item["input"] = value[:100] + "…"
+        elif isinstance(value, (dict, list)) or isinstance(value, bytes):
+            item.pop("input")
+        if "ctx" in item:
+            item["ctx"] = {key: str(val) for key, val in item["ctx"].items()}
+        cleaned.append(item)
+    return cleaned
+
+
+def _guard_error_shape(path: str, problem: InputProblem) -> tuple[int, dict]:
+    """The input guard's rejections in the shape of the route they were sent to."""
+    if path in openai.OPENAI_PATHS:
+        names = [
+            str(part)
+            for part in problem.loc
+            if part not in ("body", "header", "query") and not isinstance(part, int)
+        ]
+        error = {
+            "message": problem.message,
+            "type": "invalid_request_error",
+            "param": names[-1] if names else None,
+            "code": "invalid_value",
+        }
+        return (413 if problem.status == 413 else 400), {"error": error}
+    return fastapi_shape(path, problem)

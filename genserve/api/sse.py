@@ -36,9 +36,12 @@ def format_sse(event: Event, data: dict) -> str:
     return f"id: {event.seq}\nevent: {event.type}\ndata: {json.dumps(data, default=str)}\n\n"
 
 
+MAX_EVENT_SEQ = 2**62  # the input guard refuses longer ids; a direct caller is clamped below bigint
+
+
 def parse_last_event_id(header: str | None) -> int:
     try:
-        return max(0, int(header)) if header else 0
+        return min(MAX_EVENT_SEQ, max(0, int(header))) if header else 0
     except ValueError:
         return 0
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from genserve.schemas.image_inputs import HiresOptions, InpaintOptions, OutpaintOptions, RefinerOptions
+from genserve.schemas.text import SafeText
 
 if TYPE_CHECKING:
     from genserve.config import Limits
@@ -23,9 +24,11 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    prompt: str = Field(..., min_length=1, description="What to draw.")
-    negative_prompt: str = Field("", description="What to steer away from.")
-    model: str | None = Field(None, description="Model name from GET /v1/models; default model if omitted.")
+    prompt: SafeText = Field(..., min_length=1, description="What to draw.")
+    negative_prompt: SafeText = Field("", description="What to steer away from.")
+    model: SafeText | None = Field(
+        None, description="Model name from GET /v1/models; default model if omitted."
+    )
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="Image i uses seed+i. Random (and recorded) if omitted."
     )
@@ -46,10 +49,10 @@ class GenerationParams(BaseModel):
     )
     # Pictures in (img2img, inpainting, outpainting). A request may send base64, a data URL or an
     # upload id; a stored job holds only the content hash `sha256:<hex>` (schemas/image_inputs.py).
-    init_image: str | None = Field(
+    init_image: SafeText | None = Field(
         None, description="Start from this picture: base64, a data URL, or an id from POST /v1/uploads."
     )
-    mask: str | None = Field(
+    mask: SafeText | None = Field(
         None, description="Inpaint where the mask is white (or opaque); same forms as init_image."
     )
     resize_mode: Literal["resize", "crop", "fill"] = Field(

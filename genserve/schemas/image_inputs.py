@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 IMAGE_HASH_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 InpaintFill = Literal["original", "fill", "latent_noise", "latent_nothing"]
-LatentUpscaler = Literal["latent", "latent_bilinear", "latent_bicubic", "latent_nearest", "latent_antialiased"]
+LatentUpscaler = Literal[
+    "latent", "latent_bilinear", "latent_bicubic", "latent_nearest", "latent_antialiased"
+]
 PixelUpscaler = Literal["lanczos", "nearest"]
 
 

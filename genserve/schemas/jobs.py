@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from genserve.schemas.generation import GenerationParams
+from genserve.schemas.text import SafeText
 
 
 class JobState(StrEnum):
@@ -26,7 +27,7 @@ class JobState(StrEnum):
 class JobCreate(GenerationParams):
     """POST /v1/jobs body: generation parameters plus delivery options."""
 
-    request_id: str | None = Field(
+    request_id: SafeText | None = Field(
         None,
         max_length=200,
         description="Idempotency key (the Idempotency-Key header works too). "

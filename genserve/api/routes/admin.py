@@ -98,7 +98,7 @@ def key_usage(key_id: str, request: Request) -> KeyUsage:
 def list_all_jobs(
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     state: JobState | None = None,
     client_id: Annotated[str | None, Query(description="A key id (or X-Client-Id with auth off).")] = None,
 ) -> JobList:

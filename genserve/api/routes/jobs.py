@@ -56,7 +56,7 @@ def list_jobs(
     services: ServicesDep,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     state: JobState | None = None,
 ) -> JobList:
     """Jobs, newest first (with API keys: this key's jobs)."""
