@@ -234,3 +234,33 @@ def test_unsupported_requests_are_422(api):
         with pytest.raises(RuntimeError) as caught:
             api.txt2img(prompt="x", **{**FAST, **arguments})
         assert caught.value.args[0] == 422 and text in caught.value.args[1]
+
+
+def test_webuiapi_inpainting_keeps_every_pixel_outside_the_white_mask(api):
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    picture = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 40, 48))
+    result = api.img2img(
+        images=[picture], mask_image=mask, prompt="a yellow star", denoising_strength=0.9, mask_blur=0,
+        inpainting_fill=1, inpaint_full_res=False, seed=2, **FAST,
+    )  # fmt: skip
+    out, original, inside = (
+        np.asarray(result.images[0].convert("RGB")),
+        np.asarray(picture),
+        np.asarray(mask) > 0,
+    )
+    assert np.array_equal(out[~inside], original[~inside])
+    assert not np.array_equal(out[inside], original[inside])
+
+
+def test_img2img_progress_counts_the_steps_that_run(api):
+    picture = "data:image/png;base64," + webuiapi.raw_b64_img(Image.new("RGB", (64, 64), (9, 90, 9)))
+    payload = {"prompt": "x", "init_images": [picture], "denoising_strength": 0.5, "steps": 10,
+               "width": 64, "height": 64, "force_task_id": "task-img2img"}  # fmt: skip
+    assert api.session.post(f"{api.baseurl}/img2img", json=payload).status_code == 200
+    done = api.session.get(f"{api.baseurl}/progress", params={"id_task": "task-img2img"}).json()
+    assert done["completed"] is True and done["progress"] == 1.0
+    assert done["state"]["sampling_steps"] == 5 and done["state"]["sampling_step"] == 5  # int(10 × 0.5)

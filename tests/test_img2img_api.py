@@ -154,3 +154,38 @@ def test_a_damaged_picture_fails_its_job_with_the_reason(settings):
         run_queue(settings)
         failed = client.get(f"/v1/jobs/{job_id}").json()
     assert failed["state"] == "failed" and "damaged (its hash differs)" in failed["error"]
+
+
+def noise_picture(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("only_masked", [False, True])
+def test_inpainting_through_the_api_keeps_every_pixel_outside_the_mask(settings, only_masked):
+    import numpy as np
+
+    picture = noise_picture((64, 64))  # noise: any change from the VAE round-trip would show
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (24, 16, 48, 40))
+    with api(settings) as client:
+        body = {
+            "prompt": "a yellow star",
+            "init_image": base64.b64encode(png(picture)).decode(),
+            "mask": base64.b64encode(png(mask)).decode(),
+            "strength": 0.9,
+            "inpaint": {"mask_blur": 0, "only_masked": only_masked, "only_masked_padding": 8},
+            **FAST,
+        }
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        run_queue(settings)
+        done = client.get(f"/v1/jobs/{job_id}").json()
+        assert done["state"] == "succeeded", done["error"]
+        result = np.asarray(
+            Image.open(io.BytesIO(client.get(done["images"][0]["url"]).content)).convert("RGB")
+        )
+    original, inside = np.asarray(picture), np.asarray(mask) > 128
+    assert np.array_equal(result[~inside], original[~inside])
+    assert not np.array_equal(result[inside], original[inside])

@@ -229,3 +229,21 @@ def test_edit_of_two_images_and_of_none(server):
         f"{server.url}/v1/images/edits", data={"prompt": "x"}, files={"x": ("a", b"b")}, timeout=30
     )
     assert none.status_code == 422 and none.json()["error"]["param"] == "image"
+
+
+def test_edit_keeps_the_pixels_away_from_the_transparent_area(client):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    picture = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (24, 24, 40, 40))
+    result = client.images.edit(
+        image=("p.png", png_bytes(picture), "image/png"), mask=("m.png", png_bytes(mask), "image/png"),
+        prompt="a yellow star", model="tiny-sd15", extra_body={**FAST, "seed": 9},
+    )  # fmt: skip
+    out, original = np.asarray(decode(result.data[0].b64_json).convert("RGB")), np.asarray(picture)
+    far = np.ones((64, 64), dtype=bool)
+    far[8:56, 8:56] = False  # 16 px from the edited square: beyond the default 4 px mask blur
+    assert np.array_equal(out[far], original[far])
+    assert not np.array_equal(out[24:40, 24:40], original[24:40, 24:40])

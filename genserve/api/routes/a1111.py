@@ -335,11 +335,12 @@ def _is_task(job: JobRecord, principal: Principal) -> bool:
 
 
 def _progress_of(services: Any, job: JobRecord, skip_image: bool) -> ProgressResponse:
-    steps = job.params["steps"]
+    steps = job.params["steps"]  # until the first progress event says how many run (img2img: fewer)
     step, eta, image = 0, 0.0, None
     for event in services.store.events.read_after(job.id, 0):
         if event.type == "progress":
             step, eta = event.data["step"], event.data.get("eta_s", 0.0)
+            steps = event.data.get("steps", steps)
         elif event.type == "preview" and event.data.get("images"):
             image = event.data["images"][0]
     terminal = job.state.is_terminal

@@ -30,6 +30,7 @@ from genserve.api.openai_pictures import MASKED_STRENGTH, UNMASKED_STRENGTH, edi
 from genserve.api.submission import trace_id_from
 from genserve.auth.deps import PrincipalDep, submit_as
 from genserve.auth.limits import QuotaExceeded, RateLimited
+from genserve.scheduler.cost import steps_run
 from genserve.schemas import JobCreate, JobState, LimitError
 from genserve.schemas.generation import MAX_SEED, SamplerName
 from genserve.schemas.image_inputs import InpaintOptions
@@ -196,11 +197,12 @@ def _limit_error(error: LimitError, body: ImageRequest) -> OpenAIError:
     return OpenAIError(400, error.message, param, code)
 
 
-def _preview_cadence(body: ImageRequest) -> int:
-    """Previews only when streaming partial images: spread so there are about `partial_images`."""
+def _preview_cadence(body: ImageRequest, strength: float | None = None) -> int:
+    """Previews only when streaming partial images: spread so there are about `partial_images` over
+    the steps that run (an edit at `strength` runs int(steps × strength) of them)."""
     if not body.stream or not body.partial_images:
         return 0
-    return max(1, body.steps // (body.partial_images + 1))
+    return max(1, steps_run(body.steps, strength) // (body.partial_images + 1))
 
 
 def _submit(
@@ -211,7 +213,8 @@ def _submit(
     trace_id: str,
     pictures: dict[str, Any] | None = None,
 ) -> JobRecord:
-    job_body = _job_body(body, _preview_cadence(body), pictures)
+    strength = pictures["strength"] if pictures and pictures.get("init_image") else None
+    job_body = _job_body(body, _preview_cadence(body, strength), pictures)
     try:
         job, _ = submit_as(
             principal, job_body, services, body.safety_identifier or body.user or client_id, trace_id
