@@ -32,3 +32,24 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # uvicorn's access log would print every SSE poll; keep warnings and errors only.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def silence_library_noise() -> None:
+    """Drop library warnings that say nothing about what the user asked for.
+
+    transformers warns twice on every diffusers import that torchvision is missing and it falls back
+    to its PIL image processors; genserve uses no image processor of transformers' (issue 15).
+    """
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        _DropMessages("requires torchvision (not installed); falling back to")
+    )

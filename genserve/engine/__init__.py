@@ -11,3 +11,7 @@ Read it top down:
 Importing this package, `genserve.engine.models` (with `models.registry`) or `genserve.engine.errors`
 stays torch-free so the API server can use them; the ML stack loads with everything else.
 """
+
+from genserve.logs import silence_library_noise
+
+silence_library_noise()  # before anything below imports diffusers
