@@ -232,3 +232,23 @@ def test_resize_modes_fit_the_picture_to_the_request() -> None:
     # fill keeps all of it undistorted in the middle band and stretches its edge rows outwards
     assert (filled[:16] == filled[16:17]).all() and (filled[48:] == filled[47:48]).all()
     assert filled[32, 5, 0] > 200 and filled[32, 60, 0] < 30
+
+
+def test_deepcache_takes_a_full_step_when_rows_join(models: Path) -> None:
+    """DeepCache reuses deep features between full steps; a row joining changes the batch, so the
+    step it joins at runs the full UNet (every 3rd call otherwise: 0, 3 | join at 4: 4, 7)."""
+    from genserve.engine.speed.deepcache import DeepCacheForward
+    from genserve.engine.speed.optimize import EngineOptimizations
+
+    engine = Engine(
+        scan_models(models), device="cpu", dtype="float32", optimizations=EngineOptimizations(deepcache=3)
+    )
+    forward = engine.pipeline("tiny-sd15").unet.forward
+    while not isinstance(forward, DeepCacheForward):
+        forward = forward.inner
+    engine.generate(params())
+    alone = forward.full_calls
+    engine.generate_batch(
+        [BatchItem(params()), BatchItem(params(init_image=HASH, strength=0.5), init_image=picture())]
+    )
+    assert (alone, forward.full_calls - alone) == (3, 4)

@@ -16,7 +16,9 @@ def apply_guidance(
 
     Rows with s ≤ 1 use ε_c unchanged, as diffusers does when guidance is off for a request.
     """
-    scales = scales.to(noise_cond.dtype).view(-1, *([1] * (noise_cond.ndim - 1)))
+    scales = scales.to(device=noise_cond.device, dtype=noise_cond.dtype).view(
+        -1, *([1] * (noise_cond.ndim - 1))
+    )
     guided = noise_uncond + scales * (noise_cond - noise_uncond)
     return torch.where(scales > 1, guided, noise_cond)
 
