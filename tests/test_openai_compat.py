@@ -200,6 +200,11 @@ def test_edit_streams_partial_images(client):
     [
         ({"mask": ("m.png", png_bytes(Image.new("RGB", (64, 64))), "image/png")}, "mask", "alpha channel"),
         ({"mask": ("m.png", png_bytes(Image.new("RGBA", (32, 32))), "image/png")}, "mask", "same size"),
+        (
+            {"mask": ("m.png", png_bytes(Image.new("RGBA", (64, 64), (0, 0, 0, 255))), "image/png")},
+            "mask",
+            "no transparent pixel",
+        ),
         ({"image": ("p.gif", b"GIF89a....", "image/gif")}, "image", "GIF pictures are not accepted"),
         ({"image": ("p.png", b"\x89PNG\r\n\x1a\n broken", "image/png")}, "image", "corrupt"),
         ({"extra_body": {"strength": 2}}, "strength", "less than or equal to 1"),

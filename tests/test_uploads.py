@@ -237,6 +237,17 @@ def test_mask_and_init_image_are_stored_and_named_by_hash(client):
         ({"init_image": b64(noise_png((160, 160)))}, "init_image", "max_upload_bytes"),
         ({"init_image": b64(picture()), "mask": b64(picture((32, 32)))}, "mask", "same size"),
         ({"init_image": b64(picture()), "mask": "!!"}, "mask", "not base64"),
+        ({"init_image": b64(picture()), "mask": b64(picture(color=(0, 0, 0)))}, "mask", "marks nothing"),
+        (
+            {"init_image": b64(picture()), "mask": b64(picture(mode="L")), "inpaint": {"invert": True}},
+            "mask",
+            "marks nothing to inpaint: it has no black or transparent pixel (invert is on)",
+        ),
+        (
+            {"init_image": b64(picture()), "mask": b64(picture(mode="RGBA", color=(255, 255, 255, 0)))},
+            "mask",
+            "marks nothing",  # white but fully transparent: the alpha decides
+        ),
         ({"mask": b64(picture())}, "mask", "needs an init_image"),
         ({"outpaint": {"left": 16}}, "outpaint", "needs an init_image"),
         ({"init_image": b64(picture()), "inpaint": {"mask_blur": 2}}, "inpaint", "need a mask"),
@@ -254,6 +265,9 @@ def test_mask_and_init_image_are_stored_and_named_by_hash(client):
         "too-large",
         "mask-size",
         "mask-not-base64",
+        "mask-all-black",
+        "mask-all-white-inverted",
+        "mask-all-transparent",
         "mask-alone",
         "outpaint-alone",
         "inpaint-without-mask",

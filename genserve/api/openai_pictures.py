@@ -46,6 +46,8 @@ def edit_pictures(image: bytes, mask: bytes | None, inputs: InputStore, limits: 
             raise LimitError(
                 "mask", "mask needs an alpha channel: its fully transparent pixels mark where to edit"
             )
+        if alpha.getextrema()[0] > 127:  # the inverted mask would mark nothing
+            raise LimitError("mask", "mask has no transparent pixel: nothing marks where to edit")
     else:
         alpha = _alpha(open_picture(image))
         if alpha is not None and alpha.getextrema()[0] == 255:

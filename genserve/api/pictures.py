@@ -21,10 +21,12 @@ from genserve.artifacts.inputs import (
     PictureError,
     PictureInfo,
     inspect_picture,
+    open_picture,
+    repaint_coverage,
 )
 from genserve.config import Limits
 from genserve.schemas import GenerationParams, LimitError
-from genserve.schemas.image_inputs import is_image_hash
+from genserve.schemas.image_inputs import InpaintOptions, is_image_hash
 
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w-]+=[\w.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -82,7 +84,24 @@ def store_pictures(params: P, inputs: InputStore, limits: Limits) -> P:
     if "mask" in sizes and "init_image" in sizes and sizes["mask"] != sizes["init_image"]:
         (mw, mh), (iw, ih) = sizes["mask"], sizes["init_image"]
         raise LimitError("mask", f"mask is {mw}x{mh} but init_image is {iw}x{ih}; they must be the same size")
+    if (
+        "mask" in refs and "init_image" in refs and params.outpaint is None
+    ):  # outpainting repaints its new area whatever the mask
+        _check_mask_marks_something(inputs.get(refs["mask"]), params.inpaint)
     return params.model_copy(update=refs) if refs else params
+
+
+def _check_mask_marks_something(data: bytes, options: InpaintOptions | None) -> None:
+    some, every = repaint_coverage(open_picture(data))
+    if options is not None and options.invert:
+        some = not every
+    if not some:
+        what = (
+            "black or transparent pixel (invert is on)"
+            if options and options.invert
+            else "white or opaque pixel"
+        )
+        raise LimitError("mask", f"the mask marks nothing to inpaint: it has no {what}")
 
 
 def stored_size(inputs: InputStore, ref: str, field: str) -> tuple[int, int]:

@@ -99,6 +99,19 @@ def open_picture(data: bytes) -> PIL.Image.Image:
     return upright
 
 
+def repaint_coverage(mask: PIL.Image.Image) -> tuple[bool, bool]:
+    """(whether any pixel, whether every pixel) of `mask` means repaint, by AUTOMATIC1111's rule that
+    the engine applies too (engine/stages/masks.py `read_mask`): where the mask has transparency, its
+    opaque pixels (alpha > 128); otherwise its white ones (L > 128)."""
+    channel = mask.convert("L")
+    if mask.mode in ("RGBA", "LA") or (mask.mode == "P" and "transparency" in mask.info):
+        alpha = mask.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            channel = alpha
+    low, high = channel.getextrema()
+    return high > 128, low > 128
+
+
 def inspect_picture(data: bytes, max_bytes: int, max_pixels: int) -> PictureInfo:
     """Check `data` against the limits and decode it once; raises PictureError saying why not."""
     if len(data) > max_bytes:
