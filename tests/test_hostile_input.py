@@ -363,3 +363,25 @@ def test_fuzzed_json_bodies_and_raw_bytes_never_reach_a_5xx(client):
     fuzz_json_bodies(client)
     fuzz_raw_bytes(client)
     assert_still_serves(client)
+
+
+def test_multipart_form_fields_obey_the_same_rules(client):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, "PNG")
+    picture = ("a.png", buffer.getvalue(), "image/png")
+    for prompt in HOSTILE_TEXT.values():
+        raw = prompt.encode("utf-8", "surrogatepass")  # a lone surrogate travels as invalid UTF-8
+        response = client.post("/v1/images/edits", files={"image": picture, "prompt": (None, raw)})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", response.text
+    for field, value in (("n", "NaN"), ("n", "9" * 30), ("strength", "nan"), ("steps", "inf")):
+        response = client.post(
+            "/v1/images/edits", files={"image": picture}, data={"prompt": "a", field: value}
+        )
+        assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+    response = client.post("/v1/uploads", files={"file": ("a.png", b"\x89PNG\r\n\x1a\n junk", "image/png")})
+    assert_rejected(response, "file")
+    assert_still_serves(client)

@@ -1,4 +1,5 @@
-"""Schemathesis over the whole OpenAPI schema against a live server: no input gives a 5xx.
+"""Schemathesis over the whole OpenAPI schema against a live server, on SQLite and on PostgreSQL: no
+input gives a 5xx.
 
 The case count is bounded: a few valid and a few invalid generated cases per operation, with a
 fixed seed. The server's limits are tight (3 steps, 64x64, 2 images), so the generation routes that
@@ -35,8 +36,17 @@ VALID_BODIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(request, tiny_models_dir, tmp_path_factory):
+    store = {}
+    if request.param == "postgres":  # a fresh database: the generated jobs land in it
+        store = {"GENSERVE_STORE_URL": request.getfixturevalue("postgres_database_url")}
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(store["GENSERVE_STORE_URL"])
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public;"))
+        engine.dispose()
     live = LiveServer(
         models_dir=tiny_models_dir,
         data_dir=tmp_path_factory.mktemp("data"),
@@ -47,6 +57,7 @@ def server(tiny_models_dir, tmp_path_factory):
             "GENSERVE_LIMITS__MAX_NUM_IMAGES": "2",
             "GENSERVE_PREVIEW_EVERY": "0",
             "GENSERVE_COMPAT_TIMEOUT_SECONDS": "60",
+            **store,
         },
     ).start()
     yield live
