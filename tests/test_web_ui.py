@@ -8,6 +8,9 @@ screenshot, `docs/screenshot.png`.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import os
 import re
 import shutil
@@ -27,6 +30,8 @@ SCREENSHOT = (
     if os.environ.get("GENSERVE_UPDATE_SCREENSHOT") == "1"
     else _ROOT / "data" / "screenshots" / "ui.png"
 )
+# Other pictures the tests take, for a person to look at (never compared): picture-in, phone widths.
+SHOTS = _ROOT / "data" / "screenshots"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 # Tiny random-weight models: 64x64 takes a few hundredths of a second a step here, 128x128 most of a
@@ -93,6 +98,7 @@ def server(tiny_models_dir, tmp_path_factory):
             "GENSERVE_LIMITS__MAX_WIDTH": "256",
             "GENSERVE_LIMITS__MAX_HEIGHT": "256",
             "GENSERVE_LIMITS__MAX_STEPS": "500",
+            "GENSERVE_LIMITS__MAX_INPUT_PIXELS": str(256 * 256),
             "GENSERVE_BUILTIN_MODELS": "true",
         },
     ).start()
@@ -145,6 +151,12 @@ def _card(page, job_id: str):
 
 def _newest_card(page):
     return page.locator(".job").first
+
+
+def _post_job(page):
+    """Wait for the form's POST /v1/jobs: `.value.request.post_data_json` is what the page sent,
+    `.value.json()["id"]` the job it made (older jobs' cards may still be first in the list)."""
+    return page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/v1/jobs"))
 
 
 def test_generate_shows_progress_preview_then_image_and_survives_reload(open_page, api, playwright_api):
@@ -338,13 +350,13 @@ def test_model_defaults_follow_the_model_unless_the_user_set_them(open_page, api
 
     page.fill("#prompt", "a yellow star on a blue background")
     page.fill("#steps", "4")
-    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/jobs")) as sent:
+    with _post_job(page) as sent:
         page.press("#prompt", "Enter")
-    body = sent.value.post_data_json
+    body = sent.value.request.post_data_json
     assert body["model"] == "genserve-shapes" and body["cfg_scale"] == 4, body
-    card = _newest_card(page)
-    expect(card).to_have_attribute("data-state", "succeeded", timeout=60_000)
-    job = api.get(f"/v1/jobs/{card.get_attribute('data-job-id')}").json()
+    job_id = sent.value.json()["id"]
+    expect(_card(page, job_id)).to_have_attribute("data-state", "succeeded", timeout=60_000)
+    job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["params"]["cfg_scale"] == 4.0
 
     # Another model brings its own default; a value the user typed stays theirs, across model
@@ -365,6 +377,194 @@ def test_model_defaults_follow_the_model_unless_the_user_set_them(open_page, api
     expect(page.locator("body[data-ready]")).to_have_count(1)
     page.select_option("#model", "genserve-shapes")
     expect(page.locator("#cfg_scale")).to_have_value("4")
+
+
+def _png(width: int, height: int, background=(40, 90, 200), square=(200, 40, 40)) -> bytes:
+    """A plain background with a square in the middle third."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), background)
+    ImageDraw.Draw(image).rectangle(
+        (width // 3, height // 3, 2 * width // 3 - 1, 2 * height // 3 - 1), fill=square
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _picture_id(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _canvas_point(page, x: float, y: float) -> tuple[float, float]:
+    """Page coordinates of the middle of pixel (x, y) of the mask canvas."""
+    box = page.locator("#mask").bounding_box()
+    width, height = page.evaluate(
+        "[document.querySelector('#mask').width, document.querySelector('#mask').height]"
+    )
+    return box["x"] + (x + 0.5) * box["width"] / width, box["y"] + (y + 0.5) * box["height"] / height
+
+
+def test_inpaint_from_the_page_upload_paint_a_mask_and_run(open_page, api, playwright_api):
+    """Issue 16 item 9: choose a picture (uploaded), paint a mask with the mouse, erase part of it,
+    send an inpainting job; the request carries both pictures by upload id, the mask is white where
+    painted and has the picture's size, and the job runs to a result. Send to form brings both back."""
+    from PIL import Image
+
+    expect = playwright_api.expect
+    page = open_page()
+    picture = _png(64, 64)
+    expect(page.locator("#strength")).to_be_hidden()  # no picture, no strength
+    with page.expect_response(lambda r: r.url.endswith("/v1/uploads")) as uploaded:
+        page.set_input_files(
+            "#init_image", files=[{"name": "square.png", "mimeType": "image/png", "buffer": picture}]
+        )
+    assert uploaded.value.status == 201
+    expect(page.locator("#picture-info")).to_have_text("square.png · 64×64 PNG · uploaded")
+    expect(page.locator("#strength")).to_be_visible()
+    expect(page.locator("#picture-mode")).to_contain_text("img2img")
+    assert page.evaluate(
+        "[document.querySelector('#mask').width, document.querySelector('#mask').height]"
+    ) == [64, 64]
+    # The size comes from the picture: width and height are left to the server.
+    expect(page.locator("#width")).to_have_value("")
+    expect(page.locator("#width")).to_have_attribute("placeholder", "64")
+    expect(page.locator("#size-presets .chip", has_text="Picture").locator("input")).to_be_checked()
+
+    # Paint a stroke across the square with the mouse, then erase its right end.
+    page.fill("#brush-size", "6")
+    page.mouse.move(*_canvas_point(page, 24, 32))
+    page.mouse.down()
+    page.mouse.move(*_canvas_point(page, 40, 32), steps=8)
+    page.mouse.up()
+    expect(page.locator("#picture-mode")).to_contain_text("Inpainting")
+    page.locator(".segmented label", has_text="Eraser").click()
+    page.mouse.click(*_canvas_point(page, 40, 32))
+
+    page.fill("#prompt", "a yellow star")
+    page.fill("#steps", "4")
+    page.fill("#strength", "1")
+    with _post_job(page) as sent:
+        page.press("#prompt", "Enter")
+    body = sent.value.request.post_data_json
+    assert sent.value.status == 202, sent.value.text()
+    assert body["init_image"] == _picture_id(picture)
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", body["mask"]) and body["mask"] != body["init_image"]
+    assert body["strength"] == 1 and "width" not in body and "height" not in body
+    mask = Image.open(io.BytesIO(api.get(f"/v1/uploads/{body['mask']}").content)).convert("L")
+    assert mask.size == (64, 64)
+    assert mask.getpixel((24, 32)) == 255 and mask.getpixel((32, 32)) == 255  # painted
+    assert mask.getpixel((40, 32)) == 0  # erased
+    assert mask.getpixel((5, 5)) == 0 and mask.getpixel((32, 20)) == 0  # never painted
+
+    card = _card(page, sent.value.json()["id"])
+    expect(card).to_have_attribute("data-state", "succeeded", timeout=60_000)
+    expect(card.locator(".job-params")).to_contain_text("inpaint 1")
+    job = api.get(f"/v1/jobs/{sent.value.json()['id']}").json()
+    assert job["params"]["init_image"] == body["init_image"] and job["params"]["mask"] == body["mask"]
+    assert (job["params"]["width"], job["params"]["height"]) == (64, 64) and len(job["images"]) == 1
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.evaluate("document.activeElement.blur()")
+    page.screenshot(path=str(SHOTS / "picture-in.png"))
+
+    # Send to form brings the picture and the mask back; the same mask gets the same upload id.
+    page.get_by_role("button", name="Remove").click()
+    expect(page.locator("#picture-editor")).to_be_hidden()
+    card.get_by_role("button", name="Send to form").click()
+    expect(page.locator("#picture-info")).to_contain_text("64×64 PNG · stored")
+    expect(page.locator("#picture-mode")).to_contain_text("Inpainting")
+    expect(page.locator("#strength-value")).to_have_text("1.00")
+    with _post_job(page) as sent_again:
+        page.press("#prompt", "Enter")
+    again = sent_again.value.request.post_data_json
+    assert (again["init_image"], again["mask"]) == (body["init_image"], body["mask"])
+    expect(_card(page, sent_again.value.json()["id"])).to_have_attribute(
+        "data-state", "succeeded", timeout=60_000
+    )
+
+
+def test_paste_drop_use_as_input_and_picture_errors_next_to_their_fields(open_page, api, playwright_api):
+    expect = playwright_api.expect
+    first = api.post("/v1/jobs", json={"prompt": "a result to start from", "steps": 4, "seed": 7}).json()
+    wait_job(api, first["id"])
+    page = open_page()
+
+    # Paste a picture (as a browser's clipboard hands it over), then drop another on the form.
+    pasted, dropped = _png(32, 48), _png(48, 32, background=(20, 160, 60))
+    give = """([b64, type, target]) => {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const data = new DataTransfer();
+      data.items.add(new File([bytes], 'picture.png', {type: 'image/png'}));
+      const event = type === 'paste'
+        ? new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true})
+        : new DragEvent(type, {dataTransfer: data, bubbles: true, cancelable: true});
+      document.querySelector(target).dispatchEvent(event);
+    }"""
+    page.evaluate(give, [base64.b64encode(pasted).decode(), "paste", "#prompt"])
+    expect(page.locator("#picture-info")).to_have_text("pasted picture · 32×48 PNG · uploaded")
+    expect(page.locator("#width")).to_have_attribute("placeholder", "32")
+    page.evaluate(give, [base64.b64encode(dropped).decode(), "drop", "#picture-stage"])
+    expect(page.locator("#picture-info")).to_have_text("picture.png · 48×32 PNG · uploaded")
+    expect(page.locator("#height")).to_have_attribute("placeholder", "32")
+
+    # Use as input: the result's own bytes become the input picture.
+    card = _card(page, first["id"])
+    card.get_by_role("button", name="Use as input").click()
+    expect(page.locator("#picture-info")).to_have_text("result of seed 7 · 64×64 PNG · uploaded")
+    result = api.get(f"/v1/images/{first['id']}-0").content
+    page.fill("#prompt", "the same, changed a little")
+    page.fill("#steps", "4")
+    page.fill("#strength", "0.5")
+    expect(page.locator("#strength-hint")).to_contain_text("Runs the last 2 of 4 steps")
+    with _post_job(page) as sent:
+        page.press("#prompt", "Enter")
+    body = sent.value.request.post_data_json
+    assert body["init_image"] == _picture_id(result) and body["strength"] == 0.5 and "mask" not in body
+    changed = _card(page, sent.value.json()["id"])
+    expect(changed).to_have_attribute("data-state", "succeeded", timeout=60_000)
+    expect(changed.locator(".job-params")).to_contain_text("img2img 0.5")
+
+    # The lightbox has it too.
+    changed.locator("button.thumb").click()
+    page.locator("#lightbox-use").click()
+    expect(page.locator("#lightbox")).not_to_have_attribute("open", "")
+    expect(page.locator("#picture-info")).to_contain_text(
+        re.compile(r"^result of seed \d+ · 64×64 PNG · uploaded$")
+    )
+
+    # The API's errors land next to the field they name.
+    page.locator("#outpaint-options summary").click()
+    page.fill("#outpaint-right", "12")
+    page.check("#hires")
+    page.fill("#hires-scale", "5")
+    page.click("#generate")
+    expect(page.locator("#outpaint-error")).to_have_text("Right: must be a multiple of 8.")
+    expect(page.locator("#outpaint-right")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#hires-error")).to_have_text("Scale: must be at most 4.")
+    page.fill("#outpaint-right", "16")
+    expect(page.locator("#outpaint-error")).to_be_hidden()
+    expect(page.locator("#width")).to_have_attribute("placeholder", "80")  # 64 + 16
+    page.uncheck("#hires")
+    page.fill("#steps", "2")
+    page.fill("#strength", "0.3")
+    expect(page.locator("#strength-hint")).to_contain_text("Runs no step of 2")
+    page.click("#generate")
+    expect(page.locator("#strength-error")).to_contain_text("runs no step")
+    expect(page.locator("#strength")).to_be_focused()
+    # Pictures the server refuses: the reason shows under the picture, and the slot stays empty.
+    page.get_by_role("button", name="Remove").click()
+    page.set_input_files(
+        "#init_image", files=[{"name": "big.png", "mimeType": "image/png", "buffer": _png(300, 300)}]
+    )
+    expect(page.locator("#init_image-error")).to_have_text(
+        "The picture is 300x300 = 90000 pixels; the limit is 65536 (max_input_pixels)."
+    )
+    expect(page.locator("#picture-editor")).to_be_hidden()
+    page.set_input_files(
+        "#init_image", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not a picture"}]
+    )
+    expect(page.locator("#init_image-error")).to_have_text("The browser cannot read that file as a picture.")
+    expect(page.locator("#picture-editor")).to_be_hidden()
 
 
 def test_phone_width_stacks_without_horizontal_scroll(open_page, api, playwright_api):

@@ -39,7 +39,9 @@ setApiKey(localStorage.getItem(KEY_STORAGE) ?? ""); // the cookie again, in case
 async function request(method, path, body) {
   const init = { method, headers: { Accept: "application/json" } };
   if (apiKey) init.headers.Authorization = `Bearer ${apiKey}`;
-  if (body !== undefined) {
+  if (body instanceof FormData) {
+    init.body = body; // multipart: the browser sets the Content-Type with its boundary
+  } else if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
@@ -54,12 +56,23 @@ async function request(method, path, body) {
   return data;
 }
 
+/** A 422's `loc` as the form names fields: ["body", "outpaint", "left"] is "outpaint.left". */
+export function fieldPath(loc) {
+  const parts = Array.isArray(loc) ? loc.slice(loc[0] === "body" ? 1 : 0) : [];
+  const names = [];
+  for (const part of parts) {
+    if (typeof part !== "string" || !/^[A-Za-z_]\w*$/.test(part)) break; // list indexes, union branches
+    names.push(part);
+  }
+  return names.join(".");
+}
+
 function toApiError(status, data) {
   const detail = data?.detail;
-  if (status === 422 && Array.isArray(detail)) {
+  if ((status === 422 || status === 413) && Array.isArray(detail)) {
     const fields = detail.map((item) => {
-      const field = String(item.loc?.at(-1) ?? "");
-      return { field, message: plainWords(field, item.msg ?? "is not valid", item.type) };
+      const field = fieldPath(item.loc);
+      return { field, message: plainWords(field.split(".").at(-1), item.msg ?? "is not valid", item.type) };
     });
     return new ApiError(status, fields.map((f) => f.message).join(" "), fields);
   }
@@ -95,6 +108,23 @@ export const api = {
   job: (id) => request("GET", `/v1/jobs/${encodeURIComponent(id)}`),
   submit: (body) => request("POST", "/v1/jobs", body),
   cancel: (id) => request("DELETE", `/v1/jobs/${encodeURIComponent(id)}`),
+  /** POST /v1/uploads: 201 {id: "sha256:…", width, height, format, bytes}. */
+  upload: (blob, filename = "picture.png") => {
+    const form = new FormData();
+    form.append("file", blob, filename);
+    return request("POST", "/v1/uploads", form);
+  },
+  /** A picture this page may read (an image, an upload): the key's cookie authenticates GETs. */
+  picture: async (url) => {
+    let response;
+    try {
+      response = await fetch(url, { headers: apiKey ? { Authorization: `Bearer ${apiKey}` } : {} });
+    } catch {
+      throw new ApiError(0, "The server cannot be reached. Is genserve still running?");
+    }
+    if (!response.ok) throw toApiError(response.status, await response.json().catch(() => null));
+    return response.blob();
+  },
   ready: async () => {
     try {
       const response = await fetch("/readyz");

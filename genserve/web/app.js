@@ -16,7 +16,7 @@ function announce(message) {
   });
 }
 
-const form = new GenerateForm($("#generate-form"), { onSubmit: submit });
+const form = new GenerateForm($("#generate-form"), { onSubmit: submit, announce });
 const lightbox = new Lightbox($("#lightbox"), { form, announce });
 const board = new JobBoard({
   list: $("#jobs"),
@@ -39,7 +39,7 @@ async function submit() {
   form.clearErrors();
   try {
     // A fresh key per click: a retried request cannot queue the same job twice.
-    const body = { ...form.read(), request_id: newRequestId() };
+    const body = { ...(await form.body()), request_id: newRequestId() };
     const job = await api.submit(body);
     board.add(job);
     form.setLastSeed(job.params.seed);
@@ -134,7 +134,8 @@ async function boot() {
   forgetKey.hidden = !hasApiKey();
   try {
     const [models, openapi] = await Promise.all([api.models(), api.openapi()]);
-    form.setup({ models, schema: openapi.components?.schemas?.JobCreate });
+    const schemas = openapi.components?.schemas ?? {};
+    form.setup({ models, schema: schemas.JobCreate, schemas });
   } catch (error) {
     // Without a key nothing else loads either: ask for one, and start again when it works.
     if (error.status === 401) return askForKey(hasApiKey() ? `The saved key no longer works: ${error.message}` : null);

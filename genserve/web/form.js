@@ -1,6 +1,8 @@
-// The generation form: model-aware size presets, keyboard submit, per-field errors, remembered values.
+// The generation form: model-aware size presets, keyboard submit, per-field errors, remembered values,
+// the picture in (picture.js) and the hires fix.
 
 import { familyLabel, h, samplerLabel, sizePresets } from "./format.js";
+import { PictureInput } from "./picture.js";
 
 const FIELDS = [
   "prompt",
@@ -21,10 +23,22 @@ const NUMBER_FIELDS = new Set(["width", "height", "steps", "cfg_scale", "num_ima
 // the model as it changes, unless the user has set them to something else.
 const MODEL_DEFAULTS = { cfg_scale: "default_cfg_scale", steps: "default_steps", sampler: "default_sampler" };
 const STORAGE_KEY = "genserve.form.v1";
+const UPSCALER_LABELS = {
+  latent: "Latent",
+  latent_bilinear: "Latent (bilinear)",
+  latent_bicubic: "Latent (bicubic)",
+  latent_nearest: "Latent (nearest)",
+  latent_antialiased: "Latent (antialiased)",
+  lanczos: "Lanczos",
+  nearest: "Nearest",
+};
+
+/** An API field name ("outpaint.left") as the page's element id ("outpaint-left"). */
+const idOf = (field) => field.replaceAll(".", "-");
 
 export class GenerateForm {
   /** @param {HTMLFormElement} form */
-  constructor(form, { onSubmit }) {
+  constructor(form, { onSubmit, announce }) {
     this.form = form;
     this.models = [];
     this.lastSeed = null;
@@ -37,6 +51,23 @@ export class GenerateForm {
     this.formError = form.querySelector("#form-error");
     this.submitButton = form.querySelector("#generate");
     this.lastSeedButton = form.querySelector("#seed-last");
+    this.pictureSize = null; // the size a job starts from with a picture in: its own plus outpaint
+    this.picture = new PictureInput(form.querySelector("#picture-field"), {
+      dropTarget: form,
+      onCanvas: (size, options) => this.onPicture(size, options),
+      steps: () => Number(this.el.steps.value) || this.modelDefault("steps"),
+      announce,
+    });
+    this.hires = {
+      toggle: form.querySelector("#hires"),
+      options: form.querySelector("#hires-options"),
+      scale: form.querySelector("#hires-scale"),
+      steps: form.querySelector("#hires-steps"),
+      strength: form.querySelector("#hires-strength"),
+      upscaler: form.querySelector("#hires-upscaler"),
+      size: form.querySelector("#hires-size"),
+    };
+    this.resizeField = form.querySelector("#resize-mode-field");
 
     form.addEventListener("submit", (event) => {
       event.preventDefault();
@@ -59,7 +90,13 @@ export class GenerateForm {
       this.clearError(event.target.name);
       this.noteOwnValue(event.target.name);
       if (event.target === this.el.width || event.target === this.el.height) this.syncPresetChoice();
+      if (event.target === this.el.steps) this.picture.showStrength();
+      this.showHiresSize();
       this.save();
+    });
+    this.hires.toggle.addEventListener("change", () => {
+      this.hires.options.hidden = !this.hires.toggle.checked;
+      this.showHiresSize();
     });
     form.addEventListener("change", (event) => {
       if (event.target !== this.el.model) this.noteOwnValue(event.target.name);
@@ -84,9 +121,17 @@ export class GenerateForm {
   }
 
   /** Fill the pickers from /v1/models and the OpenAPI contract, then restore the last-used values. */
-  setup({ models, schema }) {
+  setup({ models, schema, schemas = {} }) {
     this.models = models;
     const props = schema?.properties ?? {};
+    this.picture.setDefaults({ strength: props.strength?.default });
+    const upscalerSchema = schemas.HiresOptions?.properties?.upscaler;
+    const upscalers = (upscalerSchema?.anyOf ?? [upscalerSchema ?? {}]).flatMap((part) => part.enum ?? []);
+    this.hires.upscaler.replaceChildren(
+      ...(upscalers.length ? upscalers : ["latent"]).map((name) =>
+        h("option", { value: name }, UPSCALER_LABELS[name] ?? name),
+      ),
+    );
     const samplers = props.sampler?.enum ?? ["euler"];
     this.el.sampler.replaceChildren(...samplers.map((name) => h("option", { value: name }, samplerLabel(name))));
     this.el.model.replaceChildren(
@@ -154,8 +199,10 @@ export class GenerateForm {
   applyModel({ keepSize }) {
     const previous = this.presets.querySelector("input:checked")?.dataset.label ?? "1:1";
     const presets = sizePresets(this.model());
+    // With a picture in, the first choice is its own size: width and height left out of the request.
+    const picture = this.pictureSize && { label: "Picture", width: "", height: "", shown: this.pictureSize };
     this.presets.replaceChildren(
-      ...presets.map((p) =>
+      ...(picture ? [picture, ...presets] : presets).map((p) =>
         h(
           "label",
           { class: "chip" },
@@ -167,15 +214,39 @@ export class GenerateForm {
             onchange: () => this.choosePreset(p),
           }),
           h("span", { class: "chip-ratio" }, p.label),
-          h("span", { class: "chip-size" }, `${p.width}×${p.height}`),
+          h("span", { class: "chip-size" }, p.shown ? `${p.shown.width}×${p.shown.height}` : `${p.width}×${p.height}`),
         ),
       ),
     );
     if (!keepSize) {
-      const same = presets.find((p) => p.label === previous) ?? presets[0];
+      const same = previous === "Picture" && picture ? picture : (presets.find((p) => p.label === previous) ?? presets[0]);
       if (same) this.choosePreset(same);
     }
     this.syncPresetChoice();
+  }
+
+  /** A picture came, went, or its outpaint margins changed: the "Picture" size preset follows it. */
+  onPicture(size, { keepSize = true } = {}) {
+    const had = this.pictureSize;
+    this.pictureSize = size;
+    for (const name of ["width", "height"]) this.el[name].placeholder = size ? String(size[name]) : "";
+    this.applyModel({ keepSize: true });
+    if (size && !keepSize) this.choosePreset({ width: "", height: "" }); // the picture's own size
+    if (!size && had && (!this.el.width.value || !this.el.height.value)) {
+      this.choosePreset(sizePresets(this.model())[0]);
+    }
+    this.showHiresSize();
+  }
+
+  showHiresSize() {
+    const scale = Number(this.hires.scale.value);
+    const width = Number(this.el.width.value) || this.pictureSize?.width || this.model()?.native_width;
+    const height = Number(this.el.height.value) || this.pictureSize?.height || this.model()?.native_height;
+    const round8 = (value) => Math.round(value / 8) * 8;
+    this.hires.size.textContent =
+      scale > 1 && width && height
+        ? `${width}×${height}, then ${round8(width * scale)}×${round8(height * scale)}.`
+        : "";
   }
 
   choosePreset(preset) {
@@ -190,6 +261,8 @@ export class GenerateForm {
   syncPresetChoice() {
     const key = `${this.el.width.value}x${this.el.height.value}`;
     for (const radio of this.presets.querySelectorAll("input")) radio.checked = radio.value === key;
+    // The resize mode matters only when a picture meets a size of its own.
+    this.resizeField.hidden = !this.pictureSize || key === "x";
   }
 
   /** The POST /v1/jobs body. Empty fields are left out, so the server's defaults apply. */
@@ -204,15 +277,29 @@ export class GenerateForm {
     }
     if (body.negative_prompt === undefined) body.negative_prompt = "";
     if (body.priority === 0) delete body.priority;
+    if (this.picture.has()) {
+      const mode = this.form.querySelector("#resize_mode").value;
+      if (mode !== "resize") body.resize_mode = mode;
+    }
+    if (this.hires.toggle.checked) {
+      const number = (el) => (el.value.trim() === "" ? undefined : Number(el.value));
+      body.hires = { scale: number(this.hires.scale), steps: number(this.hires.steps), strength: number(this.hires.strength) };
+      if (this.hires.upscaler.value !== "latent") body.hires.upscaler = this.hires.upscaler.value;
+      for (const [key, value] of Object.entries(body.hires)) if (value === undefined) delete body.hires[key];
+    }
     return body;
+  }
+
+  /** The whole POST /v1/jobs body: the fields above and the picture's (uploaded first if need be). */
+  async body() {
+    return { ...this.read(), ...(await this.picture.fields()) };
   }
 
   /** Number fields whose text the browser could not read as a number (the API never sees it). */
   inputErrors() {
-    return FIELDS.filter((name) => this.el[name]?.validity?.badInput).map((field) => ({
-      field,
-      message: "Must be a number.",
-    }));
+    return [...this.form.querySelectorAll("input[type=number]")]
+      .filter((input) => input.validity.badInput && !input.closest("[hidden]"))
+      .map((input) => ({ field: input.name, message: "Must be a number." }));
   }
 
   /** "Send to form": every parameter of a job back into the form. */
@@ -227,9 +314,30 @@ export class GenerateForm {
     }
     // The job's values are the user's choice where they differ from the model's defaults.
     for (const name of Object.keys(MODEL_DEFAULTS)) this.noteOwnValue(name);
+    this.form.querySelector("#resize_mode").value = params.resize_mode ?? "resize";
+    const hires = params.hires;
+    this.hires.toggle.checked = Boolean(hires);
+    this.hires.options.hidden = !hires;
+    if (hires) {
+      const scale = hires.scale ?? (hires.width && params.width ? hires.width / params.width : 2);
+      this.hires.scale.value = Math.round(scale * 100) / 100;
+      this.hires.steps.value = hires.steps ?? "";
+      this.hires.strength.value = hires.strength ?? 0.55;
+      this.hires.upscaler.value = hires.upscaler ?? "latent";
+    }
     this.syncPresetChoice();
+    this.showHiresSize();
     this.clearErrors();
     this.save();
+    this.picture.fill(params).catch((error) => this.showErrors([{ field: "init_image", message: error.message }]));
+  }
+
+  /** "Use as input": a result image into the picture slot, and the form into view. */
+  async useAsInput(image, label) {
+    this.picture.root.scrollIntoView({ block: "nearest" });
+    this.picture.fileInput.focus({ preventScroll: true });
+    await this.picture.useUrl(image.url, { label });
+    if (this.picture.has()) this.picture.announce("The image is the input picture now.");
   }
 
   setSeed(seed) {
@@ -261,13 +369,13 @@ export class GenerateForm {
     const general = [];
     let first = null;
     for (const { field, message } of fields) {
-      const box = this.form.querySelector(`#${CSS.escape(field)}-error`);
-      const input = this.el[field];
+      const { box, input, label } = this.errorPlace(field);
       if (!box || !input || input.closest("[hidden]")) {
         general.push(message);
         continue;
       }
-      box.textContent = box.textContent ? `${box.textContent} ${message}` : message;
+      const text = label ? `${label}: ${message.charAt(0).toLowerCase()}${message.slice(1)}` : message;
+      box.textContent = box.textContent ? `${box.textContent} ${text}` : text;
       box.hidden = false;
       input.setAttribute("aria-invalid", "true");
       input.closest("details")?.setAttribute("open", "");
@@ -278,6 +386,23 @@ export class GenerateForm {
     (first ?? this.formError).focus?.();
   }
 
+  /**
+   * Where an error about `field` shows: its own box, else its group's ("outpaint.left" under the
+   * outpaint options, naming Left); the input it marks and focuses.
+   */
+  errorPlace(field) {
+    if (!field) return {};
+    const byId = (id) => this.form.querySelector(`#${CSS.escape(id)}`);
+    const input = this.el[field] ?? byId(idOf(field));
+    const own = byId(`${idOf(field)}-error`);
+    if (own) return { box: own, input: input ?? own.closest("fieldset, details, .field")?.querySelector("input, select") };
+    const group = field.includes(".") ? field.split(".")[0] : null;
+    const box = group && byId(`${group}-error`);
+    if (!box) return {};
+    const label = input ? this.form.querySelector(`label[for="${CSS.escape(input.id)}"]`)?.textContent.trim() : null;
+    return { box, input: input ?? box.closest("fieldset, details")?.querySelector("input, select"), label };
+  }
+
   showFormError(message) {
     this.formError.textContent = message;
     this.formError.hidden = !message;
@@ -285,17 +410,26 @@ export class GenerateForm {
 
   clearError(field) {
     if (!field) return;
-    const box = this.form.querySelector(`#${CSS.escape(field)}-error`);
-    if (box) {
-      box.textContent = "";
-      box.hidden = true;
+    const names = field.includes(".") ? [field, field.split(".")[0]] : [field];
+    for (const name of names) {
+      const box = this.form.querySelector(`#${CSS.escape(idOf(name))}-error`);
+      if (box) {
+        box.textContent = "";
+        box.hidden = true;
+      }
     }
-    this.el[field]?.removeAttribute("aria-invalid");
+    (this.el[field] ?? this.form.querySelector(`#${CSS.escape(idOf(field))}`))?.removeAttribute("aria-invalid");
     this.showFormError("");
   }
 
   clearErrors() {
-    for (const name of FIELDS) this.clearError(name);
+    for (const box of this.form.querySelectorAll(".error[id$='-error']")) {
+      if (box === this.formError) continue;
+      box.textContent = "";
+      box.hidden = true;
+    }
+    for (const input of this.form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+    this.showFormError("");
   }
 
   // Remembered values ------------------------------------------------------------------------------

@@ -75,9 +75,41 @@ export function formatTime(iso) {
     : date.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
 }
 
-/** The request body that reproduces a job: what "copy parameters" puts on the clipboard. */
+/** What a job did with pictures, in a few words for its card: "img2img 0.75", "inpaint", "hires ×2". */
+export function pictureSummary(p) {
+  const parts = [];
+  if (p.init_image) {
+    const kind = p.outpaint ? "outpaint" : p.mask ? "inpaint" : "img2img";
+    parts.push(`${kind} ${p.strength ?? ""}`.trim());
+  }
+  if (p.hires) parts.push(p.hires.scale ? `hires ×${p.hires.scale}` : `hires ${p.hires.width}×${p.hires.height}`);
+  return parts;
+}
+
+/** The request body that reproduces a job: what "copy parameters" puts on the clipboard. Stored
+ * pictures are named by their upload ids, which POST /v1/jobs takes as they are. */
 export function requestBody(params) {
-  const keys = ["prompt", "negative_prompt", "model", "seed", "steps", "cfg_scale", "width", "height", "sampler", "num_images"];
+  const keys = [
+    "prompt",
+    "negative_prompt",
+    "model",
+    "seed",
+    "steps",
+    "cfg_scale",
+    "width",
+    "height",
+    "sampler",
+    "num_images",
+    "init_image",
+    "mask",
+    "strength",
+    "resize_mode",
+    "inpaint",
+    "outpaint",
+    "hires",
+    "refiner",
+  ];
+  if (!params.init_image) keys.splice(keys.indexOf("strength"), 2); // strength and resize_mode: unused
   return Object.fromEntries(keys.filter((k) => params[k] !== undefined && params[k] !== null).map((k) => [k, params[k]]));
 }
 

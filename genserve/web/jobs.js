@@ -1,7 +1,7 @@
 // The results column: one card per job from /v1/jobs, live over SSE while queued or running.
 
 import { api, followJob, isTerminal } from "./api.js";
-import { formatDuration, formatTime, h, requestBody, samplerLabel } from "./format.js";
+import { formatDuration, formatTime, h, pictureSummary, requestBody, samplerLabel } from "./format.js";
 
 const PAGE_SIZE = 24;
 const MAX_STREAMS = 4; // browsers allow ~6 connections per host; leave room for fetches and images
@@ -251,6 +251,7 @@ export class JobBoard {
             samplerLabel(p.sampler),
             `seed ${p.seed}`,
             p.num_images > 1 ? `${p.num_images} images` : null,
+            ...pictureSummary(p),
           ]
             .filter(Boolean)
             .join(" · "),
@@ -378,6 +379,21 @@ export class JobBoard {
         },
         "Send to form",
       ),
+      job.images.length
+        ? h(
+            "button",
+            {
+              type: "button",
+              dataset: { action: "use" },
+              title:
+                job.images.length > 1
+                  ? "Start from the first image (img2img, inpainting); open another image to use that one"
+                  : "Start from this image (img2img, inpainting)",
+              onclick: () => this.form.useAsInput(job.images[0], `result of seed ${p.seed}`),
+            },
+            "Use as input",
+          )
+        : null,
       h(
         "button",
         {

@@ -1,6 +1,6 @@
 // Full-size view of a result: a modal <dialog> (Esc closes it), arrow keys move through the gallery.
 
-import { h, samplerLabel } from "./format.js";
+import { h, pictureSummary, samplerLabel } from "./format.js";
 
 export class Lightbox {
   /** @param {HTMLDialogElement} dialog */
@@ -31,6 +31,11 @@ export class Lightbox {
       dialog.close();
       this.form.focusPrompt();
       this.announce("Parameters sent to the form.");
+    });
+    dialog.querySelector("#lightbox-use").addEventListener("click", () => {
+      const { job, image, index } = this.items[this.index];
+      dialog.close();
+      this.form.useAsInput(image, `result of seed ${job.params.seed + index}`);
     });
     dialog.addEventListener("keydown", (event) => {
       if (event.key === "ArrowLeft") this.show(this.index - 1);
@@ -68,7 +73,15 @@ export class Lightbox {
     this.position.textContent = `${index + 1} / ${this.items.length}`;
     this.prev.disabled = index === 0;
     this.next.disabled = index === this.items.length - 1;
-    const details = [p.model, `${p.width}×${p.height}`, `${p.steps} steps`, `CFG ${p.cfg_scale}`, samplerLabel(p.sampler), `seed ${seed}`];
+    const details = [
+      p.model,
+      `${p.width}×${p.height}`,
+      `${p.steps} steps`,
+      `CFG ${p.cfg_scale}`,
+      samplerLabel(p.sampler),
+      `seed ${seed}`,
+      ...pictureSummary(p),
+    ];
     this.caption.replaceChildren(
       h(
         "div",
