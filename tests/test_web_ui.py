@@ -567,6 +567,39 @@ def test_paste_drop_use_as_input_and_picture_errors_next_to_their_fields(open_pa
     expect(page.locator("#picture-editor")).to_be_hidden()
 
 
+def test_hires_toggle_sends_a_second_pass(open_page, playwright_api):
+    expect = playwright_api.expect
+    page = open_page()
+    expect(page.locator("#hires-options")).to_be_hidden()
+    page.check("#hires")
+    expect(page.locator("#hires-size")).to_have_text("64×64, then 128×128.")
+    page.fill("#prompt", "a second, larger pass")
+    page.fill("#steps", "4")
+    page.fill("#hires-steps", "2")
+    page.select_option("#hires-upscaler", "lanczos")
+    with _post_job(page) as sent:
+        page.press("#prompt", "Enter")
+    response = sent.value
+    assert response.request.post_data_json["hires"] == {
+        "scale": 2,
+        "steps": 2,
+        "strength": 0.55,
+        "upscaler": "lanczos",
+    }
+    if response.status == 422 and "not supported by this server yet" in response.text():
+        # Until the engine's hires stage lands (issue 16 item 5) the API refuses it, and the page
+        # says so under the toggle; from then on the rest of this test runs.
+        expect(page.locator("#hires-error")).to_have_text("Hires is not supported by this server yet.")
+        expect(page.locator("#hires")).to_have_attribute("aria-invalid", "true")
+        pytest.xfail("the server does not run hires yet (temporary guard in genserve/api/submission.py)")
+    assert response.status == 202, response.text()
+    card = _card(page, response.json()["id"])
+    expect(card).to_have_attribute("data-state", "succeeded", timeout=60_000)
+    expect(card.locator(".job-params")).to_contain_text("hires ×2")
+    image = card.locator("button.thumb img")
+    page.wait_for_function("img => img.complete && img.naturalWidth === 128", arg=image.element_handle())
+
+
 def test_phone_width_stacks_without_horizontal_scroll(open_page, api, playwright_api):
     prompt = "a quiet harbour town at dawn, fishing boats, mist over the water, watercolour, pastel palette"
     job = api.post("/v1/jobs", json={"prompt": prompt, "steps": 4, "num_images": 2}).json()
@@ -580,7 +613,8 @@ def test_phone_width_stacks_without_horizontal_scroll(open_page, api, playwright
 
 
 def test_readme_screenshot(open_page, api, playwright_api):
-    """docs/screenshot.png: finished results in the gallery, at desktop width."""
+    """docs/screenshot.png: finished results in the gallery, and an inpainting job set up in the form
+    (its result first in the gallery), at desktop width."""
     prompts = [
         ("a yellow star on a blue background", 2),
         ("a small red circle at the top left on a black background", 1),
@@ -594,13 +628,28 @@ def test_readme_screenshot(open_page, api, playwright_api):
             "num_images": count,
         }
         wait_job(api, api.post("/v1/jobs", json=body).json()["id"])
+    expect = playwright_api.expect
     page = open_page()
     newest = _newest_card(page)
-    playwright_api.expect(newest).to_have_attribute("data-state", "succeeded")
+    expect(newest).to_have_attribute("data-state", "succeeded")
+    # Inpaint the triangle's picture: a star where the mask is painted.
     newest.get_by_role("button", name="Send to form").click()
+    newest.get_by_role("button", name="Use as input").click()
+    expect(page.locator("#picture-info")).to_contain_text("uploaded")
+    page.fill("#brush-size", "12")
+    page.mouse.move(*_canvas_point(page, 38, 8))
+    page.mouse.down()
+    for x, y in ((58, 8), (58, 18), (38, 18), (38, 28), (58, 28)):
+        page.mouse.move(*_canvas_point(page, x, y), steps=6)
+    page.mouse.up()
+    page.fill("#prompt", "a yellow star on a green background")
     page.fill("#negative_prompt", "blurry, low quality")
+    page.fill("#strength", "0.9")
+    with _post_job(page) as sent:
+        page.click("#generate")
+    expect(_card(page, sent.value.json()["id"])).to_have_attribute("data-state", "succeeded", timeout=60_000)
     page.wait_for_function("[...document.querySelectorAll('.job img')].every(img => img.complete)")
-    page.evaluate("document.activeElement.blur()")
+    page.evaluate("document.activeElement.blur(); document.querySelector('#generate-form').scrollTop = 0")
     page.mouse.move(0, DESKTOP["height"] - 1)  # no hover highlight in the picture
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
