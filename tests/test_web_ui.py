@@ -545,6 +545,20 @@ def test_paste_drop_use_as_input_and_picture_errors_next_to_their_fields(open_pa
     expect(page.locator("#outpaint-error")).to_be_hidden()
     expect(page.locator("#width")).to_have_attribute("placeholder", "80")  # 64 + 16
     page.uncheck("#hires")
+    # Outpainting runs: the canvas grows by the margin.
+    with _post_job(page) as sent:
+        page.click("#generate")
+    assert sent.value.request.post_data_json["outpaint"] == {
+        "left": 0,
+        "top": 0,
+        "right": 16,
+        "bottom": 0,
+        "feather": 8,
+    }
+    outpainted = _card(page, sent.value.json()["id"])
+    expect(outpainted).to_have_attribute("data-state", "succeeded", timeout=60_000)
+    expect(outpainted.locator(".job-params")).to_contain_text("80×64")
+    expect(outpainted.locator(".job-params")).to_contain_text("outpaint 0.5")
     page.fill("#steps", "2")
     page.fill("#strength", "0.3")
     expect(page.locator("#strength-hint")).to_contain_text("Runs no step of 2")
@@ -610,6 +624,22 @@ def test_phone_width_stacks_without_horizontal_scroll(open_page, api, playwright
     form, results = page.locator("#generate-form").bounding_box(), page.locator(".results").bounding_box()
     assert form["y"] + form["height"] <= results["y"], "the form comes first, the results below it"
     assert results["x"] + results["width"] <= PHONE["width"]
+    # With a picture in, its tools fit the width too.
+    page.set_input_files(
+        "#init_image", files=[{"name": "wide.png", "mimeType": "image/png", "buffer": _png(96, 64)}]
+    )
+    playwright_api.expect(page.locator("#picture-info")).to_contain_text("uploaded")
+    page.locator("#outpaint-options summary").click()
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    stage = page.locator("#picture-stage").bounding_box()
+    assert stage["x"] >= 0 and stage["x"] + stage["width"] <= PHONE["width"]
+    tops = page.evaluate(
+        "[...document.querySelectorAll('.picture-bar > :not(.spacer)')].map(e => e.offsetTop)"
+    )
+    assert len(set(tops)) == 1, "Invert, Clear, Replace and Remove share one row"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#picture-field").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "phone-picture-in.png"))
 
 
 def test_readme_screenshot(open_page, api, playwright_api):
