@@ -43,7 +43,8 @@ class Limits(BaseModel):
     max_num_images: int = Field(4, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
     # Any request body, JSON or multipart (api/input_guard.py): 413 above it, before it is read whole.
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # Room for a picture and a mask at max_upload_bytes each, base64-encoded (4/3 larger).
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Input pictures (init_image, mask, uploads): bytes of one picture as sent, and its pixels.
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_input_pixels: int = Field(4096 * 4096, ge=64)

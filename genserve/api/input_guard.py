@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
 
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from genserve.schemas.text import text_problem
@@ -30,6 +31,8 @@ MAX_JSON_INT = 2**63 - 1  # what a database integer column holds; no field needs
 ID_HEADERS = ("idempotency-key", "x-client-id", "x-request-id")
 MAX_ID_HEADER_CHARS = 200
 BODY_METHODS = {"POST", "PUT", "PATCH"}
+# Larger JSON bodies are checked off the event loop, so SSE streams and other requests go on meanwhile.
+THREAD_ABOVE_BYTES = 256 * 1024
 
 
 class InputProblem(Exception):
@@ -147,7 +150,9 @@ class InputGuard:
                 await self.app(scope, receive, send)
                 return
             body = await self._read_body(scope, receive)
-            if _is_json(scope):
+            if _is_json(scope) and len(body) > THREAD_ABOVE_BYTES:
+                await run_in_threadpool(check_json, body)  # a picture in base64 takes ~0.1 s per 7 MB
+            elif _is_json(scope):
                 check_json(body)
         except InputProblem as problem:
             status, payload = self.shape(scope.get("path", ""), problem)
