@@ -31,15 +31,20 @@ class ImageStore:
     def save(self, image_id: str, png: bytes) -> Path:
         """Write the PNG atomically (readers never see a partial file); saving again replaces it."""
         target = self.path(image_id)
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(dir=self.root, prefix=f".{image_id}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(png)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp_name, target)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        write_atomically(target, png)
         return target
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    """Write through a temporary file in the same folder, then rename: never a partial file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise

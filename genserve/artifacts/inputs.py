@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import PIL.Image
 import PIL.ImageOps
 
+from genserve.artifacts.images import write_atomically
 from genserve.schemas.image_inputs import is_image_hash
 
 # The GenerationParams fields that name input pictures (and BatchItem's fields for them, decoded).
@@ -196,17 +195,3 @@ class InputStore:
                 self._sizes.clear()
             self._sizes[ref] = image.size
         return self._sizes[ref]
-
-
-def write_atomically(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise

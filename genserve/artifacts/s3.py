@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from genserve.artifacts.images import ImageStore
-from genserve.artifacts.inputs import InputStore, MissingPicture, write_atomically
+from genserve.artifacts.images import ImageStore, write_atomically
+from genserve.artifacts.inputs import InputStore, MissingPicture
 from genserve.config import Settings
 
 
