@@ -15,6 +15,17 @@ job changed.
     # multi-node mode: a fresh PostgreSQL database, Redis broker, `--workers 0` API + 2 `genserve worker`
     .venv/bin/python benchmarks/soak.py --store postgres --celery-workers 2 --jobs 1000
 
+The recorded runs (2026-12-04, results in benchmarks/results/*-soak-*.json) measured commit 9f4aa5a,
+exported with `git archive 9f4aa5a genserve | tar -x -C /tmp/gs-head` because the shared working
+tree was mid-refactor, and were run from /tmp as
+
+    PYTHONPATH=/tmp/gs-head .venv/bin/python benchmarks/soak.py --store sqlite --jobs 1000
+    PYTHONPATH=/tmp/gs-head .venv/bin/python benchmarks/soak.py --store postgres --celery-workers 2 --jobs 1000
+    PYTHONPATH=/tmp/gs-head .venv/bin/python benchmarks/soak.py --store postgres --celery-workers 2 --jobs 2000
+
+The PostgreSQL database is created fresh (genserve_soak_<hex>) and dropped at the end unless --keep;
+the Celery queue is private to the run (genserve-soak-<hex>) on the shared Redis, databases 14/15.
+
 Memory growth is measured from minute 2 (model loaded, allocator warm) to the end of the run, per
 process; the issue's bar is 10%. The record goes to
 benchmarks/results/<date>-<device>-soak-<store>[-celery<N>]-<jobs>.json.
@@ -53,6 +64,17 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "GENSERVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REPO = Path(__file__).resolve().parent.parent
+
+
+def code_commit(source: Path) -> str:
+    """The commit of the genserve package this run imported, when it is this repository's."""
+    if not source.resolve().is_relative_to(REPO):
+        return "unknown: genserve imported from outside this repository; pass --code-commit"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "genserve"], cwd=REPO, capture_output=True, text=True
+    )
+    return head.stdout.strip() + (" with uncommitted changes in genserve/" if changed.stdout.strip() else "")
 
 
 def free_port() -> int:
@@ -399,6 +421,9 @@ def main() -> None:
     parser.add_argument("--restart-wait", type=float, default=15.0, help="seconds after the restart")
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--keep", action="store_true", help="keep the data folder and database")
+    parser.add_argument(
+        "--code-commit", help="the commit of the genserve tree on PYTHONPATH, if not this repository's"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     if args.celery_workers and args.store != "postgres":
@@ -519,9 +544,7 @@ def main() -> None:
             "model": "genserve-shapes",
             "command": command,
             "genserve_source": str(Path(genserve.__file__).parent),
-            "git_head": subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
-            ).stdout.strip(),
+            "genserve_commit": args.code_commit or code_commit(Path(genserve.__file__).parent),
             "settings": {
                 k: v
                 for k, v in stack.env.items()
