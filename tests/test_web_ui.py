@@ -467,9 +467,13 @@ def test_inpaint_from_the_page_upload_paint_a_mask_and_run(open_page, api, playw
     page.evaluate("document.activeElement.blur()")
     page.screenshot(path=str(SHOTS / "picture-in.png"))
 
-    # Send to form brings the picture and the mask back; the same mask gets the same upload id.
-    page.get_by_role("button", name="Remove").click()
+    # A reload forgets the picture (the size, left to the picture, goes back to the model's own);
+    # Send to form brings the picture and the mask back, and the same mask gets the same upload id.
+    page.reload()
+    expect(page.locator("body[data-ready]")).to_have_count(1)
     expect(page.locator("#picture-editor")).to_be_hidden()
+    expect(page.locator("#width")).to_have_value("64")
+    expect(page.locator("#height")).to_have_value("64")
     card.get_by_role("button", name="Send to form").click()
     expect(page.locator("#picture-info")).to_contain_text("64×64 PNG · stored")
     expect(page.locator("#picture-mode")).to_contain_text("Inpainting")
@@ -729,6 +733,9 @@ def test_with_auth_on_the_page_asks_for_a_key_and_then_works_with_it(
         assert len(steps_shown) >= 3, steps_shown
         image = card.locator("button.thumb img")
         page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=image.element_handle())
+        # Pictures in work with the key too: the result is read back and uploaded.
+        card.get_by_role("button", name="Use as input").click()
+        expect(page.locator("#picture-info")).to_contain_text("64×64 PNG · uploaded")
 
         # The key stays in this browser across a reload, until the user forgets it.
         page.reload()

@@ -474,6 +474,10 @@ export class GenerateForm {
     }
     this.ownValues = own;
     this.applyModelDefaults();
+    // Saved while a picture gave the size: without the picture, the model's native size again.
+    if (!this.pictureSize && (!this.el.width.value || !this.el.height.value)) {
+      this.choosePreset(sizePresets(this.model())[0]);
+    }
     this.syncPresetChoice();
   }
 }

@@ -87,6 +87,8 @@ export class PictureInput {
     document.addEventListener("paste", (event) => {
       const file = [...(event.clipboardData?.files ?? [])].find((f) => f.type.startsWith("image/"));
       if (!file || document.body.dataset.needsKey) return;
+      // Text with a picture beside it (a spreadsheet's cells, say) pasted into a text field is text.
+      if (event.target.matches?.("textarea, input") && event.clipboardData.getData("text/plain")) return;
       event.preventDefault();
       this.setBlob(file, { label: "pasted picture" });
       this.announce("Picture pasted.");
