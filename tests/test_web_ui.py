@@ -478,10 +478,18 @@ def test_inpaint_from_the_page_upload_paint_a_mask_and_run(open_page, api, playw
     expect(page.locator("#picture-info")).to_contain_text("64×64 PNG · stored")
     expect(page.locator("#picture-mode")).to_contain_text("Inpainting")
     expect(page.locator("#strength-value")).to_have_text("1.00")
+    # The mask options: blur, what the masked area starts from, only the masked area with padding.
+    page.locator("#inpaint-options summary").click()
+    expect(page.locator("#inpaint-only_masked_padding")).to_be_disabled()
+    page.fill("#inpaint-mask_blur", "2")
+    page.select_option("#inpaint-fill", "fill")
+    page.check("#inpaint-only_masked")
+    page.fill("#inpaint-only_masked_padding", "8")
     with _post_job(page) as sent_again:
         page.press("#prompt", "Enter")
     again = sent_again.value.request.post_data_json
     assert (again["init_image"], again["mask"]) == (body["init_image"], body["mask"])
+    assert again["inpaint"] == {"mask_blur": 2, "fill": "fill", "only_masked": True, "only_masked_padding": 8}
     expect(_card(page, sent_again.value.json()["id"])).to_have_attribute(
         "data-state", "succeeded", timeout=60_000
     )

@@ -74,6 +74,8 @@ export class PictureInput {
     this.brush.addEventListener("input", () => this.showBrushSize());
     this.strength.addEventListener("input", () => this.showStrength());
     for (const input of Object.values(this.outpaint)) input.addEventListener("input", () => this.layout());
+    this.inpaint.only_masked.addEventListener("change", () => this.showPadding());
+    this.showPadding();
 
     this.canvas.addEventListener("pointerdown", (event) => this.startStroke(event));
     this.canvas.addEventListener("pointermove", (event) => this.moveStroke(event));
@@ -267,6 +269,11 @@ export class PictureInput {
     });
     this.stage.classList.toggle("extended", width !== p.width || height !== p.height);
     if (notify) this.onCanvas({ width, height }, { keepSize });
+  }
+
+  /** The padding counts only with "only the masked area". */
+  showPadding() {
+    this.inpaint.only_masked_padding.disabled = !this.inpaint.only_masked.checked;
   }
 
   // Strength ---------------------------------------------------------------------------------------
@@ -496,6 +503,7 @@ export class PictureInput {
     this.inpaint.fill.value = inpaint.fill ?? "original";
     this.inpaint.only_masked.checked = Boolean(inpaint.only_masked);
     this.inpaint.only_masked_padding.value = inpaint.only_masked_padding ?? 32;
+    this.showPadding();
     const ref = params.init_image;
     const stored = /^sha256:[0-9a-f]{64}$/.test(ref);
     if (stored) await this.useUrl(`/v1/uploads/${encodeURIComponent(ref)}`, { label: "", ref, keepSize: true });
