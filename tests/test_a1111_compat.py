@@ -226,7 +226,7 @@ def test_hires_and_refiner_fields_map_onto_the_schema():
 def test_unsupported_requests_are_422(api):
     for arguments, text in (
         ({"sampler_name": "LMS"}, "not available"),
-        ({"enable_hr": True}, '"loc":["body","enable_hr"]'),  # until the engine has hires
+        ({"enable_hr": True, "hr_resize_x": 4096, "hr_resize_y": 4096}, '"loc":["body","enable_hr"]'),
         ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler 'R-ESRGAN 4x+' is not available"),
         ({"enable_hr": True, "hr_scale": 9}, '"loc":["body","hr_scale"]'),
         ({"width": 100}, "multiple of 8"),
@@ -234,6 +234,23 @@ def test_unsupported_requests_are_422(api):
         with pytest.raises(RuntimeError) as caught:
             api.txt2img(prompt="x", **{**FAST, **arguments})
         assert caught.value.args[0] == 422 and text in caught.value.args[1]
+
+
+def test_txt2img_enable_hr_returns_the_larger_picture(api):
+    result = api.txt2img(
+        prompt="a red circle",
+        seed=2,
+        enable_hr=True,
+        hr_scale=2,
+        hr_second_pass_steps=2,
+        denoising_strength=0.5,
+        **FAST,
+    )
+    assert result.image.size == (128, 128)
+    parameters = result.info["infotexts"][0]
+    assert (
+        "Size: 64x64" in parameters and "Hires upscale: 2.0" in parameters and "Hires steps: 2" in parameters
+    )
 
 
 def test_webuiapi_inpainting_keeps_every_pixel_outside_the_white_mask(api):

@@ -252,7 +252,7 @@ def test_mask_and_init_image_are_stored_and_named_by_hash(client):
         ({"outpaint": {"left": 16}}, "outpaint", "needs an init_image"),
         ({"init_image": b64(picture()), "inpaint": {"mask_blur": 2}}, "inpaint", "need a mask"),
         ({"init_image": b64(picture()), "strength": 0.2}, "strength", "runs no step"),
-        ({"hires": {"scale": 2}}, "hires", "not supported"),
+        ({"init_image": b64(picture()), "hires": {"scale": 2}}, "hires", "second pass of a text-to-image"),
     ],
     ids=[
         "unknown-upload",
@@ -272,7 +272,7 @@ def test_mask_and_init_image_are_stored_and_named_by_hash(client):
         "outpaint-alone",
         "inpaint-without-mask",
         "strength-runs-no-step",
-        "hires-not-yet",
+        "hires-with-init-image",
     ],
 )
 def test_bad_pictures_in_a_job_are_422_naming_the_field(client, body, field, text):

@@ -11,6 +11,13 @@ from genserve.api.pictures import PICTURE_FIELDS, size_from_picture, stored_size
 from genserve.artifacts.inputs import InputStore
 from genserve.config import Settings
 from genserve.engine.models.registry import ModelInfo, sampler_supported
+from genserve.engine.stages.plan import (
+    output_size,
+    refiner_problem,
+    schedule_error,
+    second_pass_steps,
+    size_multiple,
+)
 from genserve.scheduler.cost import seconds_per_batch, steps_run
 from genserve.scheduler.policy import classify
 from genserve.schemas import (
@@ -22,7 +29,7 @@ from genserve.schemas import (
     LimitError,
     check_limits,
 )
-from genserve.schemas.generation import MAX_SEED
+from genserve.schemas.generation import MAX_SEED, SAMPLER_NAMES
 from genserve.schemas.image_inputs import is_image_hash
 from genserve.store.calibration import CalibrationStore
 from genserve.store.jobs import JobRecord, JobStore
@@ -45,13 +52,16 @@ def resolve_params(
     reproduced. Raises LimitError naming the field.
     """
     model_name = params.model or settings.default_model
-    for name in ("hires", "refiner"):
-        if getattr(params, name) is not None:  # the schema is in place; the engine side is being built
-            raise LimitError(name, f"{name} is not supported by this server yet")
     check_limits(params.model_copy(update={"model": model_name}), settings.limits, known_models=set(models))
     info = models[model_name]
+    if info.refiner:
+        raise LimitError(
+            "model",
+            f"model '{model_name}' is an SDXL refiner: name an SDXL base model and put it in refiner.model",
+        )
     if not sampler_supported(info.family, params.sampler):
         raise LimitError("sampler", f"sampler '{params.sampler}' is not supported for {info.family} models")
+    _check_refiner(params.model_copy(update={"model": model_name}), info, models, settings)
     width, height = _size(params, info, settings, pictures)
     resolved = params.model_copy(
         update={
@@ -66,7 +76,60 @@ def resolve_params(
         }
     )
     check_limits(resolved, settings.limits)
+    _check_hires(resolved, info, settings)
     return GenerationParams.model_validate(resolved.model_dump())
+
+
+def _check_refiner(
+    params: GenerationParams, info: ModelInfo, models: dict[str, ModelInfo], settings: Settings
+) -> None:
+    """The refiner is an SDXL refiner the caller may use, for an SDXL base."""
+    if params.refiner is None:
+        return
+    problem = refiner_problem(params, info, models)
+    if problem is not None:
+        raise LimitError("refiner", problem)
+    allowed = settings.limits.allowed_models
+    if allowed is not None and params.refiner.model not in allowed:
+        raise LimitError(
+            "refiner", f"refiner model '{params.refiner.model}' is not in the allowed list {allowed}"
+        )
+
+
+def _check_hires(params: GenerationParams, info: ModelInfo, settings: Settings) -> None:
+    """The hires fix's second pass within the same limits as a first pass: its sampler, steps,
+    schedule and size (the size of the images the job returns)."""
+    hires = params.hires
+    if hires is None:
+        return
+    if params.init_image is not None:
+        raise LimitError(
+            "hires", "hires is a second pass of a text-to-image request; with an init_image, ask for the size"
+        )
+    sampler = hires.sampler or params.sampler
+    if sampler not in SAMPLER_NAMES or not sampler_supported(info.family, sampler):
+        raise LimitError("hires", f"hires sampler '{sampler}' is not supported for {info.family} models")
+    limits = settings.limits
+    if second_pass_steps(params) > limits.max_steps:
+        raise LimitError("hires", f"hires steps must be between 1 and {limits.max_steps} (max_steps)")
+    if (problem := schedule_error(params)) is not None:
+        raise LimitError("hires", problem)
+    width, height = output_size(params, info.family)
+    multiple = size_multiple(info.family)
+    if width % multiple or height % multiple:
+        raise LimitError(
+            "hires", f"hires width and height must be multiples of {multiple} for {info.family} models"
+        )
+    if width > limits.max_width or height > limits.max_height:
+        raise LimitError(
+            "hires",
+            f"the hires size {width}x{height} exceeds max_width {limits.max_width} or max_height {limits.max_height}",
+        )
+    if width * height > limits.max_pixels:
+        raise LimitError(
+            "hires",
+            f"the hires size {width}x{height} = {width * height} pixels exceeds max_pixels {limits.max_pixels}",
+        )
 
 
 def _size(
@@ -156,7 +219,8 @@ def submit(
 
 def estimated_seconds(params: GenerationParams, family: str, store: JobStore) -> float:
     """The cost model's run time for this request alone, on the device it was calibrated on: only
-    the steps that run (img2img at strength s runs int(steps × s)), plus a VAE encode."""
+    the steps that run (img2img at strength s runs int(steps × s)), plus a VAE encode, plus the
+    hires pass's steps at its size."""
     calibration = CalibrationStore(store.engine)
     timing = calibration.lookup(
         device=calibration.default_device(params.model),
@@ -167,7 +231,19 @@ def estimated_seconds(params: GenerationParams, family: str, store: JobStore) ->
         batch=params.num_images,
     )
     strength = params.strength if params.init_image is not None else None
-    return seconds_per_batch(timing, steps_run(params.steps, strength), encodes=strength is not None)
+    seconds = seconds_per_batch(timing, steps_run(params.steps, strength), encodes=strength is not None)
+    if params.hires is not None:  # the second pass's steps, at its size
+        width, height = output_size(params, family)
+        larger = calibration.lookup(
+            device=calibration.default_device(params.model),
+            model=params.model,
+            family=family,
+            width=width,
+            height=height,
+            batch=params.num_images,
+        )
+        seconds += second_pass_steps(params) * larger.step_s
+    return seconds
 
 
 def to_public(job: JobRecord, store: JobStore, live_workers: int = 1) -> JobPublic:

@@ -23,7 +23,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from genserve.engine.batch import denoise_batch
-from genserve.engine.conditioning.latents import EncodingCache, LatentDist
+from genserve.engine.conditioning.latents import EncodingCache, LatentDist, encode_pixels, pixels_to_tensor
 from genserve.engine.errors import EngineError, ModelLoadError, OutOfMemory, UnsupportedSampler
 from genserve.engine.loop.denoise import (
     BatchItem,
@@ -44,6 +44,7 @@ from genserve.engine.speed.optimize import (
     WarmupRun,
     apply_optimizations,
 )
+from genserve.engine.stages.plan import output_size, refiner_problem, schedule_error
 from genserve.schemas.generation import GenerationParams, batch_key
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class Engine:
         log.info(
             "optimizations applied", extra={"model": name, "optimizations": self._applied[name].summary()}
         )
-        if self._warmup_on_load:
+        if self._warmup_on_load and not self._models[name].refiner:  # a refiner never runs alone
             self.warmup(name)
 
     def knows(self, name: str) -> bool:
@@ -161,7 +162,8 @@ class Engine:
             free_bytes, torch.cuda.memory_reserved(device), self._cache.resident_bytes()["device"]
         )
         family = self._model_info(params.model).family
-        megapixels = params.width * params.height / 1e6
+        width, height = output_size(params, family)
+        megapixels = width * height / 1e6
         per_image = (
             _ACTIVATION_BYTES_PER_MEGAPIXEL[family] * megapixels * (2 if self._dtype == torch.float32 else 1)
         )
@@ -247,13 +249,18 @@ class Engine:
                 f"sampler '{params.sampler}' is not supported for {info.family} model '{info.name}'; "
                 f"supported: {', '.join(SUPPORTED_SAMPLERS[info.family])}"
             )
+        self._check_stages(items, info)
         pipe = self._cache.get(info.name)
         multiple = size_multiple(pipe)
-        if params.width % multiple or params.height % multiple:
-            raise EngineError(
-                f"width and height must be multiples of {multiple} for model '{info.name}' "
-                f"(got {params.width}x{params.height})"
-            )
+        for what, (width, height) in (
+            ("", (params.width, params.height)),
+            ("hires ", output_size(params, info.family)),
+        ):
+            if width % multiple or height % multiple:
+                raise EngineError(
+                    f"{what}width and height must be multiples of {multiple} for model '{info.name}' "
+                    f"(got {width}x{height})"
+                )
 
         # 1. Denoise and decode; the cached pipeline and its scheduler are never modified
         scheduler = build_scheduler(info.family, params.sampler, pipe.scheduler.config)
@@ -262,6 +269,15 @@ class Engine:
             return self._encodings.encode(
                 info.name, pipe, image, device=self._device, tile_above=self._encode_tile_above()
             )
+
+        def encode_upscaled(image: np.ndarray) -> LatentDist:
+            pixels = pixels_to_tensor(image, self._device, pipe.vae.dtype)
+            return encode_pixels(pipe, pixels, tile_above=self._encode_tile_above())
+
+        def load_refiner() -> tuple[DiffusionPipeline, object]:
+            assert params.refiner is not None
+            refiner = self._cache.get(params.refiner.model)
+            return refiner, build_scheduler(info.family, params.sampler, refiner.scheduler.config)
 
         try:
             with torch.inference_mode():
@@ -275,6 +291,8 @@ class Engine:
                     rgb_map=self._preview_maps[info.name],
                     on_batch_step=on_batch_step,
                     encode=encode,
+                    encode_upscaled=encode_upscaled,
+                    load_refiner=load_refiner,
                 )
         except Exception as error:
             if is_out_of_memory(error):
@@ -286,6 +304,28 @@ class Engine:
                     f"{_first_line(error)}"
                 ) from error
             raise EngineError(f"generation failed: {type(error).__name__}: {_first_line(error)}") from error
+
+    def _check_stages(self, items: list[BatchItem], info: ModelInfo) -> None:
+        """The hires fix and the refiner can run for these requests on this model (the API
+        checks the same; these catch direct Engine callers)."""
+        params = items[0].params
+        if info.refiner:
+            raise EngineError(
+                f"model '{info.name}' is an SDXL refiner: it finishes another SDXL model's "
+                "latents; name it in refiner.model"
+            )
+        if params.hires is not None:
+            sampler = params.hires.sampler or params.sampler
+            if not sampler_supported(info.family, sampler):
+                raise UnsupportedSampler(f"hires sampler '{sampler}' is not supported for {info.family}")
+            if any(item.params.init_image is not None for item in items):
+                raise EngineError("hires is a second pass of a text-to-image request; not with an init_image")
+            if (problem := schedule_error(params)) is not None:
+                raise EngineError(problem)
+        if params.refiner is not None:
+            problem = refiner_problem(params, info, self._models)
+            if problem is not None:
+                raise EngineError(problem)
 
     def _encode_tile_above(self) -> int:
         """Input pictures encode in tiles as images decode: the same `vae_tiling` lever and threshold."""

@@ -78,8 +78,9 @@ def batch_key(params: GenerationParams) -> tuple:
     so may the pictures in: init_image, mask, strength, resize mode, inpaint and outpaint options. A
     row that starts from a picture joins the shared schedule at its own step (the last
     int(steps × strength) steps run), and its mask travels with the row. width × height is the size
-    denoised, which for "only masked" inpainting is the request's size, not the picture's. The second
-    stages (hires fix, refiner) run with their own options, so those must match.
+    denoised, which for "only masked" inpainting is the request's size, not the picture's. The hires
+    fix runs a second pass with its own options, so those must match; a refiner must be the same
+    model, but each row hands over at its own switch_at (and joins the refiner there).
     """
     return (
         params.model,
@@ -88,7 +89,7 @@ def batch_key(params: GenerationParams) -> tuple:
         params.steps,
         params.sampler,
         _options_key(params.hires),
-        _options_key(params.refiner),
+        None if params.refiner is None else params.refiner.model,
     )
 
 

@@ -63,20 +63,25 @@ def run_rows(
     rgb_map: LatentRgbMap,
     outcomes: list[ItemOutcome],
     on_batch_step: BatchStepCallback | None = None,
+    span: range | None = None,
 ) -> list[Row]:
     """Denoise `rows` over the shared `timesteps`; returns the rows that finished (in order).
 
-    Row r is computed from loop index `rows[r].start` on. `cond` and the CFG scales are per row.
-    A request's `on_step(step, total)` counts its own steps (img2img at strength 0.5 of 20: 1..10)
-    and runs once its rows have joined. An exception it raises is stored in `outcomes` and the
-    request's rows leave the batch.
+    Row r is computed from loop index `rows[r].start` on, up to `rows[r].end` if it has one.
+    `cond` and the CFG scales are per row. A request's `on_step(step, total)` counts its own steps
+    (img2img at strength 0.5 of 20: 1..10) and runs once its rows have joined. An exception it
+    raises is stored in `outcomes` and the request's rows leave the batch. `span` limits the loop
+    to those indices (a second stage that starts part-way down its schedule); it stops early once
+    every row has reached its end.
     """
     total = len(timesteps)
     scales = torch.tensor([items[row.item].params.cfg_scale for row in rows])
     alive = set(range(len(rows)))
     denoiser = pipe.transformer if family == "sd3" else pipe.unet
     computed: list[int] = []
-    for index in range(total):
+    for index in span if span is not None else range(total):
+        if all(rows[r].done(index) for r in alive):
+            break  # every row handed over (to a refiner) already
         active = [r for r in sorted(alive) if rows[r].active(index)]
         if active != computed:
             begin_run(denoiser)  # DeepCache (opt-in): a new set of rows needs a full step; else a no-op

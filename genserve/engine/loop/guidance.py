@@ -47,7 +47,8 @@ def predict_noise(
         added = None
         if family == "sdxl":
             pooled = torch.cat([cond.uncond_pooled, cond.pooled]) if cfg else cond.pooled
-            time_ids = torch.cat([cond.time_ids, cond.time_ids]) if cfg else cond.time_ids
+            uncond_ids = cond.time_ids if cond.uncond_time_ids is None else cond.uncond_time_ids
+            time_ids = torch.cat([uncond_ids, cond.time_ids]) if cfg else cond.time_ids
             added = {"text_embeds": pooled, "time_ids": time_ids}
         output = pipe.unet(
             model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False

@@ -66,6 +66,12 @@ class Row:
     blend: Blend | None = None
     # Channels appended to the (scaled) model input: mask + masked-picture latents for 9-channel UNets.
     extra: torch.Tensor | None = None
+    # Loop index where the row leaves this model (an SDXL base hands over to its refiner); None: the end.
+    end: int | None = None
 
     def active(self, index: int) -> bool:
-        return index >= self.start
+        return index >= self.start and (self.end is None or index < self.end)
+
+    def done(self, index: int) -> bool:
+        """The row has nothing left to compute on this model from loop index `index` on."""
+        return self.end is not None and index >= self.end

@@ -11,6 +11,9 @@ single-file loading against the folder.
 
 `inpainting=True` (SD1.5) gives an inpainting checkpoint: a 9-channel UNet (latents, mask, masked
 picture's latents) in a `StableDiffusionInpaintPipeline`, as the real SD1.5 inpainting model.
+
+`write_tiny_refiner` gives an SDXL refiner laid out as stabilityai/stable-diffusion-xl-refiner-1.0:
+a `StableDiffusionXLImg2ImgPipeline` with no first text encoder and aesthetic-score time ids.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -65,6 +69,19 @@ def write_tiny_pipeline(family: Family, path: Path, *, seed: int = 0, inpainting
     """
     path = Path(path)
     _build(family, seed, inpainting=inpainting).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def write_tiny_refiner(path: Path, *, seed: int = 0) -> Path:
+    """Write a tiny SDXL refiner that shares the VAE, second text encoder and tokenizer of
+    `write_tiny_pipeline("sdxl", ..., seed=seed)`, with its own UNet, and return `path`."""
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = _tiny_sdxl()
+        torch.manual_seed(seed + 1)
+        refiner = _tiny_sdxl_refiner(base)
+    refiner.save_pretrained(path, safe_serialization=True)
     return path
 
 
@@ -146,6 +163,31 @@ def _tiny_sdxl() -> StableDiffusionXLPipeline:
         tokenizer=_tiny_tokenizer(),
         tokenizer_2=_tiny_tokenizer(),
         scheduler=EulerDiscreteScheduler(**_SD_SCHEDULER),
+    )
+
+
+def _tiny_sdxl_refiner(base: StableDiffusionXLPipeline) -> StableDiffusionXLImg2ImgPipeline:
+    time_embed_dim, pooled_dim = 8, 32
+    unet = UNet2DConditionModel(
+        # only the second encoder's hidden states: 32 wide
+        **_unet_kwargs(cross_attention_dim=32, attention_at="low"),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # five micro-conditioning numbers (original size, crop, aesthetic score) plus the pooled text
+        projection_class_embeddings_input_dim=5 * time_embed_dim + pooled_dim,
+    )
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae,
+        text_encoder=None,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=base.tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**_SD_SCHEDULER),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
     )
 
 

@@ -18,6 +18,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
@@ -83,6 +84,8 @@ def load_pipeline(
 ) -> DiffusionPipeline:
     """Load `info` onto `device`; raises ModelLoadError (or OutOfMemory) with a readable message."""
     pipeline_class = (INPAINT_PIPELINE_CLASSES if info.inpainting else PIPELINE_CLASSES)[info.family]
+    if info.refiner:  # its encode_prompt and time ids know it has no first text encoder
+        pipeline_class = StableDiffusionXLImg2ImgPipeline
     try:
         # 1. Read the weights
         if info.format == "diffusers":
@@ -117,7 +120,10 @@ def single_file_config_folder(info: ModelInfo, models: Mapping[str, ModelInfo]) 
         (
             m
             for m in models.values()
-            if m.format == "diffusers" and m.family == info.family and m.inpainting == info.inpainting
+            if m.format == "diffusers"
+            and m.family == info.family
+            and m.inpainting == info.inpainting
+            and not m.refiner  # a refiner's configs describe another UNet and one text encoder
         ),
         key=lambda m: m.name,
     )

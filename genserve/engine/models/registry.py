@@ -69,6 +69,8 @@ PIPELINE_FAMILIES: dict[str, Family] = {
     # Inpainting checkpoints: the same families with a 9-channel UNet (latents + mask + masked picture)
     "StableDiffusionInpaintPipeline": "sd15",
     "StableDiffusionXLInpaintPipeline": "sdxl",
+    # An SDXL refiner (text_encoder_2 only, aesthetic-score time ids) is saved in the img2img layout
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
 }
 INPAINT_UNET_CHANNELS = 9
 
@@ -96,6 +98,8 @@ class ModelInfo:
     default_cfg_scale: float | None = None
     # An inpainting checkpoint: its UNet takes the mask and the masked picture's latents as well.
     inpainting: bool = False
+    # An SDXL refiner: it finishes another SDXL model's latents (request.refiner), never runs alone.
+    refiner: bool = False
 
     @property
     def request_cfg_scale(self) -> float:
@@ -167,6 +171,7 @@ def read_model_info(path: Path) -> ModelInfo:
             _diffusers_dtype(path),
             default_cfg_scale=_model_card_cfg_scale(path / "README.md"),
             inpainting=_diffusers_unet_channels(path) == INPAINT_UNET_CHANNELS,
+            refiner=_diffusers_is_refiner(path),
         )
     keys_and_dtypes = _safetensors_header(path)
     size = SD2_NATIVE_SIZE if family == "sd15" and _is_sd2(keys_and_dtypes) else DEFAULT_NATIVE_SIZE[family]
@@ -238,6 +243,17 @@ def _diffusers_unet_channels(folder: Path) -> int | None:
         return int(_read_json(folder / "unet" / "config.json")["in_channels"])
     except (OSError, KeyError, ValueError, TypeError, UnknownModelFormat):
         return None  # SD3 (a transformer) or an unreadable config: not an inpainting UNet
+
+
+def _diffusers_is_refiner(folder: Path) -> bool:
+    """An SDXL refiner as Stability ships it: the img2img pipeline with no first text encoder and
+    time ids that carry an aesthetic score instead of the target size."""
+    index = _read_json(folder / "model_index.json")
+    return (
+        index.get("_class_name") == "StableDiffusionXLImg2ImgPipeline"
+        and index.get("requires_aesthetics_score") is True
+        and index.get("text_encoder", [None, None])[:2] == [None, None]
+    )
 
 
 def _diffusers_dtype(folder: Path) -> str:
