@@ -594,6 +594,8 @@ def test_paste_drop_use_as_input_and_picture_errors_next_to_their_fields(open_pa
 
 
 def test_hires_toggle_sends_a_second_pass(open_page, playwright_api):
+    """The hires options reach the API, the job runs both passes, and the API's refusal of hires with
+    an input picture shows under the toggle."""
     expect = playwright_api.expect
     page = open_page()
     expect(page.locator("#hires-options")).to_be_hidden()
@@ -612,18 +614,18 @@ def test_hires_toggle_sends_a_second_pass(open_page, playwright_api):
         "strength": 0.55,
         "upscaler": "lanczos",
     }
-    if response.status == 422 and "not supported by this server yet" in response.text():
-        # Until the engine's hires stage lands (issue 16 item 5) the API refuses it, and the page
-        # says so under the toggle; from then on the rest of this test runs.
-        expect(page.locator("#hires-error")).to_have_text("Hires is not supported by this server yet.")
-        expect(page.locator("#hires")).to_have_attribute("aria-invalid", "true")
-        pytest.xfail("the server does not run hires yet (temporary guard in genserve/api/submission.py)")
     assert response.status == 202, response.text()
     card = _card(page, response.json()["id"])
     expect(card).to_have_attribute("data-state", "succeeded", timeout=60_000)
     expect(card.locator(".job-params")).to_contain_text("hires ×2")
     image = card.locator("button.thumb img")
     page.wait_for_function("img => img.complete && img.naturalWidth === 128", arg=image.element_handle())
+
+    card.get_by_role("button", name="Use as input").click()
+    expect(page.locator("#picture-info")).to_contain_text("128×128 PNG · uploaded")
+    page.click("#generate")
+    expect(page.locator("#hires-error")).to_contain_text("init_image")
+    expect(page.locator("#hires")).to_have_attribute("aria-invalid", "true")
 
 
 def test_phone_width_stacks_without_horizontal_scroll(open_page, api, playwright_api):
