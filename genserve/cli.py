@@ -161,7 +161,7 @@ def _generate_remote(params: GenerationParams, output: Path, server: str) -> lis
     base = server.rstrip("/")
     with httpx.Client(base_url=base, timeout=httpx.Timeout(30.0, read=None)) as client:
         with client.stream(
-            "POST", "/v1/generate_stream", json=params.model_dump(exclude_none=True)
+            "POST", "/v1/generate_stream", json=params.model_dump(exclude_unset=True, exclude_none=True)
         ) as response:
             if response.status_code == 422:
                 response.read()
@@ -213,13 +213,17 @@ def generate(
     negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
     model: Annotated[str | None, typer.Option(help="Model name (default model if omitted).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (random if omitted).")] = None,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
+    steps: Annotated[
+        int | None, typer.Option(help="Denoising steps (the model's default if omitted).")
+    ] = None,
     cfg_scale: Annotated[
         float | None, typer.Option(help="Classifier-free guidance scale (the model's default if omitted).")
     ] = None,
     width: Annotated[int | None, typer.Option(help="Width in pixels (model native if omitted).")] = None,
     height: Annotated[int | None, typer.Option(help="Height in pixels (model native if omitted).")] = None,
-    sampler: Annotated[str, typer.Option(help=f"One of: {', '.join(SAMPLER_NAMES)}.")] = "euler",
+    sampler: Annotated[
+        str | None, typer.Option(help=f"One of: {', '.join(SAMPLER_NAMES)} (the model's default if omitted).")
+    ] = None,
     num_images: Annotated[int, typer.Option(help="Number of images (seeds seed, seed+1, ...).")] = 1,
     server: Annotated[str | None, typer.Option(help="Run on a genserve server at this URL instead.")] = None,
 ) -> None:
@@ -227,17 +231,18 @@ def generate(
     from pydantic import ValidationError
 
     try:
+        # Steps and sampler only when given, so the model's own defaults fill them (resolve_params).
+        chosen = {"steps": steps, "sampler": sampler}
         params = GenerationParams(
             prompt=prompt,
             negative_prompt=negative_prompt,
             model=model,
             seed=seed,
-            steps=steps,
             cfg_scale=cfg_scale,
             width=width,
             height=height,
-            sampler=sampler,
             num_images=num_images,
+            **{name: value for name, value in chosen.items() if value is not None},
         )
     except ValidationError as error:
         for item in error.errors():

@@ -179,3 +179,40 @@ def test_registry_and_artifacts_do_not_import_torch() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_model_card_defaults_fill_what_a_request_leaves_out(tmp_path: Path, tiny_models_dir: Path) -> None:
+    """A model switch changes no one's settings: each model's card gives its own CFG, steps and sampler
+    to requests that name none, /v1/models shows them (the web UI reads them there), and what a
+    request names wins."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from genserve.api.app import create_app
+    from genserve.config import Settings
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models_dir / "tiny-sd15", models / "carded")
+    (models / "carded" / "README.md").write_text(
+        "---\ngenserve:\n  default_cfg_scale: 3.5\n  default_steps: 7\n  default_sampler: ddim\n---\n# carded\n"
+    )
+    shutil.copytree(tiny_models_dir / "tiny-sd15", models / "plain")
+    settings = Settings(data_dir=tmp_path / "data", models_dir=models, workers=0, builtin_models=False)
+    with TestClient(create_app(settings, supervise_workers=False)) as client:
+        listed = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
+        assert (listed["carded"]["default_cfg_scale"], listed["carded"]["default_steps"]) == (3.5, 7)
+        assert listed["carded"]["default_sampler"] == "ddim"
+        assert (listed["plain"]["default_steps"], listed["plain"]["default_sampler"]) == (20, "euler")
+
+        def params(**body: object) -> dict:
+            response = client.post("/v1/jobs", json={"prompt": "a", "width": 64, "height": 64, **body})
+            assert response.status_code == 202, response.text
+            return response.json()["params"]
+
+        carded = params(model="carded")
+        assert (carded["cfg_scale"], carded["steps"], carded["sampler"]) == (3.5, 7, "ddim")
+        plain = params(model="plain")
+        assert (plain["cfg_scale"], plain["steps"], plain["sampler"]) == (7.0, 20, "euler")
+        named = params(model="carded", steps=3, sampler="euler_a", cfg_scale=5.0)
+        assert (named["cfg_scale"], named["steps"], named["sampler"]) == (5.0, 3, "euler_a")

@@ -44,8 +44,8 @@ def resolve_params(
     settings: Settings,
     pictures: InputStore | None = None,
 ) -> GenerationParams:
-    """Fill in the model, its size (native, or the init image's) and default CFG scale and a random
-    seed, then check every limit.
+    """Fill in the model, its size (native, or the init image's), the model card's CFG scale, steps
+    and sampler where the request names none, and a random seed, then check every limit.
 
     Pictures must be stored already (`store_pictures`): `pictures` is where their sizes are read.
     The stored job holds the resolved values, so a job always says exactly what ran and can be
@@ -59,6 +59,9 @@ def resolve_params(
             "model",
             f"model '{model_name}' is an SDXL refiner: name an SDXL base model and put it in refiner.model",
         )
+    # The model's own defaults for what the caller left out: switching models changes no one's settings.
+    unset = {"steps": info.request_steps, "sampler": info.request_sampler}
+    params = params.model_copy(update={k: v for k, v in unset.items() if k not in params.model_fields_set})
     if not sampler_supported(info.family, params.sampler):
         raise LimitError("sampler", f"sampler '{params.sampler}' is not supported for {info.family} models")
     _check_refiner(params.model_copy(update={"model": model_name}), info, models, settings)
@@ -193,7 +196,10 @@ def submit(
     """Validate and store a job. Returns (job, created); an idempotent resubmit returns created=False.
 
     Its pictures must be stored already (`store_pictures`), so the request hash sees their ids."""
-    generation = GenerationParams.model_validate(body.model_dump(exclude={"request_id", "priority"}))
+    # exclude_unset: what the caller left out stays unset, so resolve_params fills in the model's defaults.
+    generation = GenerationParams.model_validate(
+        body.model_dump(exclude={"request_id", "priority"}, exclude_unset=True)
+    )
     resolved = resolve_params(generation, models, settings, pictures)
     seconds = estimated_seconds(resolved, models[resolved.model].family, store)
     job, created = store.submit(

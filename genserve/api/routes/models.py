@@ -25,7 +25,10 @@ class ModelPublic(BaseModel):
     dtype: str
     loaded: bool
     default: bool
-    default_cfg_scale: float  # what a request that names no cfg_scale gets with this model
+    # What a request that leaves them out gets with this model (its model card's, else the schema's).
+    default_cfg_scale: float
+    default_steps: int
+    default_sampler: str
 
 
 class ModelList(BaseModel):
@@ -55,6 +58,8 @@ def list_models(services: ServicesDep, principal: PrincipalDep) -> ModelList:
                 loaded=info.name in loaded,
                 default=info.name == services.settings.default_model,
                 default_cfg_scale=info.request_cfg_scale,
+                default_steps=info.request_steps,
+                default_sampler=info.request_sampler,
             )
             for info in sorted(services.catalog.models().values(), key=lambda m: m.name)
             if allowed is None or info.name in allowed

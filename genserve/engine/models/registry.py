@@ -38,11 +38,11 @@ from collections import Counter
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from genserve.schemas.generation import DEFAULT_CFG_SCALE, SAMPLER_NAMES
+from genserve.schemas.generation import DEFAULT_CFG_SCALE, SAMPLER_NAMES, GenerationParams
 
 if TYPE_CHECKING:
     from genserve.config import Settings
@@ -94,8 +94,10 @@ class ModelInfo:
     native_width: int
     native_height: int
     dtype: str  # dtype of the stored denoiser weights ("float16", "float32", ...), or "unknown"
-    # The CFG scale from the model card's front matter, if it names one.
+    # Defaults from the model card's front matter (`genserve:` block), where it names them.
     default_cfg_scale: float | None = None
+    default_steps: int | None = None
+    default_sampler: str | None = None
     # An inpainting checkpoint: its UNet takes the mask and the masked picture's latents as well.
     inpainting: bool = False
     # An SDXL refiner: it finishes another SDXL model's latents (request.refiner), never runs alone.
@@ -105,6 +107,15 @@ class ModelInfo:
     def request_cfg_scale(self) -> float:
         """The CFG scale a request that names none gets: the model card's, else the global default."""
         return self.default_cfg_scale if self.default_cfg_scale is not None else DEFAULT_CFG_SCALE
+
+    @property
+    def request_steps(self) -> int:
+        """The steps a request that names none gets: the model card's, else the schema's default."""
+        return self.default_steps or GenerationParams.model_fields["steps"].default
+
+    @property
+    def request_sampler(self) -> str:
+        return self.default_sampler or GenerationParams.model_fields["sampler"].default
 
 
 # Models shipped inside the package (the trained default, genserve-shapes); see builtin_models/.
@@ -169,7 +180,7 @@ def read_model_info(path: Path) -> ModelInfo:
             width,
             height,
             _diffusers_dtype(path),
-            default_cfg_scale=_model_card_cfg_scale(path / "README.md"),
+            **_model_card_defaults(path / "README.md"),
             inpainting=_diffusers_unet_channels(path) == INPAINT_UNET_CHANNELS,
             refiner=_diffusers_is_refiner(path),
         )
@@ -268,21 +279,29 @@ def _diffusers_dtype(folder: Path) -> str:
     return "unknown"
 
 
-def _model_card_cfg_scale(card: Path) -> float | None:
-    """`genserve: {default_cfg_scale: ...}` from a model card's YAML front matter, if it has one."""
+def _model_card_defaults(card: Path) -> dict[str, Any]:
+    """`genserve: {default_cfg_scale, default_steps, default_sampler}` from a model card's YAML front
+    matter, as ModelInfo fields; what it leaves out, or cannot be read, is left out."""
     try:
         text = card.read_text()
     except OSError:
-        return None
+        return {}
     if not text.startswith("---"):
-        return None
+        return {}
     front_matter = text.split("---", 2)[1]
     try:
-        value = (yaml.safe_load(front_matter) or {}).get("genserve", {}).get("default_cfg_scale")
-        return float(value) if value is not None else None
+        block = (yaml.safe_load(front_matter) or {}).get("genserve", {}) or {}
+        defaults: dict[str, Any] = {}
+        if block.get("default_cfg_scale") is not None:
+            defaults["default_cfg_scale"] = float(block["default_cfg_scale"])
+        if block.get("default_steps") is not None:
+            defaults["default_steps"] = int(block["default_steps"])
+        if block.get("default_sampler") in SAMPLER_NAMES:
+            defaults["default_sampler"] = block["default_sampler"]
+        return defaults
     except (yaml.YAMLError, AttributeError, TypeError, ValueError) as error:
         logger.warning("%s: ignoring unreadable front matter (%s)", card, error)
-        return None
+        return {}
 
 
 def _read_json(path: Path) -> dict:
