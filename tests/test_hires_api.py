@@ -103,3 +103,21 @@ def test_a_hires_size_within_the_limits_is_accepted(tiny_models_dir: Path, tmp_p
     with api(make_settings(tiny_models_dir, tmp_path, max_width=128, max_height=128)) as client:
         response = client.post("/v1/jobs", json={**FAST, "width": 64, "height": 64, "hires": {"scale": 2}})
         assert response.status_code == 202, response.text
+
+
+def test_hires_batches_do_not_refine_the_step_time_of_the_first_pass_size() -> None:
+    """Half a hires batch's steps run at 4x the pixels: its step times are not the 64x64 ones."""
+    from genserve.schemas.generation import GenerationParams
+    from genserve.schemas.image_inputs import HiresOptions
+    from genserve.worker.loop import StepTimer
+
+    class Events:
+        def flush(self) -> None:
+            pass
+
+    plain = GenerationParams(prompt="x", model="tiny-sd15", width=64, height=64)
+    for params, samples in ((plain, 2), (plain.model_copy(update={"hires": HiresOptions(scale=2)}), 0)):
+        timer = StepTimer(params, Events())  # type: ignore[arg-type]
+        for step in (1, 2, 3):
+            timer(step, 3, 1)
+        assert len(timer.samples) == samples

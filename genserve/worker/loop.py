@@ -116,6 +116,9 @@ class StepTimer:
         self.on_last_step = on_last_step
         self.last = time.perf_counter()
         self.samples: list[tuple[int, float]] = []  # (rows, seconds) for calibration refinement
+        # A hires pass or a refiner runs steps of another size or model: not this model and size's
+        # step time, so such batches do not refine the cost model.
+        self.calibrates = params.hires is None and params.refiner is None
 
     def __call__(self, step: int, total: int, rows: int) -> None:
         if self.on_last_step is not None and step >= total - 1:
@@ -125,7 +128,7 @@ class StepTimer:
         now = time.perf_counter()
         seconds, self.last = now - self.last, now
         STEP_SECONDS.labels(self.model, self.resolution, str(rows)).observe(seconds)
-        if step > 1:  # the first step carries text encoding and warm-up: not steady state
+        if step > 1 and self.calibrates:  # the first step carries text encoding and warm-up
             self.samples.append((rows, seconds))
 
 
