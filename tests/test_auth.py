@@ -180,6 +180,10 @@ def test_per_key_model_and_resolution_limits(server, admin):
         response = client.post("/v1/jobs", json={"prompt": "x", **FAST, "width": 128})
         assert response.status_code == 422
         assert "maximum width 64" in response.json()["detail"][0]["msg"]
+        # The hires pass's size counts too: 64x64 doubled is past this key's 64x64.
+        response = client.post("/v1/jobs", json={"prompt": "x", **FAST, "hires": {"scale": 2}})
+        assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "hires"]
+        assert "128x128 exceeds this API key's maximum size 64x64" in response.json()["detail"][0]["msg"]
         assert client.post("/v1/jobs", json={"prompt": "x", **FAST}).status_code == 202
 
 
@@ -399,3 +403,16 @@ def test_usage_counts_images_and_gpu_seconds_of_today(tmp_path):
     assert used.images == 4
     assert used.gpu_seconds == pytest.approx(1.5 + run_time)
     assert keys.usage("k1", now=done.created_at + timedelta(days=1)).images == 0  # a new UTC day
+
+
+def test_a_keys_model_list_covers_the_refiner():
+    from genserve.auth.limits import check_key_limits
+    from genserve.schemas import GenerationParams, LimitError
+
+    params = GenerationParams(
+        prompt="x", model="base", width=64, height=64, refiner={"model": "other-refiner"}
+    )
+    with pytest.raises(LimitError) as refused:
+        check_key_limits(params, ["base"], (None, None))
+    assert refused.value.field == "refiner"
+    check_key_limits(params, ["base", "other-refiner"], (None, None))

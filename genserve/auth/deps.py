@@ -30,6 +30,7 @@ from genserve.auth.limits import RateLimited, RateLimiter, RedisRateLimiter, che
 from genserve.batch.expand import RenderItem
 from genserve.batch.runner import request_id_for
 from genserve.config import Settings
+from genserve.engine.stages.plan import size_multiple
 from genserve.schemas import GenerationParams, JobCreate, LimitError
 from genserve.schemas.generation import batch_key
 from genserve.store.jobs import JobRecord
@@ -157,10 +158,13 @@ def submit_as(
     body = store_pictures(body, services.inputs, settings.limits)  # from here on, pictures are ids
     if principal.authenticated:
         body = body.model_copy(update={"request_id": principal.scoped_request_id(body.request_id)})
-        generation = GenerationParams.model_validate(body.model_dump(exclude={"request_id", "priority"}))
+        generation = GenerationParams.model_validate(
+            body.model_dump(exclude={"request_id", "priority"}, exclude_unset=True)
+        )
         resolved = resolve_params(generation, models, settings, services.inputs)
         limits = principal.limits
-        check_key_limits(resolved, limits.allowed_models, (limits.max_width, limits.max_height))
+        multiple = size_multiple(models[resolved.model].family)
+        check_key_limits(resolved, limits.allowed_models, (limits.max_width, limits.max_height), multiple)
         if _has_quota(principal):
             seconds = estimated_seconds(resolved, models[resolved.model].family, services.store)
             _check_quota(principal, services, resolved.num_images, seconds)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import redis
 
 from genserve.auth.keys import KeyStore, seconds_until_next_utc_day
+from genserve.engine.stages.plan import target_size
 from genserve.schemas import GenerationParams, LimitError
 
 log = logging.getLogger(__name__)
@@ -131,11 +132,22 @@ class RedisRateLimiter:
         _refuse_if_waiting(wait, rate, burst)
 
 
-def check_key_limits(params: GenerationParams, allowed_models: list[str] | None, max_size: tuple) -> None:
-    """The key's own model and resolution limits on resolved params; LimitError (422) names the field."""
+def check_key_limits(
+    params: GenerationParams, allowed_models: list[str] | None, max_size: tuple, size_multiple: int = 8
+) -> None:
+    """The key's own model and resolution limits on resolved params, the refiner and the hires pass's
+    size included; LimitError (422) names the field. `size_multiple`: the family's hires rounding."""
     if allowed_models is not None and params.model not in allowed_models:
         raise LimitError(
             "model", f"this API key may use only the models {allowed_models}, not '{params.model}'"
+        )
+    if (
+        allowed_models is not None
+        and params.refiner is not None
+        and params.refiner.model not in allowed_models
+    ):
+        raise LimitError(
+            "refiner", f"this API key may use only the models {allowed_models}, not '{params.refiner.model}'"
         )
     max_width, max_height = max_size
     if max_width is not None and (params.width or 0) > max_width:
@@ -144,6 +156,13 @@ def check_key_limits(params: GenerationParams, allowed_models: list[str] | None,
         raise LimitError(
             "height", f"height {params.height} exceeds this API key's maximum height {max_height}"
         )
+    if params.hires is not None and params.width and params.height:
+        width, height = target_size(params.width, params.height, params.hires, size_multiple)
+        if (max_width is not None and width > max_width) or (max_height is not None and height > max_height):
+            raise LimitError(
+                "hires",
+                f"the hires pass's {width}x{height} exceeds this API key's maximum size {max_width}x{max_height}",
+            )
 
 
 def check_quota(
