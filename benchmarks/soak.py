@@ -53,7 +53,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 import httpx
-import psutil
+import psutil  # installed with accelerate, a genserve dependency
 import sqlalchemy as sa
 from PIL import Image
 
@@ -524,11 +524,7 @@ def main() -> None:
         stack.stop()
 
         import genserve
-
-        try:  # the engine's modules are moving into subpackages; either layout works
-            from genserve.engine.speed.optimize import device_name, device_slug
-        except ImportError:
-            from genserve.engine.optimize import device_name, device_slug
+        from genserve.engine.speed.optimize import device_name, device_slug
 
         command = "python benchmarks/soak.py " + " ".join(sys.argv[1:])
         record = {
