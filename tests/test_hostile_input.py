@@ -301,8 +301,10 @@ def test_every_numeric_field_at_its_types_edges(client, path):
 def test_schema_rejects_hostile_text_outside_http_too():
     # The CLI and batch specs build GenerationParams directly: the same rule holds there.
     for text in HOSTILE_TEXT.values():
-        with pytest.raises(ValueError, match="cannot be stored"):
+        # pydantic itself refuses a lone surrogate as invalid unicode; SafeText refuses the rest.
+        with pytest.raises(ValueError, match="cannot be stored|valid string") as refused:
             GenerationParams(prompt=text)
+        assert refused.value.errors()[0]["loc"] == ("prompt",)
     assert text_problem("tab\tnewline\ncr\r ✨") is None
 
 
