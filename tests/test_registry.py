@@ -216,3 +216,22 @@ def test_model_card_defaults_fill_what_a_request_leaves_out(tmp_path: Path, tiny
         assert (plain["cfg_scale"], plain["steps"], plain["sampler"]) == (7.0, 20, "euler")
         named = params(model="carded", steps=3, sampler="euler_a", cfg_scale=5.0)
         assert (named["cfg_scale"], named["steps"], named["sampler"]) == (5.0, 3, "euler_a")
+
+
+def test_models_list_says_which_are_refiners_and_inpainting_checkpoints(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from genserve.api.app import create_app
+    from genserve.config import Settings
+    from genserve.engine.models.fixtures import write_tiny_pipeline, write_tiny_refiner
+
+    models = tmp_path / "models"
+    write_tiny_pipeline("sd15", models / "inpaint", inpainting=True)
+    write_tiny_refiner(models / "refiner")
+    write_tiny_pipeline("sd15", models / "plain")
+    settings = Settings(data_dir=tmp_path / "data", models_dir=models, workers=0, builtin_models=False)
+    with TestClient(create_app(settings, supervise_workers=False)) as client:
+        listed = {m["name"]: (m["inpainting"], m["refiner"]) for m in client.get("/v1/models").json()["data"]}
+        assert listed == {"inpaint": (True, False), "refiner": (False, True), "plain": (False, False)}
+        estimate = client.post("/v1/estimate", json={"model": "plain", "width": 64, "height": 64})
+        assert estimate.status_code == 200 and estimate.json()["steps"] == 20, estimate.text

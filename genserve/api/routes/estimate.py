@@ -60,7 +60,9 @@ class EstimatePublic(BaseModel):
 def estimate_cost(body: EstimateRequest, services: ServicesDep) -> EstimatePublic:
     """Time per image, images/hour and cost per 1,000 images for this request on a calibrated device."""
     models = services.catalog.models()
-    generation = GenerationParams.model_validate(body.model_dump(include=set(GenerationParams.model_fields)))
+    # exclude_unset: steps and sampler left out take the model card's, as a submitted job would.
+    asked = body.model_dump(include=set(GenerationParams.model_fields), exclude_unset=True)
+    generation = GenerationParams.model_validate({"prompt": body.prompt, **asked})
     generation = store_pictures(generation, services.inputs, services.settings.limits)
     params = resolve_params(generation, models, services.settings, services.inputs)
     family = models[params.model].family

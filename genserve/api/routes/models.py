@@ -29,6 +29,10 @@ class ModelPublic(BaseModel):
     default_cfg_scale: float
     default_steps: int
     default_sampler: str
+    # What the model is for besides text-to-image: an inpainting checkpoint (9-channel UNet), or an
+    # SDXL refiner, which only finishes another model's latents (request.refiner) and never runs alone.
+    inpainting: bool = False
+    refiner: bool = False
 
 
 class ModelList(BaseModel):
@@ -60,6 +64,8 @@ def list_models(services: ServicesDep, principal: PrincipalDep) -> ModelList:
                 default_cfg_scale=info.request_cfg_scale,
                 default_steps=info.request_steps,
                 default_sampler=info.request_sampler,
+                inpainting=info.inpainting,
+                refiner=info.refiner,
             )
             for info in sorted(services.catalog.models().values(), key=lambda m: m.name)
             if allowed is None or info.name in allowed
