@@ -235,3 +235,22 @@ def test_models_list_says_which_are_refiners_and_inpainting_checkpoints(tmp_path
         assert listed == {"inpaint": (True, False), "refiner": (False, True), "plain": (False, False)}
         estimate = client.post("/v1/estimate", json={"model": "plain", "width": 64, "height": 64})
         assert estimate.status_code == 200 and estimate.json()["steps"] == 20, estimate.text
+
+
+def test_estimate_counts_the_hires_pass_like_the_submitted_job(tmp_path: Path, tiny_models_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from genserve.api.app import create_app
+    from genserve.config import Settings
+
+    settings = Settings(
+        data_dir=tmp_path / "data", models_dir=tiny_models_dir, workers=0, builtin_models=False
+    )
+    with TestClient(create_app(settings, supervise_workers=False)) as client:
+        body = {"model": "tiny-sd15", "width": 64, "height": 64, "steps": 10}
+        plain = client.post("/v1/estimate", json=body).json()
+        hires = client.post("/v1/estimate", json={**body, "hires": {"scale": 2, "steps": 5}}).json()
+        # Five more steps at 128x128 per batch, as the job's own estimate counts them.
+        assert hires["seconds_per_batch"] > plain["seconds_per_batch"] + 5 * plain["step_s"] * 0.99
+        job = client.post("/v1/jobs", json={"prompt": "a", **body, "hires": {"scale": 2, "steps": 5}}).json()
+        assert abs(job["estimated_seconds"] - hires["seconds_per_batch"]) < 1e-6

@@ -228,8 +228,9 @@ def estimated_seconds(params: GenerationParams, family: str, store: JobStore) ->
     the steps that run (img2img at strength s runs int(steps × s)), plus a VAE encode, plus the
     hires pass's steps at its size."""
     calibration = CalibrationStore(store.engine)
+    device = calibration.default_device(params.model)
     timing = calibration.lookup(
-        device=calibration.default_device(params.model),
+        device=device,
         model=params.model,
         family=family,
         width=params.width,
@@ -238,18 +239,20 @@ def estimated_seconds(params: GenerationParams, family: str, store: JobStore) ->
     )
     strength = params.strength if params.init_image is not None else None
     seconds = seconds_per_batch(timing, steps_run(params.steps, strength), encodes=strength is not None)
-    if params.hires is not None:  # the second pass's steps, at its size
-        width, height = output_size(params, family)
-        larger = calibration.lookup(
-            device=calibration.default_device(params.model),
-            model=params.model,
-            family=family,
-            width=width,
-            height=height,
-            batch=params.num_images,
-        )
-        seconds += second_pass_steps(params) * larger.step_s
-    return seconds
+    return seconds + second_stage_seconds(params, family, calibration, device, params.num_images)
+
+
+def second_stage_seconds(
+    params: GenerationParams, family: str, calibration: CalibrationStore, device: str, batch: int
+) -> float:
+    """A batch's hires pass: its steps at the hires size (0 without hires)."""
+    if params.hires is None:
+        return 0.0
+    width, height = output_size(params, family)
+    larger = calibration.lookup(
+        device=device, model=params.model, family=family, width=width, height=height, batch=batch
+    )
+    return second_pass_steps(params) * larger.step_s
 
 
 def to_public(job: JobRecord, store: JobStore, live_workers: int = 1) -> JobPublic:

@@ -133,9 +133,11 @@ def estimate(
     gpus: int = 1,
     images: int | None = None,
     encodes: bool = False,
+    second_stage_s: float = 0.0,
 ) -> CostEstimate:
     """The cost model's figures for batches of `batch` images with `steps` steps (the steps that
-    run, `steps_run`; `encodes` when the batch starts from pictures).
+    run, `steps_run`; `encodes` when the batch starts from pictures; `second_stage_s`: a hires
+    pass's seconds per batch).
 
     `gpus` is how many GPUs one worker's batch occupies (1 unless a model is split across GPUs);
     `images` is the size of the whole job, for GPU-hours and total cost (counted as whole-batch
@@ -149,7 +151,7 @@ def estimate(
         raise ValueError("gpu_price_per_hour must not be negative")
     if images is not None and images < 0:
         raise ValueError("images must not be negative")
-    batch_seconds = seconds_per_batch(timing, steps, encodes=encodes)
+    batch_seconds = seconds_per_batch(timing, steps, encodes=encodes) + second_stage_s
     if not batch_seconds > 0:
         raise ValueError(f"timing gives T = {batch_seconds} s; O and t_step must make it positive")
     images_per_hour = 3600.0 * batch / batch_seconds

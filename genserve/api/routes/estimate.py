@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from genserve.api.deps import ServicesDep
 from genserve.api.pictures import store_pictures
-from genserve.api.submission import resolve_params
+from genserve.api.submission import resolve_params, second_stage_seconds
 from genserve.scheduler.cost import estimate, steps_run
 from genserve.schemas import GenerationParams
 from genserve.store.calibration import CalibrationStore
@@ -82,6 +82,7 @@ def estimate_cost(body: EstimateRequest, services: ServicesDep) -> EstimatePubli
         timing,
         steps=steps_run(params.steps, strength),
         encodes=strength is not None,
+        second_stage_s=second_stage_seconds(params, family, calibration, device, batch),
         batch=batch,
         gpu_price_per_hour=body.gpu_price_per_hour,
         gpus=body.gpus,
