@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from genserve.engine.video import encode
+from genserve.engine.video import encode, metrics, post, stitch
 from genserve.engine.video import interpolate as rife
 from genserve.engine.video.encode import VIDEO_FORMATS, encode_clip, probe_video
 
@@ -127,3 +127,95 @@ def test_rife_endpoints_and_frame_counts():
     assert calls == [(4, 6), (6, 6)]
     quarter = np.abs(out[1].astype(int) - square_frame(16, size=96)).mean()
     assert quarter < np.abs(out[1].astype(int) - square_frame(24, size=96)).mean()
+
+
+# temporal metrics
+
+
+def smooth_clip(frames: int = 16, background=BACKGROUND, start: int = 0) -> np.ndarray:
+    return np.stack([square_frame(4 + 2 * i, background=background) for i in range(start, start + frames)])
+
+
+def flickering(clip: np.ndarray, dim: float = 0.75) -> np.ndarray:
+    gain = np.where(np.arange(len(clip)) % 2 == 0, 1.0, dim)[:, None, None, None]
+    return (clip * gain).astype(np.uint8)
+
+
+def test_metrics_tell_smooth_from_flickering_and_shuffled():
+    smooth = smooth_clip()
+    flicker = flickering(smooth)
+    shuffled = smooth[np.random.default_rng(0).permutation(len(smooth))]
+    m = {
+        name: metrics.temporal_metrics(clip)
+        for name, clip in [("smooth", smooth), ("flicker", flicker), ("shuffled", shuffled)]
+    }
+    assert m["smooth"]["warp_error"] < 0.5 < m["shuffled"]["warp_error"] < m["flicker"]["warp_error"]
+    assert (
+        m["flicker"]["flicker_index"] > 5 > max(m["smooth"]["flicker_index"], m["shuffled"]["flicker_index"])
+    )
+    assert all(isinstance(v, (int, float)) for v in m["smooth"].values())
+
+
+def test_seam_score_is_high_at_a_cut_and_about_one_where_the_motion_goes_on():
+    cut = np.concatenate([smooth_clip(8), smooth_clip(8, background=(200, 60, 60), start=8)])
+    assert metrics.seam_score(cut, [8]) > 10
+    assert metrics.seam_score(smooth_clip(), [8]) == pytest.approx(1.0, abs=0.05)
+    assert "seam_score" in metrics.temporal_metrics(cut, seams=[8])
+    with pytest.raises(ValueError, match="seams"):
+        metrics.seam_score(cut, [16])
+
+
+# post-processing filters
+
+
+def test_deflicker_lowers_the_flicker_index_and_keeps_every_frame():
+    flicker = flickering(smooth_clip())
+    out = post.deflicker(flicker, size=5)
+    assert out.shape == flicker.shape and out.dtype == np.uint8
+    assert metrics.flicker_index(out) < 0.5 * metrics.flicker_index(flicker)
+    assert post.deflicker(flicker[:3], size=9).shape == (3, 64, 64, 3)  # fewer frames than the window
+
+
+def test_temporal_denoise_averages_noise_on_a_still_clip():
+    still = np.repeat(square_frame(20)[None], 10, axis=0)
+    noisy = np.clip(still + np.random.default_rng(0).normal(0, 6, still.shape), 0, 255).astype(np.uint8)
+    out = post.temporal_denoise(noisy, strength=0.1)
+    assert out.shape == noisy.shape
+    assert (
+        np.abs(out.astype(int) - still).mean() < 0.6 * np.abs(noisy.astype(int) - still).mean()
+    )  # 2.2 vs 4.8
+
+
+# stitching
+
+
+def test_stitch_frame_counts_and_seams():
+    a, b, c = (
+        smooth_clip(9),
+        smooth_clip(9, start=8),
+        smooth_clip(9, start=16),
+    )  # each starts on the last one's end
+    joined, seams = stitch.stitch([a, b, c], shared_boundary=True)
+    assert len(joined) == 25 and seams == [9, 17]
+    assert (joined == smooth_clip(25)).all()  # the shared keyframes appear once
+    assert metrics.seam_score(joined, seams) == pytest.approx(1.0, abs=0.05)
+    joined, seams = stitch.stitch([a, b, c], overlap=3)
+    assert len(joined) == 27 - 2 * 3 and seams == [6, 12]
+    joined, seams = stitch.stitch([a, b], overlap=2, shared_boundary=True)
+    assert len(joined) == 18 - 1 - 2 and seams == [7]
+    with pytest.raises(ValueError, match="overlap"):
+        stitch.stitch([a, b[:2]], overlap=3)
+
+
+def test_colour_matching_removes_the_colour_jump_at_a_seam():
+    a = smooth_clip(8)
+    shifted = np.clip(smooth_clip(8, start=8).astype(int) * [1.0, 0.8, 1.2] + [25, 0, -10], 0, 255).astype(
+        np.uint8
+    )
+
+    def jump(clip: np.ndarray, seam: int) -> float:
+        return float(np.abs(clip[seam].mean(axis=(0, 1)) - clip[seam - 1].mean(axis=(0, 1))).mean())
+
+    plain, seams = stitch.stitch([a, shifted])
+    matched, _ = stitch.stitch([a, shifted], colour_match=True)
+    assert jump(matched, seams[0]) < 0.25 * jump(plain, seams[0])
