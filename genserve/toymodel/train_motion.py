@@ -1,0 +1,424 @@
+"""Train the built-in video model "genserve-shapes-motion": an AnimateDiff motion adapter for
+genserve-shapes, trained on clips of the same shapes moving.
+
+    .venv/bin/python -m genserve.toymodel.train_motion --out genserve/builtin_models/genserve-shapes-motion
+
+Phases (results are kept in the checkpoint directory, so a rerun resumes where the last one stopped;
+the training phase also checkpoints every few minutes):
+
+0. Render the clips (`motion`: seeded; the held-out triples are left out) and encode every frame
+   once with genserve-shapes' frozen VAE.
+1. Train the motion modules of a `diffusers.MotionAdapter` inside genserve-shapes' UNet (frozen), and
+   the text encoder, whose vocabulary gains the motion words ("moving", "up", "growing", ...). The
+   base tokenizer maps those to [UNK], and motion modules see no text themselves: the words reach
+   them only through the spatial layers' cross-attention and the pooled text embedding, so the text
+   encoder must learn to say "up" in a way those frozen layers pass on. Same loss as
+   genserve-shapes: v-prediction, min-SNR weighting, 10% caption dropout for CFG, EMA weights.
+   A clip played backwards is another clip (left <-> right, growing <-> shrinking): half the
+   batches are reversed, which doubles the data for free.
+2. Write the adapter (`MotionAdapter.save_pretrained`, fp16 safetensors), the text encoder and the
+   tokenizer, and the held-out split, into the output folder.
+
+Everything is seeded. Create a file named STOP in the checkpoint directory to stop cleanly: the run
+checkpoints, exports what it has and exits; running the command again resumes. One torch thread by
+default (the machine is shared); --cpu-threads 2 on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextModel, PreTrainedTokenizerBase
+
+from genserve.toymodel import motion
+from genserve.toymodel.train import (
+    cosine_schedule,
+    min_snr_weights,
+    mixed_precision,
+    to_model_range,
+    train_noise_scheduler,
+)
+
+logger = logging.getLogger("genserve.toymodel.train_motion")
+
+BASE_MODEL = Path(__file__).resolve().parents[1] / "builtin_models" / "genserve-shapes"
+MOTION_MODEL = Path(__file__).resolve().parents[1] / "builtin_models" / "genserve-shapes-motion"
+SPLIT_FILE = "eval/heldout.json"
+
+
+@dataclass(frozen=True)
+class MotionTrainConfig:
+    out: Path
+    checkpoint_dir: Path
+    base: Path = BASE_MODEL
+    seed: int = 0
+    frames: int = motion.DEFAULT_FRAMES
+    clips: int = 3000
+    steps: int = 2400
+    batch: int = 2  # clips per step (x frames images through the UNet)
+    lr: float = 6e-4
+    text_lr: float = 2e-4
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.995
+    motion_heads: int = 8
+    checkpoint_every_s: float = 300.0
+    cpu_threads: int = 1
+
+
+# 1. Models
+
+
+def build_adapter(unet: UNet2DConditionModel, config: MotionTrainConfig) -> MotionAdapter:
+    """A motion adapter shaped like genserve-shapes' UNet: one temporal transformer after each
+    spatial layer (and in the middle block), 16-group norms like the UNet's."""
+    return MotionAdapter(
+        block_out_channels=tuple(unet.config.block_out_channels),
+        motion_layers_per_block=unet.config.layers_per_block,
+        motion_transformer_layers_per_block=1,
+        motion_mid_block_layers_per_block=1,
+        motion_num_attention_heads=config.motion_heads,
+        motion_norm_num_groups=unet.config.norm_num_groups,
+        motion_max_seq_length=32,
+        use_motion_mid_block=True,
+    )
+
+
+def zero_init_motion_outputs(adapter: MotionAdapter) -> None:
+    """Start every motion module as the identity (AnimateDiff's recipe): the untrained adapter then
+    draws exactly what genserve-shapes draws, frame by frame."""
+    for module in adapter.modules():
+        if isinstance(getattr(module, "proj_out", None), nn.Linear):
+            nn.init.zeros_(module.proj_out.weight)
+            nn.init.zeros_(module.proj_out.bias)
+
+
+def extend_text_encoder(text_encoder: CLIPTextModel, vocab_size: int, seed: int) -> CLIPTextModel:
+    """The base text encoder with rows for the motion words (the old rows are unchanged)."""
+    old = text_encoder.get_input_embeddings().weight.data.clone()
+    text_encoder.resize_token_embeddings(vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+    new_rows = old.mean(0) + old.std(0) * torch.randn(vocab_size - len(old), old.shape[1], generator=gen)
+    weight = text_encoder.get_input_embeddings().weight.data
+    weight[: len(old)] = old
+    weight[len(old) :] = new_rows
+    text_encoder.config.vocab_size = vocab_size
+    return text_encoder
+
+
+def motion_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    return [p for name, p in unet.named_parameters() if "motion_modules" in name]
+
+
+def extract_adapter(unet: nn.Module, template: MotionAdapter) -> MotionAdapter:
+    """The motion modules of a motion UNet, as a standalone MotionAdapter."""
+    adapter = MotionAdapter.from_config(template.config)
+    state = {k: v for k, v in unet.state_dict().items() if "motion_modules" in k}
+    adapter.load_state_dict(state)
+    return adapter
+
+
+# 2. Data
+
+
+@torch.no_grad()
+def encode_clips(config: MotionTrainConfig, vae: AutoencoderKL) -> tuple[list[motion.Clip], torch.Tensor]:
+    """Render the training clips and encode every frame: latents (clips, frames, C, h, w), fp16."""
+    rng = random.Random(config.seed)
+    triples = motion.training_triples()
+    clips = [
+        motion.sample_clip(rng, triples, motion.MOTIONS[i % len(motion.MOTIONS)]) for i in range(config.clips)
+    ]
+    latents = []
+    start = time.time()
+    for i in range(0, len(clips), 16):
+        frames = torch.from_numpy(
+            np.concatenate([motion.render_clip(c, config.frames) for c in clips[i : i + 16]])
+        )
+        mean = vae.encode(to_model_range(frames)).latent_dist.mean
+        latents.append(mean.reshape(-1, config.frames, *mean.shape[1:]).half())
+        if i % 400 == 0:
+            logger.info("encoded %d / %d clips (%.0fs)", i, len(clips), time.time() - start)
+    return clips, torch.cat(latents)
+
+
+# 3. Training
+
+
+@dataclass
+class MotionState:
+    unet: nn.Module
+    text_encoder: CLIPTextModel
+    ema: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+
+    def trained(self) -> list[nn.Parameter]:
+        return motion_parameters(self.unet) + list(self.text_encoder.parameters())
+
+
+def new_state(
+    config: MotionTrainConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[MotionState, MotionAdapter]:
+    torch.manual_seed(config.seed + 1)
+    base_unet = UNet2DConditionModel.from_pretrained(config.base / "unet", torch_dtype=torch.float32)
+    adapter = build_adapter(base_unet, config)
+    zero_init_motion_outputs(adapter)
+    unet = motion.build_motion_unet(base_unet, adapter).float()
+    unet.requires_grad_(False)
+    for p in motion_parameters(unet):
+        p.requires_grad_(True)
+    text_encoder = CLIPTextModel.from_pretrained(config.base / "text_encoder", torch_dtype=torch.float32)
+    text_encoder = extend_text_encoder(text_encoder, len(tokenizer), config.seed + 2)
+    text_encoder.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": motion_parameters(unet), "lr": config.lr},
+            {"params": list(text_encoder.parameters()), "lr": config.text_lr},
+        ],
+        weight_decay=0.01,
+        betas=(0.9, 0.99),
+    )
+    schedule = cosine_schedule(optimizer, config.steps, config.warmup_steps)
+    state = MotionState(unet, text_encoder, [], optimizer, schedule)
+    state.ema = [p.detach().clone() for p in state.trained()]
+    return state, adapter
+
+
+@torch.no_grad()
+def update_ema(state: MotionState, decay: float) -> None:
+    decay = min(decay, (1 + state.step) / (10 + state.step))
+    torch._foreach_lerp_(state.ema, [p.detach() for p in state.trained()], 1 - decay)
+
+
+@torch.no_grad()
+def swap_in_ema(state: MotionState) -> list[torch.Tensor]:
+    """Put the EMA weights into the models; returns the live weights to put back."""
+    live = [p.detach().clone() for p in state.trained()]
+    for p, e in zip(state.trained(), state.ema, strict=True):
+        p.copy_(e)
+    return live
+
+
+@torch.no_grad()
+def restore(state: MotionState, live: list[torch.Tensor]) -> None:
+    for p, v in zip(state.trained(), live, strict=True):
+        p.copy_(v)
+
+
+def train(
+    config: MotionTrainConfig,
+    clips: list[motion.Clip],
+    latents: torch.Tensor,
+    scaling_factor: float,
+    tokenizer: PreTrainedTokenizerBase,
+    state: MotionState,
+    rngs: dict,
+) -> MotionState:
+    noise_scheduler = train_noise_scheduler()
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    rng, gen = rngs["python"], rngs["torch"]
+    last_checkpoint = time.time()
+    start, losses = time.time(), []
+    state.unet.train()
+    state.text_encoder.train()
+    while state.step < config.steps:
+        index = torch.randint(len(clips), (config.batch,), generator=gen).tolist()
+        batch_clips, batch_latents = [], []
+        for i in index:
+            clip, lat = clips[i], latents[i].float()
+            if rng.random() < 0.5:  # the clip played backwards: the opposite motion
+                clip, lat = clip.reversed(), lat.flip(0)
+            batch_clips.append(clip)
+            batch_latents.append(lat)
+        # (B, F, C, h, w) -> (B, C, F, h, w), UNetMotionModel's layout
+        x0 = torch.stack(batch_latents).permute(0, 2, 1, 3, 4) * scaling_factor
+        captions = [
+            "" if rng.random() < config.caption_dropout else motion.motion_caption_for(c, rng)
+            for c in batch_clips
+        ]
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch,), generator=gen)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        target = noise_scheduler.get_velocity(x0, noise, t)
+        with mixed_precision("cpu"):
+            # one copy of the prompt per frame, UNetMotionModel's convention (as in AnimateDiffPipeline)
+            prompt_embeds = state.text_encoder(ids)[0].repeat_interleave(config.frames, dim=0)
+            prediction = state.unet(noisy, t, prompt_embeds).sample
+        per_clip = ((prediction.float() - target) ** 2).mean(dim=(1, 2, 3, 4))
+        loss = (per_clip * min_snr_weights(alphas_cumprod, t, config.min_snr_gamma)).mean()
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(state.trained(), 1.0)
+        state.optimizer.step()
+        state.schedule.step()
+        state.step += 1
+        update_ema(state, config.ema_decay)
+        losses.append(loss.item())
+        if state.step % 20 == 0:
+            elapsed = time.time() - start
+            logger.info(
+                "step %d loss %.4f (mean of 20) lr %.2e (%.2fs/step)",
+                state.step,
+                sum(losses) / len(losses),
+                state.schedule.get_last_lr()[0],
+                elapsed / len(losses),
+            )
+            start, losses = time.time(), []
+        stop_requested = (config.checkpoint_dir / "STOP").exists()
+        if time.time() - last_checkpoint > config.checkpoint_every_s or stop_requested:
+            save_checkpoint(config, state, rngs)
+            last_checkpoint = time.time()
+        if stop_requested:
+            logger.info("STOP file found: stopping at step %d", state.step)
+            break
+    save_checkpoint(config, state, rngs)
+    return state
+
+
+# 4. Checkpoints and export
+
+
+def save_checkpoint(config: MotionTrainConfig, state: MotionState, rngs: dict) -> None:
+    payload = {
+        "motion": {k: v for k, v in state.unet.state_dict().items() if "motion_modules" in k},
+        "text_encoder": state.text_encoder.state_dict(),
+        "ema": state.ema,
+        "optimizer": state.optimizer.state_dict(),
+        "schedule": state.schedule.state_dict(),
+        "step": state.step,
+        "python_rng": rngs["python"].getstate(),
+        "torch_rng": rngs["torch"].get_state(),
+        "global_torch_rng": torch.get_rng_state(),
+    }
+    path = config.checkpoint_dir / "motion.pt"
+    torch.save(payload, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)  # atomic: a kill mid-write keeps the previous checkpoint
+    logger.info("checkpoint saved at step %d", state.step)
+
+
+def load_checkpoint(config: MotionTrainConfig, state: MotionState, rngs: dict) -> bool:
+    path = config.checkpoint_dir / "motion.pt"
+    if not path.exists():
+        return False
+    payload = torch.load(path, weights_only=False)
+    state.unet.load_state_dict(payload["motion"], strict=False)
+    state.text_encoder.load_state_dict(payload["text_encoder"])
+    with torch.no_grad():
+        for e, saved in zip(state.ema, payload["ema"], strict=True):
+            e.copy_(saved)
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.schedule.load_state_dict(payload["schedule"])
+    state.step = payload["step"]
+    rngs["python"].setstate(payload["python_rng"])
+    rngs["torch"].set_state(payload["torch_rng"])
+    torch.set_rng_state(payload["global_torch_rng"])
+    logger.info("resumed at step %d", state.step)
+    return True
+
+
+def export(
+    config: MotionTrainConfig, state: MotionState, template: MotionAdapter, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """The EMA weights: adapter (fp16 safetensors) in the folder's root, text encoder and tokenizer
+    in subfolders, and the held-out split in eval/ (the model card README.md is kept)."""
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    live = swap_in_ema(state)
+    try:
+        adapter = extract_adapter(state.unet, template)
+        adapter.to(torch.float16).save_pretrained(out, safe_serialization=True)
+        state.text_encoder.to(torch.float16).save_pretrained(out / "text_encoder", safe_serialization=True)
+        state.text_encoder.to(torch.float32)
+    finally:
+        restore(state, live)
+    tokenizer.save_pretrained(out / "tokenizer")
+    (out / "eval").mkdir(exist_ok=True)
+    split = {
+        "held_out_triples": [list(t) for t in motion.held_out_triples()],
+        "train_config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "steps_done": state.step,
+    }
+    (out / SPLIT_FILE).write_text(json.dumps(split, indent=2) + "\n")
+    logger.info("motion model written to %s (step %d)", out, state.step)
+
+
+# 5. The whole run
+
+
+def run(config: MotionTrainConfig) -> None:
+    torch.set_num_threads(config.cpu_threads)
+    config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    vae = AutoencoderKL.from_pretrained(config.base / "vae", torch_dtype=torch.float32).eval()
+    scaling_factor = float(vae.config.scaling_factor)
+    cache = config.checkpoint_dir / "latents.pt"
+    if cache.exists():
+        payload = torch.load(cache, weights_only=False)
+        clips, latents = payload["clips"], payload["latents"]
+    else:
+        clips, latents = encode_clips(config, vae)
+        torch.save({"clips": clips, "latents": latents}, cache)
+    logger.info("%d clips, latents %s (%.0fs)", len(clips), tuple(latents.shape), time.time() - started)
+
+    tokenizer = motion.build_motion_tokenizer()
+    state, template = new_state(config, tokenizer)
+    rngs = {"python": random.Random(config.seed + 4), "torch": torch.Generator().manual_seed(config.seed + 4)}
+    load_checkpoint(config, state, rngs)
+    state = train(config, clips, latents, scaling_factor, tokenizer, state, rngs)
+    export(config, state, template, tokenizer)
+    logger.info(
+        "done in %.1f min this session (step %d of %d)",
+        (time.time() - started) / 60,
+        state.step,
+        config.steps,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train the built-in genserve-shapes-motion model.")
+    parser.add_argument("--out", type=Path, default=MOTION_MODEL)
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path("data/motion-checkpoints"))
+    parser.add_argument("--base", type=Path, default=BASE_MODEL)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--clips", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--cpu-threads", type=int, help="torch threads (default 1: the machine is shared)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    config = MotionTrainConfig(
+        out=args.out, checkpoint_dir=args.checkpoint_dir, base=args.base, seed=args.seed
+    )
+    overrides = {
+        "steps": args.steps,
+        "clips": args.clips,
+        "batch": args.batch,
+        "cpu_threads": args.cpu_threads,
+    }
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    logger.info("config: %s", config)
+    run(config)
+
+
+if __name__ == "__main__":
+    main()
