@@ -27,6 +27,15 @@ Without such a folder, loading fails with a `ModelLoadError` saying so. What wor
 What does not: a file that lacks a component the folder has (a UNet-only file, an SD3 file
 without T5 next to a folder with T5). diffusers takes those from the folder only for diffusers-named
 weights, so it reports the component as missing.
+
+Video models (kind "video") are diffusers folders too, recognised by the pipeline class in
+`model_index.json` through `video.families.VIDEO_PIPELINES` (family and the modes the folder
+serves), or a bare `MotionAdapter` folder (config.json) whose model card names its base image model
+(`genserve: {base_model: ...}`): AnimateDiff on that base. Their native size is the denoiser's
+`sample_size` times the VAE's spatial factor where the configs give one (SVD, AnimateDiff), else the
+card's `genserve.native_size`, else the family default (Wan and LTX transformers have no sample
+size). Frames and fps default to the card's `default_frames`/`default_fps`, else the family's.
+Every model's card may give a `license:`; ModelInfo.license carries it.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from genserve.engine.video.families import MOTION_ADAPTER_CLASSES, VIDEO_FAMILIES, VIDEO_PIPELINES
 from genserve.schemas.generation import DEFAULT_CFG_SCALE, SAMPLER_NAMES, GenerationParams
 
 if TYPE_CHECKING:
@@ -49,7 +59,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["sd15", "sdxl", "sd3"]
+Family = Literal["sd15", "sdxl", "sd3", "wan", "ltx", "svd", "animatediff", "animatediff_sdxl"]
+ModelKind = Literal["image", "video"]
 ModelFormat = Literal["diffusers", "single_file"]
 
 # Which samplers each family supports. SD3 is a flow-matching model: DPM++ and UniPC have flow
@@ -102,6 +113,14 @@ class ModelInfo:
     inpainting: bool = False
     # An SDXL refiner: it finishes another SDXL model's latents (request.refiner), never runs alone.
     refiner: bool = False
+    kind: ModelKind = "image"
+    license: str | None = None  # the model card's front-matter `license:`
+    # Video models: the modes the folder serves (video.families.VIDEO_MODES), frames and fps a
+    # request that names none gets, and, for a motion adapter, the image model it runs on.
+    video_modes: tuple[str, ...] = ()
+    default_frames: int | None = None
+    default_fps: int | None = None
+    base_model: str | None = None
 
     @property
     def request_cfg_scale(self) -> float:
@@ -169,6 +188,8 @@ def _scan_dir(models_dir: Path, *, quiet_if_missing: bool) -> dict[str, ModelInf
 def read_model_info(path: Path) -> ModelInfo:
     """Describe one models-directory entry; raises UnknownModelFormat if it is not a model."""
     path = Path(path)
+    if path.is_dir() and _video_class(path) is not None:
+        return _video_model_info(path)
     family = detect_family(path)
     if path.is_dir():
         width, height = _diffusers_native_size(path, family)
@@ -181,6 +202,7 @@ def read_model_info(path: Path) -> ModelInfo:
             height,
             _diffusers_dtype(path),
             **_model_card_defaults(path / "README.md"),
+            license=_card_license(path / "README.md"),
             inpainting=_diffusers_unet_channels(path) == INPAINT_UNET_CHANNELS,
             refiner=_diffusers_is_refiner(path),
         )
@@ -279,6 +301,33 @@ def _diffusers_dtype(folder: Path) -> str:
     return "unknown"
 
 
+def _card_front_matter(card: Path) -> dict[str, Any]:
+    """A model card's YAML front matter, or {} when there is none or it cannot be read."""
+    try:
+        text = card.read_text()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---"):
+        return {}
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1])
+    except yaml.YAMLError as error:
+        logger.warning("%s: ignoring unreadable front matter (%s)", card, error)
+        return {}
+    return front if isinstance(front, dict) else {}
+
+
+def _card_block(card: Path) -> dict[str, Any]:
+    block = _card_front_matter(card).get("genserve")
+    return block if isinstance(block, dict) else {}
+
+
+def _card_license(card: Path) -> str | None:
+    """The card's front-matter `license:` (Hugging Face ids: apache-2.0, openrail-m, other, ...)."""
+    license_id = _card_front_matter(card).get("license")
+    return None if license_id is None else str(license_id)
+
+
 def _model_card_defaults(card: Path) -> dict[str, Any]:
     """`genserve: {default_cfg_scale, default_steps, default_sampler}` from a model card's YAML front
     matter, as ModelInfo fields; what it leaves out, or cannot be read, is left out."""
@@ -314,7 +363,110 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-# 2. Single-file checkpoints
+# 2. Video folders
+
+
+def _video_class(folder: Path) -> str | None:
+    """The video pipeline (or MotionAdapter) class a folder holds, or None for anything else."""
+    for name in ("model_index.json", "config.json"):
+        try:
+            class_name = _read_json(folder / name).get("_class_name")
+        except (OSError, UnknownModelFormat):
+            continue
+        if class_name in VIDEO_PIPELINES or class_name in MOTION_ADAPTER_CLASSES:
+            return class_name
+    return None
+
+
+def _video_model_info(folder: Path) -> ModelInfo:
+    class_name = _video_class(folder)
+    card = folder / "README.md"
+    block = _card_block(card)
+    defaults = _model_card_defaults(card)
+    if class_name in MOTION_ADAPTER_CLASSES:
+        base_model = block.get("base_model")
+        if not isinstance(base_model, str) or not base_model:
+            raise UnknownModelFormat(
+                f"{folder.name}: a MotionAdapter folder needs `genserve: {{base_model: <image model>}}` in its README.md"
+            )
+        family, modes = str(block.get("family") or "animatediff"), ("t2v", "v2v")
+        if family not in ("animatediff", "animatediff_sdxl"):
+            raise UnknownModelFormat(
+                f"{folder.name}: a motion adapter's family must be animatediff or animatediff_sdxl"
+            )
+        if family == "animatediff_sdxl":
+            modes = ("t2v",)
+        size = None
+        dtype = _folder_dtype(folder)
+    else:
+        family, modes = VIDEO_PIPELINES[class_name]
+        base_model = None
+        size = _video_denoiser_size(folder, family)
+        dtype = _diffusers_dtype(folder)
+    spec = VIDEO_FAMILIES[family]
+    if size is None:
+        native = _positive_int(block.get("native_size"))
+        size = (native, native) if native else (spec.default_width, spec.default_height)
+    return ModelInfo(
+        folder.name,
+        folder,
+        family,  # type: ignore[arg-type]
+        "diffusers",
+        size[0],
+        size[1],
+        dtype,
+        **defaults,
+        kind="video",
+        license=_card_license(card),
+        video_modes=modes,
+        default_frames=_positive_int(block.get("default_frames")) or spec.default_frames,
+        default_fps=_positive_int(block.get("default_fps")) or spec.default_fps,
+        base_model=base_model,
+    )
+
+
+def _video_denoiser_size(folder: Path, family: str) -> tuple[int, int] | None:
+    """(width, height): the denoiser's sample_size times the VAE's spatial factor, where both are known."""
+    try:
+        vae = _read_json(folder / "vae" / "config.json")
+        for denoiser in ("unet", "transformer"):
+            config_file = folder / denoiser / "config.json"
+            if config_file.is_file():
+                sample_size = _read_json(config_file).get("sample_size")
+                break
+        else:
+            return None
+    except (OSError, UnknownModelFormat):
+        return None
+    if sample_size is None:
+        return None
+    if family == "wan":
+        factor = vae.get("scale_factor_spatial") or 2 ** len(vae.get("temperal_downsample", [0, 0, 0]))
+    elif family == "ltx":
+        factor = vae.get("patch_size", 1) * 2 ** sum(bool(s) for s in vae.get("spatio_temporal_scaling", ()))
+    else:
+        factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size[:2]
+    return int(width) * int(factor), int(height) * int(factor)
+
+
+def _folder_dtype(folder: Path) -> str:
+    files = sorted(folder.glob("*.safetensors"), key=lambda f: (f.name.count("."), f.name))
+    try:
+        return _majority_dtype(_safetensors_header(files[0])) if files else "unknown"
+    except (OSError, UnknownModelFormat):
+        return "unknown"
+
+
+def _positive_int(value: Any) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+# 3. Single-file checkpoints
 
 
 def _single_file_family(keys_and_dtypes: dict[str, tuple[str, list[int]]], path: Path) -> Family:

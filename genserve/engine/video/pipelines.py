@@ -1,0 +1,264 @@
+"""The video model runner: the only video code that loads diffusers pipelines.
+
+One folder serves several pipeline classes (an LTX folder runs LTXConditionPipeline, a Wan T2V
+folder also runs WanVideoToVideoPipeline); the engine picks the class per mode and shares the
+loaded components between them. Which mode each family takes is `families.VIDEO_PIPELINES`; the API
+refuses mismatches up front, and `generate` checks them again with a ValueError.
+
+How each mode maps onto diffusers:
+
+| family      | t2v                 | i2v                        | flf2v / keyframes              | v2v (restyle / extend)            |
+|-------------|---------------------|----------------------------|--------------------------------|-----------------------------------|
+| wan         | WanPipeline         | WanImageToVideo (image=)   | WanImageToVideo (last_image=)  | WanVideoToVideo (strength)        |
+| ltx         | LTXCondition        | image condition at frame 0 | image conditions at their frames | video condition at frame 0      |
+| svd         | —                   | StableVideoDiffusion       | —                              | —                                 |
+| animatediff | AnimateDiff(SDXL)   | —                          | —                              | AnimateDiffVideoToVideo (strength) |
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    AnimateDiffPipeline,
+    AnimateDiffSDXLPipeline,
+    AnimateDiffVideoToVideoPipeline,
+    DiffusionPipeline,
+    LTXConditionPipeline,
+    MotionAdapter,
+    StableVideoDiffusionPipeline,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanVideoToVideoPipeline,
+)
+from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+
+from genserve.engine.errors import ModelLoadError
+from genserve.engine.models.registry import ModelInfo
+from genserve.engine.video.families import VIDEO_FAMILIES, keyframes_needed
+from genserve.engine.video.previews import fit_video_rgb_map, preview_frames, video_latent_frames
+from genserve.schemas.video import VideoParams
+
+# FreeNoise context windows overlap by the window minus this stride.
+FREE_NOISE_STRIDE = 4
+
+
+@dataclass
+class VideoRequest:
+    params: VideoParams  # resolved: width, height, num_frames, fps, steps, guidance, seed and mode are set
+    keyframes: list[tuple[int, PIL.Image.Image]] = field(default_factory=list)  # (frame index, picture)
+    video: np.ndarray | None = None  # (F, H, W, 3) uint8: v2v input, or the frames an "extend" continues
+    preview_every: int = 0
+
+
+@dataclass
+class _Loaded:
+    pipe: DiffusionPipeline
+    rgb_map: Any = None  # fitted on the first preview
+
+
+class WanFirstLastToVideoPipeline(WanImageToVideoPipeline):
+    """Wan image-to-video that also takes a single first frame on an FLF2V checkpoint.
+
+    An FLF2V transformer (`pos_embed_seq_len` set) embeds exactly two CLIP pictures; diffusers'
+    pipeline gives it one when `last_image` is None and the reshape fails. Here a lone first frame
+    is embedded twice, while the VAE conditioning (and its mask) still fixes the first frame only.
+    """
+
+    def encode_image(self, image: Any, device: torch.device | None = None) -> torch.Tensor:
+        two_pictures = self.transformer is not None and self.transformer.config.pos_embed_seq_len
+        if two_pictures and not isinstance(image, list):
+            image = [image, image]
+        return super().encode_image(image, device)
+
+
+def pipeline_class(info: ModelInfo, mode: str) -> type[DiffusionPipeline]:
+    """The diffusers class that runs `mode` on the model in `info`."""
+    family = info.family
+    if family == "wan":
+        if mode in ("i2v", "flf2v"):
+            return WanFirstLastToVideoPipeline
+        return WanVideoToVideoPipeline if mode == "v2v" else WanPipeline
+    if family == "ltx":
+        return LTXConditionPipeline
+    if family == "svd":
+        return StableVideoDiffusionPipeline
+    if family == "animatediff_sdxl":
+        return AnimateDiffSDXLPipeline
+    if family == "animatediff":
+        return AnimateDiffVideoToVideoPipeline if mode == "v2v" else AnimateDiffPipeline
+    raise ValueError(f"{info.name} is not a video model (family {family})")
+
+
+class VideoEngine:
+    def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, max_loaded: int = 1) -> None:
+        self.device = device
+        self.dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[tuple[str, str], _Loaded] = OrderedDict()
+
+    def loaded_models(self) -> list[str]:
+        return list(dict.fromkeys(name for name, _ in self._loaded))
+
+    def load(self, info: ModelInfo, mode: str, base: ModelInfo | None = None) -> DiffusionPipeline:
+        return self._load(info, mode, base).pipe
+
+    def _load(self, info: ModelInfo, mode: str, base: ModelInfo | None) -> _Loaded:
+        cls = pipeline_class(info, mode)
+        key = (info.name, cls.__name__)
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+        sibling = next((entry for (name, _), entry in self._loaded.items() if name == info.name), None)
+        try:
+            if sibling is not None:  # same weights, another pipeline class: share the components
+                pipe = _share_components(cls, sibling.pipe)
+            elif info.base_model is not None:
+                pipe = self._from_motion_adapter(info, cls, base)
+            else:
+                pipe = cls.from_pretrained(info.path, dtype=self.dtype, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ModelLoadError(f"cannot load video model {info.name} as {cls.__name__}: {error}") from error
+        pipe.set_progress_bar_config(disable=True)
+        self._loaded[key] = entry = _Loaded(pipe.to(self.device))
+        while len(self.loaded_models()) > self.max_loaded:
+            oldest = self.loaded_models()[0]
+            for stale in [k for k in self._loaded if k[0] == oldest]:
+                del self._loaded[stale]
+        return entry
+
+    def _from_motion_adapter(self, info: ModelInfo, cls: type, base: ModelInfo | None) -> DiffusionPipeline:
+        if base is None or base.name != info.base_model:
+            raise ModelLoadError(
+                f"{info.name} is a motion adapter for {info.base_model}; pass that model as base"
+            )
+        adapter = MotionAdapter.from_pretrained(info.path, dtype=self.dtype, local_files_only=True)
+        return cls.from_pretrained(base.path, motion_adapter=adapter, dtype=self.dtype, local_files_only=True)
+
+    def generate(
+        self,
+        info: ModelInfo,
+        request: VideoRequest,
+        on_step: Callable[[int, int], None] | None = None,
+        on_preview: Callable[[int, int, np.ndarray], None] | None = None,
+        base: ModelInfo | None = None,
+    ) -> np.ndarray:
+        """Make one clip; returns its frames as (F, H, W, 3) uint8. Exceptions from on_step propagate."""
+        params = request.params
+        # 1. Check what the API should already have refused.
+        _check(info, request)
+        entry = self._load(info, params.mode, base)
+        pipe = entry.pipe
+
+        # 2. Progress and previews, once per denoising step.
+        def step_end(pipeline: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            total = getattr(pipeline, "_num_timesteps", None) or params.steps
+            if on_step is not None:
+                on_step(i + 1, total)
+            every = request.preview_every
+            if on_preview is not None and every and (i + 1) % every == 0:
+                if entry.rgb_map is None:
+                    entry.rgb_map = fit_video_rgb_map(pipe, info.family)
+                frames = video_latent_frames(
+                    tensors["latents"], info.family, num_frames=params.num_frames,
+                    height=params.height, width=params.width, pipe=pipe,
+                )  # fmt: skip
+                on_preview(i + 1, total, preview_frames(frames, entry.rgb_map))
+            return {}
+
+        # 3. The family's own arguments for this mode, then the shared ones.
+        kwargs = _mode_arguments(info.family, request, pipe)
+        kwargs.update(
+            height=params.height,
+            width=params.width,
+            num_inference_steps=params.steps,
+            generator=torch.Generator("cpu").manual_seed(params.seed),
+            output_type="np",
+            callback_on_step_end=step_end,
+        )
+        if info.family != "svd":
+            kwargs.update(prompt=params.prompt, negative_prompt=params.negative_prompt or None,
+                          guidance_scale=params.guidance)  # fmt: skip
+        if params.mode != "v2v" or info.family == "ltx":
+            kwargs["num_frames"] = params.num_frames
+
+        # 4. Run, with FreeNoise windows for this call only (the pipeline is cached).
+        free_noise = params.long is not None and params.long.strategy == "free_noise"
+        if free_noise:
+            window = VIDEO_FAMILIES[info.family].max_window_frames or 16
+            pipe.enable_free_noise(
+                context_length=min(16, window, params.num_frames), context_stride=FREE_NOISE_STRIDE
+            )
+        try:
+            frames = pipe(**kwargs).frames[0]
+        finally:
+            if free_noise:
+                pipe.disable_free_noise()
+        return (np.asarray(frames, dtype=np.float32).clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def _share_components(cls: type[DiffusionPipeline], pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """`cls` built from an already loaded pipeline's modules (no copy, no dtype cast, unlike from_pipe)."""
+    expected, optional = cls._get_signature_keys(cls)
+    components = {
+        name: module for name, module in pipe.components.items() if name in expected or name in optional
+    }
+    return cls(**components)
+
+
+def _check(info: ModelInfo, request: VideoRequest) -> None:
+    params = request.params
+    if info.kind != "video":
+        raise ValueError(f"{info.name} is not a video model")
+    if params.mode not in info.video_modes:
+        raise ValueError(f"{info.name} does not do {params.mode} (it does: {', '.join(info.video_modes)})")
+    missing = [name for name in ("width", "height", "num_frames", "fps", "steps", "guidance", "seed")
+               if getattr(params, name) is None]  # fmt: skip
+    if missing:
+        raise ValueError(f"unresolved video parameters: {', '.join(missing)}")
+    family = VIDEO_FAMILIES[info.family]
+    problem = family.frame_problem(params.num_frames)
+    problem = (
+        problem or family.size_problem("width", params.width) or family.size_problem("height", params.height)
+    )
+    if problem:
+        raise ValueError(problem)
+    least, most = keyframes_needed(params.mode)
+    count = len(request.keyframes)
+    if count < least or (most is not None and count > most):
+        raise ValueError(f"{params.mode} takes {least}{'' if most == least else '+'} keyframes, got {count}")
+    if params.mode == "v2v" and (request.video is None or len(request.video) == 0):
+        raise ValueError("v2v needs input frames (request.video)")
+    if any(not 0 <= index < params.num_frames for index, _ in request.keyframes):
+        raise ValueError(f"keyframe indexes must lie in 0..{params.num_frames - 1}")
+
+
+def _mode_arguments(family: str, request: VideoRequest, pipe: Any) -> dict[str, Any]:
+    """The conditioning arguments of `request.params.mode` for this family's pipeline."""
+    params, keyframes = request.params, sorted(request.keyframes, key=lambda pair: pair[0])
+    pictures = [picture.convert("RGB") for _, picture in keyframes]
+    video = [PIL.Image.fromarray(frame) for frame in request.video] if request.video is not None else None
+    if family == "ltx":
+        if params.mode == "v2v":
+            extend = params.long is not None and params.long.strategy == "extend"
+            condition = LTXVideoCondition(video=video, frame_index=0)
+            return {"conditions": [condition], "denoise_strength": 1.0 if extend else params.strength}
+        conditions = [
+            LTXVideoCondition(image=pic, frame_index=index)
+            for (index, _), pic in zip(keyframes, pictures, strict=True)
+        ]
+        return {"conditions": conditions or None, "frame_rate": params.fps}
+    if family == "wan" and params.mode in ("i2v", "flf2v"):
+        return {"image": pictures[0], "last_image": pictures[1] if params.mode == "flf2v" else None}
+    if family == "svd":
+        return {"image": pictures[0], "fps": params.fps, "max_guidance_scale": params.guidance,
+                "min_guidance_scale": min(1.0, params.guidance), "decode_chunk_size": 8}  # fmt: skip
+    if params.mode == "v2v":
+        return {"video": video, "strength": params.strength}
+    return {}
