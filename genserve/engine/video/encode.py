@@ -130,7 +130,7 @@ def encode_clip(
     *,
     prefer_nvenc: bool = False,
 ) -> EncodedVideo:
-    """Encode a clip in memory; the result says which encoder ran and the size written."""
+    """Encode a clip to bytes; the result says which encoder ran and the size written."""
     _check_clip(frames)
     if not fps > 0:
         raise ValueError(f"fps must be positive, not {fps}")
@@ -142,10 +142,12 @@ def encode_clip(
     else:
         frames = pad_even(frames)
         h, w = frames.shape[1:3]
-        encoder = (
-            "h264_nvenc" if codec == "h264" and prefer_nvenc and nvenc_available() else CODECS[codec].encoder
-        )
-        data = _encode_av(frames, fps, container, codec, encoder, crf)
+        encoder, data = CODECS[codec].encoder, None
+        if codec == "h264" and prefer_nvenc and nvenc_available():
+            data = _encode_nvenc(frames, fps, container, crf)
+            encoder = "h264_nvenc" if data is not None else encoder
+        if data is None:
+            data = _encode_av(frames, fps, container, codec, encoder, crf)
     return EncodedVideo(data, fmt.mime, fmt.extension, container, codec, encoder, w, h, len(frames), fps)
 
 
@@ -167,6 +169,16 @@ def _check_clip(frames: np.ndarray) -> None:
 def _frame_rate(fps: float) -> Fraction:
     # 1001 keeps NTSC rates exact (24000/1001 passed as a float comes back as 24000/1001)
     return Fraction(fps).limit_denominator(1001)
+
+
+def _encode_nvenc(frames: np.ndarray, fps: float, container: str, crf: int | None) -> bytes | None:
+    """NVENC, or None where it refuses this clip (it has a minimum size, about 145x49) so x264 takes over."""
+    import av
+
+    try:
+        return _encode_av(frames, fps, container, "h264", "h264_nvenc", crf)
+    except av.FFmpegError:
+        return None
 
 
 def _encode_av(
