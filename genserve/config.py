@@ -42,6 +42,8 @@ class Limits(BaseModel):
     max_cfg_scale: float = 30.0
     max_num_images: int = Field(4, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
+    # Video: frames generated (before interpolation), over all of a long clip's segments.
+    max_video_frames: int = Field(257, ge=1)
     # Any request body, JSON or multipart (api/input_guard.py): 413 above it, before it is read whole.
     # Room for a picture and a mask at max_upload_bytes each, base64-encoded (4/3 larger).
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
@@ -85,6 +87,8 @@ class Settings(BaseSettings):
     store_url: str | None = None
     # The trained toy model shipped in the package (genserve/builtin_models/genserve-shapes).
     default_model: str = "genserve-shapes"
+    # The video model a video request that names none gets: genserve-shapes' motion module.
+    default_video_model: str = "genserve-shapes-motion"
     # Serve the models shipped with genserve besides those in models_dir (a models_dir entry of the
     # same name takes precedence).
     builtin_models: bool = True
@@ -120,6 +124,11 @@ class Settings(BaseSettings):
     # Scheduling. A job whose estimated time exceeds the threshold goes to the long queue; while both
     # queues hold work the long queue gets `long_queue_share` of the batches.
     long_queue_threshold_seconds: float = Field(30.0, gt=0)
+    # Video cost estimates are in seconds of an H100-class GPU (engine/video/plan.py); this is the
+    # serving device's time for the same work relative to that (a CPU: hundreds).
+    video_speed_scale: float = Field(1.0, gt=0)
+    # Encode H.264 with NVENC where it opens (probed once); H100, H200 and A100 have no NVENC.
+    video_nvenc: bool = True
     long_queue_share: float = Field(0.25, ge=0, le=1)
     # Batch limits in images: keys "model@WxH", "model", "*@WxH" or "*" (JSON in the environment).
     # Without one, the worker estimates from free GPU memory, or uses the default below on CPU.
@@ -200,6 +209,11 @@ class Settings(BaseSettings):
     @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
+
+    @property
+    def videos_dir(self) -> Path:
+        """Video files, segment frames and video reports (a directory the workers share)."""
+        return self.data_dir / "videos"
 
     @property
     def inputs_dir(self) -> Path:

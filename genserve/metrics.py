@@ -48,6 +48,15 @@ QUEUE_WAIT_SECONDS = Histogram(
     ["queue"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900),
 )
+VIDEO_STAGE_SECONDS = Histogram(
+    "genserve_video_stage_seconds",
+    "Wall time of one stage of a video job (denoise, decode, stitch, post, interpolate, encode).",
+    ["model", "stage"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900),
+)
+VIDEO_SECONDS_MADE = Counter(
+    "genserve_video_seconds_total", "Seconds of video delivered (after interpolation).", ["model"]
+)
 IMAGES_GENERATED = Counter("genserve_images_generated_total", "Images written to the image store.", ["model"])
 WORKER_RESTARTS = Counter("genserve_worker_restarts_total", "Worker processes restarted by the supervisor.")
 

@@ -126,7 +126,14 @@ def test_counts_by_state_lists_every_state(store: JobStore) -> None:
     job = store.claim_next("w1", 30)
     store.complete(job.id, "w1", job.attempt, ["img"])
     store.claim_next("w1", 30)
-    assert store.counts_by_state() == {"queued": 1, "running": 1, "succeeded": 1, "failed": 0, "canceled": 0}
+    assert store.counts_by_state() == {
+        "queued": 1,
+        "running": 1,
+        "succeeded": 1,
+        "failed": 0,
+        "canceled": 0,
+        "waiting": 0,
+    }
 
 
 # -- idempotency ----------------------------------------------------------------------------------------

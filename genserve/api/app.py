@@ -25,7 +25,9 @@ from genserve.api.routes import (
     jobs,
     models,
     openai,
+    openai_videos,
     uploads,
+    videos,
     web,
 )
 from genserve.artifacts.s3 import make_image_store
@@ -78,7 +80,8 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
     for module in (health, web):
         app.include_router(module.router)
     # Everything else needs an API key when auth is on; the key is the caller's identity.
-    for module in (jobs, batches, models, images, uploads, estimate, openai, a1111, admin):
+    modules = (jobs, videos, batches, models, images, uploads, estimate, openai, openai_videos, a1111, admin)
+    for module in modules:
         app.include_router(module.router, dependencies=[Depends(get_principal)])
 
     @app.exception_handler(LimitError)

@@ -33,6 +33,7 @@ from genserve.config import Settings
 from genserve.engine.stages.plan import size_multiple
 from genserve.schemas import GenerationParams, JobCreate, LimitError
 from genserve.schemas.generation import batch_key
+from genserve.schemas.video import VideoParams
 from genserve.store.jobs import JobRecord
 
 # The request_id column holds 200 characters; a key's request ids are stored as "<key id>:<id>".
@@ -200,6 +201,25 @@ def admit_batch(principal: Principal, items: list[RenderItem], services: Service
             images += sum(item.params.num_images for item in new)
             seconds += len(new) * estimated_seconds(params, models[params.model].family, services.store)
     _check_quota(principal, services, images, seconds)
+
+
+def check_video_key_limits(
+    principal: Principal, services: Services, params: VideoParams, seconds: float
+) -> None:
+    """A key's model and size limits, and its GPU-seconds quota, for a resolved video request."""
+    limits = principal.limits
+    if limits.allowed_models is not None and params.model not in limits.allowed_models:
+        raise LimitError(
+            "model", f"this API key may use only the models {limits.allowed_models}, not '{params.model}'"
+        )
+    for name, value, most in (
+        ("width", params.width, limits.max_width),
+        ("height", params.height, limits.max_height),
+    ):
+        if most is not None and (value or 0) > most:
+            raise LimitError(name, f"{name} {value} exceeds this API key's maximum {name} {most}")
+    if _has_quota(principal):
+        _check_quota(principal, services, 0, seconds)
 
 
 def _has_quota(principal: Principal) -> bool:

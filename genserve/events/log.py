@@ -108,3 +108,14 @@ class EventLog:
         return [
             Event(job_id=r.job_id, seq=r.seq, type=r.type, data=r.data, created_at=r.created_at) for r in rows
         ]
+
+    def latest(self, job_id: str, type: str) -> dict[str, Any] | None:
+        """The data of the job's newest event of this type (a video's progress for polling clients)."""
+        query = (
+            sa.select(job_events.c.data)
+            .where(job_events.c.job_id == job_id, job_events.c.type == type)
+            .order_by(job_events.c.seq.desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar()

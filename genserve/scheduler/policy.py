@@ -67,11 +67,14 @@ def next_head(queued: Sequence[JobRecord], last_client: str | None) -> JobRecord
 
 
 def fill_batch(head: JobRecord, queued: Sequence[JobRecord], max_images: int) -> list[JobRecord]:
-    """The head plus compatible queued jobs in queue order, while the batch has room (in images)."""
+    """The head plus compatible queued jobs in queue order, while the batch has room (in images).
+    A video or a segment of one runs alone: its frames are the batch."""
+    if head.kind != "image":
+        return [head]
     key = batch_key(GenerationParams.model_validate(head.params))
     batch, images = [head], head.params["num_images"]
     for job in queued:
-        if job.id == head.id or images >= max_images:
+        if job.id == head.id or images >= max_images or job.kind != "image":
             continue
         if batch_key(GenerationParams.model_validate(job.params)) != key:
             continue
@@ -97,6 +100,8 @@ def plan_batch(
     if queue is None:
         return []
     head = next_head(by_queue[queue], state.last_client.get(queue))
+    if head.kind != "image":
+        return [head]
     return fill_batch(head, queued, max_images(GenerationParams.model_validate(head.params)))
 
 

@@ -18,6 +18,9 @@ class JobState(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     canceled = "canceled"
+    # A long video waits while its segments run (each a job of its own); it is queued again,
+    # exactly once, when the last one succeeds, and then stitches them.
+    waiting = "waiting"
 
     @property
     def is_terminal(self) -> bool:

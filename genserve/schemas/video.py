@@ -134,9 +134,11 @@ class VideoSegment(BaseModel):
 
     index: int = Field(..., ge=0)
     count: int = Field(..., ge=1)
-    params: VideoParams  # the segment's own request: its frames, keyframes and seed
-    # extend: the previous segment's job, whose last frames this segment continues.
-    continues: str | None = None
+    params: VideoParams  # the segment's own request: its mode, frames, keyframes and seed
+    # extend: this segment continues the last `overlap` frames of segment index-1 (its last
+    # frame for image-to-video models, with overlap 1).
+    continues: bool = False
+    overlap: int = Field(0, ge=0)
 
 
 class VideoRef(BaseModel):

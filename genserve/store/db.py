@@ -77,12 +77,18 @@ jobs = sa.Table(
     # before `not_before`, until max_attempts. Interactive jobs fail at once (retry_on_error null).
     sa.Column("retry_on_error", sa.Boolean),
     sa.Column("not_before", UTCDateTime),
+    # What the job makes: "image" (GenerationParams), "video" (VideoParams) or "segment" (one
+    # segment of a long video, a VideoSegment; parent_id names the video job it belongs to).
+    sa.Column("kind", sa.String(16), nullable=False, server_default="image"),
+    sa.Column("parent_id", sa.String(32)),
+    sa.Column("segment_index", sa.Integer),
     # The claim order, so picking the next job is an index scan.
     sa.Index("ix_jobs_queue", "state", sa.desc("priority"), "created_at", "id"),
     sa.Index("ix_jobs_lease", "state", "lease_until"),
     sa.Index("ix_jobs_lease_owner", "lease_owner"),
     sa.Index("ix_jobs_created", "created_at", "id"),
     sa.Index("ix_jobs_client", "client_id", "created_at"),
+    sa.Index("ix_jobs_parent", "parent_id", "segment_index"),
     # The scheduler's (queue, client) groups (JobStore.queued_jobs): covers "which groups have work"
     # and serves "a group's first jobs in queue order" without a sort.
     sa.Index(

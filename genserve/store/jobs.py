@@ -23,7 +23,8 @@ from genserve.events.log import EventLog, append_event
 from genserve.schemas.jobs import JobState
 from genserve.store.db import create_db_engine, db_now, jobs, workers, write_transaction
 
-QUEUED, RUNNING = JobState.queued.value, JobState.running.value
+QUEUED, RUNNING, WAITING = JobState.queued.value, JobState.running.value, JobState.waiting.value
+SEGMENT = "segment"
 # The claim order. `_ahead_of` below must agree with it.
 _QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
 # Claims lost to other workers before claim_next gives up for this poll.
@@ -64,6 +65,9 @@ class JobRecord:
     trace_id: str | None = None
     retry_on_error: bool | None = None
     not_before: datetime | None = None
+    kind: str = "image"  # image | video | segment (store/db.py)
+    parent_id: str | None = None
+    segment_index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -145,8 +149,15 @@ class JobStore:
         estimated_seconds: float | None = None,
         trace_id: str | None = None,
         retry_on_error: bool = False,
+        kind: str = "image",
+        segments: list[dict[str, Any]] | None = None,
+        chained: bool = False,
     ) -> tuple[JobRecord, bool]:
         """Queue a job; returns (job, created). A known request_id returns its job instead.
+
+        With `segments` (a long video), the job waits and each segment is a job of its own, in the
+        same transaction: all queued at once, or with `chained` one at a time, each queued when the
+        one before it succeeds (see `_segment_ended`).
 
         Raises IdempotencyConflict when the request_id is known with a different request_hash.
         """
@@ -162,7 +173,8 @@ class JobStore:
                             request_id=request_id,
                             request_hash=request_hash,
                             params=params,
-                            state=QUEUED,
+                            state=WAITING if segments else QUEUED,
+                            kind=kind,
                             priority=priority,
                             client_id=client_id,
                             created_at=now,
@@ -179,6 +191,8 @@ class JobStore:
                         .returning(*jobs.c)
                     ).one()
                     append_event(conn, row.id, "queued", {})
+                    if segments:
+                        self._insert_segments(conn, row, segments, chained)
                     return _record(row), True
         except sa.exc.IntegrityError:
             if request_id is None:
@@ -191,6 +205,46 @@ class JobStore:
         if request_hash is not None and existing.request_hash not in (None, request_hash):
             raise IdempotencyConflict(existing.id, existing.request_id or "")
         return existing, False
+
+    @staticmethod
+    def _insert_segments(
+        conn: sa.Connection, parent: sa.Row, segments: list[dict[str, Any]], chained: bool
+    ) -> None:
+        now = db_now(conn)
+        for index, params in enumerate(segments):
+            state = WAITING if chained and index > 0 else QUEUED
+            segment_id = f"{parent.id[:28]}s{index:03d}"  # deterministic: readable next to its video
+            conn.execute(
+                jobs.insert().values(
+                    id=segment_id,
+                    params=params,
+                    state=state,
+                    kind=SEGMENT,
+                    parent_id=parent.id,
+                    segment_index=index,
+                    priority=parent.priority,
+                    client_id=parent.client_id,
+                    created_at=now,
+                    updated_at=now,
+                    attempt=0,
+                    max_attempts=parent.max_attempts,
+                    cancel_requested=False,
+                    image_ids=[],
+                    queue=parent.queue,
+                    estimated_seconds=(parent.estimated_seconds or 0.0) / len(segments),
+                    trace_id=parent.trace_id,
+                )
+            )
+            append_event(conn, segment_id, "queued" if state == QUEUED else "waiting", {"parent": parent.id})
+        append_event(conn, parent.id, "segments", {"count": len(segments), "chained": chained})
+
+    def segments_of(self, parent_id: str) -> list[JobRecord]:
+        """A long video's segment jobs, in order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(jobs).where(jobs.c.parent_id == parent_id).order_by(jobs.c.segment_index)
+            ).all()
+        return [_record(row) for row in rows]
 
     @staticmethod
     def _find_request(conn: sa.Connection, request_id: str | None) -> JobRecord | None:
@@ -221,9 +275,10 @@ class JobStore:
         offset: int = 0,
         state: JobState | None = None,
         client_id: str | None = None,
+        kinds: tuple[str, ...] = ("image",),
     ) -> tuple[list[JobRecord], int]:
-        """One page of jobs, newest first, and the total that match the filters."""
-        filters = []
+        """One page of jobs of these kinds, newest first, and the total that match the filters."""
+        filters = [jobs.c.kind.in_(kinds)]
         if state is not None:
             filters.append(jobs.c.state == JobState(state).value)
         if client_id is not None:
@@ -503,14 +558,17 @@ class JobStore:
         """A fenced move to a terminal state. False (and no change) if the lease is no longer ours."""
         with write_transaction(self.engine) as conn:
             now = db_now(conn)
-            result = conn.execute(
+            row = conn.execute(
                 jobs.update()
                 .where(_owned(job_id, worker_id, attempt))
                 .values(**values, lease_owner=None, lease_until=None, finished_at=now, updated_at=now)
-            )
-            if result.rowcount != 1:
+                .returning(jobs.c.kind, jobs.c.parent_id, jobs.c.segment_index)
+            ).first()
+            if row is None:
                 return False
             append_event(conn, job_id, event_type, event_data)
+            if row.kind == SEGMENT:
+                _segment_ended(conn, row.parent_id, row.segment_index, values["state"], values.get("error"))
             return True
 
     def release(self, job_id: str, worker_id: str, attempt: int, reason: str) -> bool:
@@ -605,6 +663,8 @@ class JobStore:
         if result.rowcount != 1:
             return False
         append_event(conn, job.id, *event)
+        if job.kind == SEGMENT and values["state"] != QUEUED:
+            _segment_ended(conn, job.parent_id, job.segment_index, values["state"], values.get("error"))
         return True
 
     # -- a client's side of a job ----------------------------------------------------------------
@@ -620,7 +680,7 @@ class JobStore:
             if job is None:
                 return None
             now = db_now(conn)
-            if job.state == QUEUED:
+            if job.state in (QUEUED, WAITING):
                 values = {"state": JobState.canceled.value, "finished_at": now}
             elif job.state == RUNNING and not job.cancel_requested:
                 values = {}
@@ -634,6 +694,7 @@ class JobStore:
             ).one()
             if row.state == JobState.canceled:
                 append_event(conn, job_id, "canceled", {})
+                _cancel_segments(conn, job_id, "the video was canceled")
             return _record(row)
 
     # -- the worker registry ----------------------------------------------------------------------
@@ -666,3 +727,72 @@ class JobStore:
     def remove_worker(self, worker_id: str) -> None:
         with write_transaction(self.engine) as conn:
             conn.execute(workers.delete().where(workers.c.id == worker_id))
+
+
+# -- long videos: a parent job and its segment jobs ---------------------------------------------------
+
+
+def _segment_ended(conn: sa.Connection, parent_id: str, index: int, state: str, error: str | None) -> None:
+    """A segment reached a terminal state, in the transaction that put it there.
+
+    Success queues the next chained segment, and after the last one the video itself (to stitch):
+    each move is a conditional update from "waiting", so it happens exactly once however many
+    workers finish segments at the same moment. A failed or canceled segment fails the video and
+    cancels the segments that have not run.
+    """
+    parent = conn.execute(sa.select(jobs).where(jobs.c.id == parent_id).with_for_update()).first()
+    if parent is None or parent.state != WAITING:
+        return  # canceled or failed already
+    now = db_now(conn)
+    if state != JobState.succeeded.value:
+        reason = f"segment {index} {state}" + (f": {error}" if error else "")
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == parent_id, jobs.c.state == WAITING)
+            .values(state=JobState.failed.value, error=reason, finished_at=now, updated_at=now)
+        )
+        append_event(conn, parent_id, "failed", {"error": reason})
+        _cancel_segments(conn, parent_id, f"segment {index} {state}")
+        return
+    append_event(conn, parent_id, "segment_done", {"segment": index})
+    siblings = conn.execute(
+        sa.select(jobs.c.id, jobs.c.state).where(jobs.c.parent_id == parent_id).order_by(jobs.c.segment_index)
+    ).all()
+    waiting = [row.id for row in siblings if row.state == WAITING]
+    if waiting:  # a chained video: the next segment continues this one
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == waiting[0], jobs.c.state == WAITING)
+            .values(state=QUEUED, updated_at=now)
+        )
+        append_event(conn, waiting[0], "queued", {"after": index})
+    elif all(row.state == JobState.succeeded.value for row in siblings):
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == parent_id, jobs.c.state == WAITING)
+            .values(state=QUEUED, updated_at=now)
+        )
+        append_event(conn, parent_id, "queued", {"stage": "stitch", "segments": len(siblings)})
+
+
+def _cancel_segments(conn: sa.Connection, parent_id: str, reason: str) -> None:
+    """Cancel a video's segments that have not finished: queued or waiting ones at once, running
+    ones at their next step (their worker sees cancel_requested)."""
+    now = db_now(conn)
+    rows = conn.execute(
+        sa.select(jobs.c.id, jobs.c.state).where(
+            jobs.c.parent_id == parent_id, jobs.c.state.in_([QUEUED, WAITING, RUNNING])
+        )
+    ).all()
+    for row in rows:
+        if row.state == RUNNING:
+            conn.execute(
+                jobs.update().where(jobs.c.id == row.id).values(cancel_requested=True, updated_at=now)
+            )
+            continue
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == row.id, jobs.c.state == row.state)
+            .values(state=JobState.canceled.value, cancel_requested=True, finished_at=now, updated_at=now)
+        )
+        append_event(conn, row.id, "canceled", {"reason": reason})

@@ -24,11 +24,13 @@ from genserve.artifacts.images import ImageStore, image_id_for
 from genserve.artifacts.inputs import PICTURE_FIELDS, InputStore, MissingPicture, PictureError, open_picture
 from genserve.artifacts.png import encode_png, preview_data_url
 from genserve.artifacts.s3 import make_input_store
+from genserve.artifacts.videos import VideoStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine, EngineError
 from genserve.engine.loop.denoise import BatchItem, ItemOutcome
 from genserve.engine.models.registry import registered_models
 from genserve.engine.speed.gpu_metrics import publish_gpu_metrics
+from genserve.engine.video.pipelines import VideoEngine
 from genserve.metrics import (
     BATCH_GAP_SECONDS,
     BATCH_IMAGES,
@@ -45,6 +47,7 @@ from genserve.store.calibration import CalibrationStore
 from genserve.store.jobs import JobRecord, JobStore
 from genserve.worker.lease import JobCanceled, LeaseKeeper, LeaseLost
 from genserve.worker.overlap import BatchFinisher, BatchPrefetcher
+from genserve.worker.video import VideoContext, run_video_job
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,29 @@ class Worker:
         # When the last batch left the engine, while batches run back to back (None after the
         # queue ran empty): the start of the device's idle gap, `genserve_batch_gap_seconds`.
         self._engine_left_at: float | None = None
+        self.videos = VideoStore(settings.videos_dir)
+        self._video_engine: VideoEngine | None = None  # built at the first video job
+
+    def video_context(self) -> VideoContext:
+        if self._video_engine is None:
+            self._video_engine = VideoEngine(device=self.engine.device, dtype=self.engine.dtype)
+        return VideoContext(
+            self.settings, self.store, self.leases, self.inputs, self.images, self.videos,
+            self._video_engine, self.worker_id,
+        )  # fmt: skip
+
+    def run_video(self, job: JobRecord) -> str:
+        """A video, or a segment of one: it runs alone, start to end, on this worker."""
+        started = time.perf_counter()
+        context = {"job_id": job.id, "trace_id": job.trace_id, "worker_id": self.worker_id, "kind": job.kind}
+        log.info("video job started", extra={**context, "attempt": job.attempt})
+        with tracing.batch_spans([job]):
+            outcome = run_video_job(self.video_context(), job, registered_models(self.settings))
+        JOB_SECONDS.labels(
+            job.params.get("model") or job.params.get("params", {}).get("model"), outcome
+        ).observe(time.perf_counter() - started)
+        log.info("job finished", extra={**context, "attempt": job.attempt, "outcome": outcome})
+        return outcome
 
     def announce(self) -> None:
         """Refresh this worker's row: readiness and loaded models for /readyz and /v1/models."""
@@ -164,7 +190,8 @@ class Worker:
             host=socket.gethostname(),
             pid=os.getpid(),
             state=self.state,
-            models_loaded=self.engine.loaded_models(),
+            models_loaded=self.engine.loaded_models()
+            + (self._video_engine.loaded_models() if self._video_engine is not None else []),
         )
 
     def _announce_forever(self, stop: threading.Event) -> None:
@@ -287,6 +314,9 @@ class Worker:
         With a `finisher`, the images are stored and the jobs ended on its thread; the batch's
         leases and trace spans stay open until then. With a `prefetcher`, the next batch is
         claimed as this one begins its last step."""
+        if jobs and jobs[0].kind != "image":  # the scheduler gives a video job a batch of its own
+            self.run_video(jobs[0])
+            return
         started = time.perf_counter()
         params = {job.id: GenerationParams.model_validate(job.params) for job in jobs}
         outcomes: dict[str, str] = {}
