@@ -246,9 +246,16 @@ def _mode_arguments(family: str, request: VideoRequest, pipe: Any) -> dict[str, 
     video = [PIL.Image.fromarray(frame) for frame in request.video] if request.video is not None else None
     if family == "ltx":
         if params.mode == "v2v":
-            extend = params.long is not None and params.long.strategy == "extend"
-            condition = LTXVideoCondition(video=video, frame_index=0)
-            return {"conditions": [condition], "denoise_strength": 1.0 if extend else params.strength}
+            # Frames shorter than the clip are a segment to continue ("extend"): kept as they are,
+            # the rest is new. A whole clip is restyled: conditioned at 1 - strength, so strength 1
+            # ignores it.
+            assert video is not None
+            extend = len(video) < params.num_frames or (
+                params.long is not None and params.long.strategy == "extend"
+            )
+            strength = 1.0 if extend else 1.0 - params.strength
+            condition = LTXVideoCondition(video=video, frame_index=0, strength=strength)
+            return {"conditions": [condition], "frame_rate": params.fps}
         conditions = [
             LTXVideoCondition(image=pic, frame_index=index)
             for (index, _), pic in zip(keyframes, pictures, strict=True)
