@@ -201,6 +201,10 @@ def test_mismatches_raise_value_errors(video_models: Path, engine: VideoEngine) 
     request.keyframes = []
     with pytest.raises(ValueError, match="keyframes"):
         engine.generate(ltx, request)
+    sdxl, _ = _info(video_models, "animatediff_sdxl")  # diffusers has FreeNoise for SD1.5 AnimateDiff only
+    long = LongOptions(segment_frames=4, strategy="free_noise")
+    with pytest.raises(ValueError, match="free_noise"):
+        engine.generate(sdxl, _request("animatediff_sdxl", "t2v", long=long))
 
 
 def test_motion_adapter_needs_its_base(video_models: Path, engine: VideoEngine) -> None:

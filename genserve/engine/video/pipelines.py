@@ -131,6 +131,8 @@ class VideoEngine:
             oldest = self.loaded_models()[0]
             for stale in [k for k in self._loaded if k[0] == oldest]:
                 del self._loaded[stale]
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand the evicted weights' memory back at once
         return entry
 
     def _from_motion_adapter(self, info: ModelInfo, cls: type, base: ModelInfo | None) -> DiffusionPipeline:
@@ -190,6 +192,8 @@ class VideoEngine:
 
         # 4. Run, with FreeNoise windows for this call only (the pipeline is cached).
         free_noise = params.long is not None and params.long.strategy == "free_noise"
+        if free_noise and not hasattr(pipe, "enable_free_noise"):
+            raise ValueError(f"free_noise needs an AnimateDiff (SD1.5) model; {info.name} is {info.family}")
         if free_noise:
             window = VIDEO_FAMILIES[info.family].max_window_frames or 16
             pipe.enable_free_noise(
