@@ -215,3 +215,17 @@ def test_motion_adapter_needs_its_base(video_models: Path, engine: VideoEngine) 
     assert engine.loaded_models() == ["motion_adapter"]
     with pytest.raises(Exception, match="motion adapter for tiny-sd15"):
         VideoEngine().load(info, "t2v")
+
+
+def test_image_model_card_license(tmp_path: Path) -> None:
+    folder = write_tiny_pipeline("sd15", tmp_path / "pictures")
+    (folder / "README.md").write_text(
+        "---\nlicense: creativeml-openrail-m\ngenserve:\n  default_steps: 7\n---\n"
+    )
+    info = read_model_info(folder)
+    assert (info.kind, info.license, info.default_steps, info.default_frames) == (
+        "image",
+        "creativeml-openrail-m",
+        7,
+        None,
+    )
