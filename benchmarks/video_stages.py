@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--note", default="", help="recorded with the figures, e.g. what else ran")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -108,7 +109,8 @@ def main() -> None:
         "results": rows,
         # The CPU may be shared with other processes: the 1-minute load average at the end, for reading noise.
         "load_average_1m": os.getloadavg()[0],
-        "command": f"python benchmarks/video_stages.py --threads {args.threads}",
+        "note": args.note,
+        "command": f"python benchmarks/video_stages.py --threads {args.threads} --repeats {args.repeats}",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{date.today().isoformat()}-{device_slug('cpu')}-video-stages.json"
