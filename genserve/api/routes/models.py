@@ -33,6 +33,14 @@ class ModelPublic(BaseModel):
     # SDXL refiner, which only finishes another model's latents (request.refiner) and never runs alone.
     inpainting: bool = False
     refiner: bool = False
+    # image or video; the model card's licence; a video model's modes and defaults, and for a
+    # motion module the image model it animates.
+    kind: str = "image"
+    license: str | None = None
+    video_modes: list[str] = []
+    default_frames: int | None = None
+    default_fps: int | None = None
+    base_model: str | None = None
 
 
 class ModelList(BaseModel):
@@ -60,12 +68,18 @@ def list_models(services: ServicesDep, principal: PrincipalDep) -> ModelList:
                 native_height=info.native_height,
                 dtype=info.dtype,
                 loaded=info.name in loaded,
-                default=info.name == services.settings.default_model,
+                default=info.name in (services.settings.default_model, services.settings.default_video_model),
                 default_cfg_scale=info.request_cfg_scale,
                 default_steps=info.request_steps,
                 default_sampler=info.request_sampler,
                 inpainting=info.inpainting,
                 refiner=info.refiner,
+                kind=info.kind,
+                license=info.license,
+                video_modes=list(info.video_modes),
+                default_frames=info.default_frames,
+                default_fps=info.default_fps,
+                base_model=info.base_model,
             )
             for info in sorted(services.catalog.models().values(), key=lambda m: m.name)
             if allowed is None or info.name in allowed

@@ -216,6 +216,6 @@ def estimate_video(
         segments=max(1, len(segments)),
         estimated_seconds=round(seconds, 3),
         seconds_per_video_second=round(seconds / video_seconds, 3),
-        cost=None if cost is None else round(cost, 6),
-        cost_per_video_second=None if cost is None else round(cost / video_seconds, 6),
+        cost=None if cost is None else round(cost, 9),
+        cost_per_video_second=None if cost is None else round(cost / video_seconds, 9),
     )

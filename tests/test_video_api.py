@@ -1,0 +1,354 @@
+"""Video end to end through the API: every mode of every family on tiny random-weight models, long
+clips as segment jobs, post-processing and encoding checked by decoding the file back, bad input,
+idempotency, cancellation, and OpenAI's /v1/videos with the official client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from genserve.artifacts.images import ImageStore
+from genserve.config import Settings
+from genserve.engine.engine import Engine
+from genserve.engine.models.registry import scan_models
+from genserve.engine.video.encode import probe_video
+from genserve.store.jobs import JobStore
+from genserve.worker.loop import Worker
+
+FAST = {"steps": 2, "seed": 3, "preview_every": 1}
+
+
+@pytest.fixture(scope="session")
+def video_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from genserve.engine.models.fixtures import write_tiny_pipeline
+    from genserve.engine.models.video_fixtures import write_tiny_video_pipeline
+
+    root = tmp_path_factory.mktemp("video-models")
+    write_tiny_pipeline("sd15", root / "tiny-sd15")
+    for kind in ("wan", "wan_i2v", "ltx", "svd", "animatediff"):
+        write_tiny_video_pipeline(kind, root / f"tiny-{kind.replace('_', '-')}")
+    write_tiny_video_pipeline("motion_adapter", root / "tiny-motion", base_model="tiny-sd15")
+    return root
+
+
+def make_settings(models_dir: Path, data_dir: Path, store_url: str | None = None) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        models_dir=models_dir,
+        store_url=store_url,
+        builtin_models=False,
+        default_model="tiny-sd15",
+        default_video_model="tiny-ltx",
+        workers=0,
+        heartbeat_seconds=0.5,
+    )
+
+
+@pytest.fixture
+def settings(video_models_dir: Path, tmp_path: Path) -> Settings:
+    return make_settings(video_models_dir, tmp_path / "data")
+
+
+def api(settings: Settings) -> TestClient:
+    from genserve.api.app import create_app
+
+    return TestClient(create_app(settings, supervise_workers=False))
+
+
+def run_queue(settings: Settings, name: str = "worker-test") -> None:
+    """A worker runs everything queued (segments, then the stitch they release), then stops."""
+    store = JobStore.from_url(settings.resolved_store_url)
+    worker = Worker(
+        settings,
+        store,
+        Engine(scan_models(settings.models_dir), device="cpu"),
+        ImageStore(settings.images_dir),
+        name,
+    )
+    worker.work(threading.Event(), until_idle=True)
+    worker.leases.close()
+    store.close()
+
+
+def picture(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def events_of(client: TestClient, job_id: str) -> list[tuple[str, dict]]:
+    import json
+
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        lines = list(response.iter_lines())
+    events, kind = [], None
+    for line in lines:
+        if line.startswith("event:"):
+            kind = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and kind:
+            events.append((kind, json.loads(line.split(":", 1)[1])))
+    return events
+
+
+def finished(client: TestClient, job_id: str) -> dict:
+    job = client.get(f"/v1/video/jobs/{job_id}").json()
+    assert job["state"] == "succeeded", job["error"]
+    return job
+
+
+def download(client: TestClient, job: dict) -> tuple[bytes, object]:
+    response = client.get(job["outputs"]["video"]["url"])
+    assert response.status_code == 200
+    return response.content, probe_video(response.content)
+
+
+MODES = [
+    ("tiny-wan", {"mode": "t2v", "prompt": "a cat", "num_frames": 9, "width": 16, "height": 16}),
+    ("tiny-wan-i2v", {"mode": "i2v", "prompt": "a cat", "num_frames": 9, "width": 16, "height": 16,
+                      "keyframes": [{"image": picture((200, 20, 20)), "frame_index": 0}]}),
+    ("tiny-wan-i2v", {"mode": "flf2v", "prompt": "a cat", "num_frames": 9, "width": 16, "height": 16,
+                      "keyframes": [{"image": picture((200, 20, 20)), "frame_index": 0},
+                                    {"image": picture((20, 20, 200)), "frame_index": 8}]}),
+    ("tiny-ltx", {"mode": "t2v", "prompt": "a dog", "num_frames": 9, "width": 32, "height": 32}),
+    ("tiny-ltx", {"mode": "keyframes", "prompt": "a dog", "num_frames": 17, "width": 32, "height": 32,
+                  "keyframes": [{"image": picture((200, 20, 20)), "frame_index": 0},
+                                {"image": picture((20, 200, 20)), "frame_index": 8},
+                                {"image": picture((20, 20, 200)), "frame_index": 16}]}),
+    ("tiny-svd", {"mode": "i2v", "num_frames": 4, "width": 64, "height": 64,
+                  "keyframes": [{"image": picture((30, 200, 30), (64, 64)), "frame_index": 0}]}),
+    ("tiny-animatediff", {"mode": "t2v", "prompt": "a bird", "num_frames": 8, "width": 32, "height": 32}),
+    ("tiny-motion", {"mode": "t2v", "prompt": "a bird", "num_frames": 8}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model", "body"), MODES, ids=[f"{m}-{b['mode']}" for m, b in MODES])
+def test_every_mode_of_every_family_makes_a_playable_clip(settings, model, body):
+    with api(settings) as client:
+        created = client.post("/v1/video/jobs", json={"model": model, **body, **FAST})
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        run_queue(settings)
+        job = finished(client, job_id)
+        data, info = download(client, job)
+        assert data[4:8] == b"ftyp" and info.codec == "h264"
+        assert info.frames == body["num_frames"] and info.fps == pytest.approx(job["params"]["fps"])
+        assert (info.width, info.height) == (job["params"]["width"], job["params"]["height"])
+        events = events_of(client, job_id)
+        steps = [data for kind, data in events if kind == "progress" and data.get("stage") == "denoise"]
+        assert [step["step"] for step in steps] == [1, 2]
+        assert any(kind == "preview" and data["filmstrip"].startswith("data:image/") for kind, data in events)
+        stages = [data["stage"] for kind, data in events if kind == "stage"]
+        assert stages == ["denoise", "encode"]
+        assert any(kind == "video_ready" for kind, _ in events)
+        assert client.get(job["outputs"]["thumbnail"]["url"]).headers["content-type"] == "image/png"
+        report = job["report"]
+        assert report["frames"] == body["num_frames"] and set(report["metrics"]) >= {
+            "warp_error",
+            "flicker_index",
+        }
+
+
+@pytest.fixture
+def both_stores(video_models_dir: Path, tmp_path: Path, store_url: str) -> Settings:
+    return make_settings(video_models_dir, tmp_path / "data", store_url)
+
+
+def test_keyframe_pairs_run_as_independent_segments_then_stitch(both_stores):
+    settings = both_stores
+    keys = [
+        {"image": picture(c), "frame_index": i}
+        for c, i in (((200, 0, 0), 0), ((0, 200, 0), 8), ((0, 0, 200), 16))
+    ]
+    body = {"model": "tiny-ltx", "mode": "keyframes", "prompt": "x", "num_frames": 17, "width": 32, "height": 32,
+            "keyframes": keys, "long": {"segment_frames": 9, "strategy": "keyframe_parallel"}, **FAST}  # fmt: skip
+    with api(settings) as client:
+        job = client.post("/v1/video/jobs", json=body).json()
+        assert job["state"] == "waiting"
+        assert [(s["index"], s["state"]) for s in job["segments"]] == [(0, "queued"), (1, "queued")]
+        run_queue(settings)
+        job = finished(client, job["id"])
+        assert [s["state"] for s in job["segments"]] == ["succeeded", "succeeded"]
+        assert len(job["outputs"]["segments"]) == 2
+        _, info = download(client, job)
+        assert info.frames == 17  # 9 + 9, the shared keyframe kept once
+        events = events_of(client, job["id"])
+        ready = [data for kind, data in events if kind == "segment_ready"]
+        assert sorted(data["segment"] for data in ready) == [0, 1]
+        for data in ready:
+            assert probe_video(client.get(data["url"]).content).frames == 9
+        assert [data["segment"] for kind, data in events if kind == "progress" and data["step"] == 2] == [
+            0,
+            1,
+        ]
+        assert "stitch" in [data["stage"] for kind, data in events if kind == "stage"]
+        assert "seam_score" in job["report"]["metrics"]
+
+
+def test_extend_chains_segments_and_trims_to_the_asked_length(settings):
+    body = {"model": "tiny-ltx", "prompt": "x", "num_frames": 25, "width": 32, "height": 32,
+            "long": {"segment_frames": 9, "overlap": 2, "strategy": "extend"}, **FAST}  # fmt: skip
+    with api(settings) as client:
+        job = client.post("/v1/video/jobs", json=body).json()
+        # ceil((25 - 2) / (9 - 2)) = 4 segments; only the first can start
+        assert [s["state"] for s in job["segments"]] == ["queued", "waiting", "waiting", "waiting"]
+        run_queue(settings)
+        job = finished(client, job["id"])
+        _, info = download(client, job)
+        assert info.frames == 25
+
+
+def test_interpolation_post_and_webm(settings):
+    body = {"model": "tiny-ltx", "prompt": "x", "num_frames": 9, "width": 32, "height": 32, "fps": 8,
+            "post": {"interpolate": 2, "deflicker": True, "denoise": True},
+            "output": {"container": "webm"}, **FAST}  # fmt: skip
+    with api(settings) as client:
+        job_id = client.post("/v1/video/jobs", json=body).json()["id"]
+        run_queue(settings)
+        job = finished(client, job_id)
+        _, info = download(client, job)
+        assert (info.frames, info.fps, info.codec) == (17, 16, "vp9")
+        stages = [data["stage"] for kind, data in events_of(client, job_id) if kind == "stage"]
+        assert stages == ["denoise", "post", "interpolate", "encode"]
+        assert set(job["report"]["timings"]) == {"denoise", "post", "interpolate", "encode"}
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        ({"model": "tiny-wan", "prompt": "x", "num_frames": 10}, "num_frames", "nearest valid: 9"),
+        ({"model": "tiny-ltx", "prompt": "x", "num_frames": 9, "width": 48}, "width", "multiple of 32"),
+        ({"model": "tiny-ltx", "prompt": "x", "mode": "keyframes", "num_frames": 9,
+          "keyframes": [{"image": picture((1, 2, 3)), "frame_index": 9}]}, "keyframes[0].frame_index", "outside"),
+        ({"model": "tiny-ltx", "prompt": "x", "mode": "i2v", "num_frames": 9,
+          "keyframes": [{"image": "sha256:" + "ab" * 32, "frame_index": 0}]}, "keyframes[0].image", "no upload"),
+        ({"model": "tiny-ltx", "prompt": "x", "mode": "i2v", "num_frames": 9}, "keyframes", "takes 1"),
+        ({"model": "tiny-wan", "prompt": "x", "mode": "flf2v", "num_frames": 9}, "mode", "offers"),
+        ({"model": "tiny-sd15", "prompt": "x"}, "model", "not video"),
+        ({"model": "tiny-wan", "prompt": "x", "num_frames": 9, "long": {"segment_frames": 5, "strategy": "free_noise"}},
+         "long.strategy", "AnimateDiff"),
+        ({"model": "tiny-ltx", "prompt": "x", "mode": "keyframes", "num_frames": 17,
+          "keyframes": [{"image": picture((1, 2, 3)), "frame_index": 0}, {"image": picture((1, 2, 3)), "frame_index": 10}],
+          "long": {"segment_frames": 9}}, "keyframes[1].frame_index", "8N+1"),
+        ({"model": "tiny-ltx", "prompt": "x", "num_frames": 9, "output": {"container": "mp4", "crf": 60}}, "output", "crf"),
+        ({"model": "tiny-ltx", "prompt": "x", "num_frames": 9999}, "num_frames", "max_video_frames"),
+    ],
+)  # fmt: skip
+def test_bad_video_requests_get_a_422_naming_the_field(settings, body, field, words):
+    with api(settings) as client:
+        response = client.post("/v1/video/jobs", json=body)
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"][0]
+        assert detail["loc"][-1] == field and words in detail["msg"], detail
+        assert client.get("/v1/video/jobs").json()["total"] == 0
+
+
+def test_schema_errors_are_422_too(settings):
+    with api(settings) as client:
+        for body in ({"prompt": "x", "mode": "sideways"}, {"prompt": "x", "num_frames": 9, "seconds": 1},
+                     {"prompt": "x", "output": {"container": "gif", "codec": "h264"}},
+                     {"prompt": "x", "long": {"segment_frames": 9, "overlap": 9}}):  # fmt: skip
+            assert client.post("/v1/video/jobs", json=body).status_code == 422, body
+
+
+def test_idempotent_submit_and_cancel_of_a_long_video(settings):
+    keys = [{"image": picture((9, 9, 9)), "frame_index": i} for i in (0, 8, 16)]
+    body = {"model": "tiny-ltx", "mode": "keyframes", "prompt": "x", "num_frames": 17, "width": 32, "height": 32,
+            "keyframes": keys, "long": {"segment_frames": 9}, "request_id": "clip-1", **FAST}  # fmt: skip
+    with api(settings) as client:
+        first = client.post("/v1/video/jobs", json=body)
+        again = client.post("/v1/video/jobs", json=body)
+        assert (first.status_code, again.status_code) == (202, 200)
+        assert first.json()["id"] == again.json()["id"]
+        assert client.post("/v1/video/jobs", json={**body, "seed": 4}).status_code == 409
+        canceled = client.delete(f"/v1/video/jobs/{first.json()['id']}").json()
+        assert canceled["state"] == "canceled"
+        assert {s["state"] for s in canceled["segments"]} == {"canceled"}
+        run_queue(settings)  # nothing left to run
+        assert client.get(f"/v1/video/jobs/{first.json()['id']}").json()["state"] == "canceled"
+
+
+def test_a_failed_segment_fails_its_video_with_the_reason(settings):
+    keys = [{"image": picture((9, 9, 9)), "frame_index": i} for i in (0, 8, 16)]
+    body = {"model": "tiny-ltx", "mode": "keyframes", "prompt": "x", "num_frames": 17, "width": 32, "height": 32,
+            "keyframes": keys, "long": {"segment_frames": 9}, **FAST}  # fmt: skip
+    with api(settings) as client:
+        job = client.post("/v1/video/jobs", json=body).json()
+        digest = job["params"]["keyframes"][1]["image"].removeprefix("sha256:")
+        (settings.inputs_dir / digest[:2] / digest).unlink()  # lost from the artifact store
+        run_queue(settings)
+        done = client.get(f"/v1/video/jobs/{job['id']}").json()
+        assert (
+            done["state"] == "failed" and "segment" in done["error"] and "cannot be loaded" in done["error"]
+        )
+
+
+def test_estimate_gives_cost_per_second_of_video(settings):
+    with api(settings) as client:
+        body = {"model": "tiny-ltx", "prompt": "x", "num_frames": 17, "width": 32, "height": 32, "fps": 8,
+                "post": {"interpolate": 2}, "gpu_price_per_hour": 2.0}  # fmt: skip
+        estimate = client.post("/v1/video/estimate", json=body).json()
+        assert estimate["output_frames"] == 33 and estimate["output_seconds"] == pytest.approx(33 / 16, abs=1e-3)
+        assert estimate["cost_per_video_second"] == pytest.approx(
+            estimate["cost"] / estimate["output_seconds"], rel=1e-3
+        )
+        longer = client.post("/v1/video/estimate", json={**body, "num_frames": 33}).json()
+        assert longer["estimated_seconds"] > estimate["estimated_seconds"]
+
+
+def test_models_list_video_models_with_licence_and_modes(settings):
+    with api(settings) as client:
+        models = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models["tiny-wan-i2v"]["kind"] == "video" and models["tiny-wan-i2v"]["license"]
+    assert set(models["tiny-wan-i2v"]["video_modes"]) == {"i2v", "flf2v"}
+    assert models["tiny-motion"]["base_model"] == "tiny-sd15"
+    assert models["tiny-sd15"]["kind"] == "image"
+
+
+def test_openai_client_videos_resource(settings):
+    import openai
+
+    from genserve.api.app import create_app
+
+    app = create_app(settings, supervise_workers=False)
+    with TestClient(app) as http:  # the official client, over the app in process
+        client = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http)
+        video = client.videos.create(prompt="a dog", model="tiny-ltx", seconds="1", size="32x32")
+        assert video.status == "queued" and video.size == "32x32"
+        run_queue(settings)
+        done = client.videos.retrieve(video.id)
+        assert done.status == "completed" and done.progress == 100
+        content = client.videos.download_content(video.id).read()
+        info = probe_video(content)
+        assert info.frames == 25  # 1 s at LTX's 24 fps: 24 frames, and the nearest 8N+1 count is 25
+        listed = client.videos.list()
+        assert [v.id for v in listed.data] == [video.id]
+        assert client.videos.delete(video.id).deleted
+        with pytest.raises(openai.NotFoundError):
+            client.videos.retrieve("nope")
+
+
+def test_frames_decoded_back_match_the_generated_frames(settings):
+    """mp4 at crf 0 is close to lossless: what a user downloads is what the model drew."""
+    body = {"model": "tiny-ltx", "prompt": "x", "num_frames": 9, "width": 32, "height": 32,
+            "output": {"container": "gif"}, **FAST}  # fmt: skip
+    with api(settings) as client:
+        job_id = client.post("/v1/video/jobs", json=body).json()["id"]
+        run_queue(settings)
+        job = finished(client, job_id)
+        data, info = download(client, job)
+        assert info.codec == "gif" and info.frames == 9
+        frames = np.stack([np.asarray(frame.convert("RGB")) for frame in _gif_frames(data)])
+        assert frames.shape == (9, 32, 32, 3)
+
+
+def _gif_frames(data: bytes) -> list[Image.Image]:
+    from PIL import ImageSequence
+
+    return [frame.copy() for frame in ImageSequence.Iterator(Image.open(io.BytesIO(data)))]
