@@ -77,8 +77,13 @@ def seam_score(frames: np.ndarray, seams: Sequence[int]) -> float:
     return worst / max(median, 1e-3)  # a static clip has a median of 0: any change at a seam stands out
 
 
-def temporal_metrics(frames: np.ndarray, seams: Sequence[int] = ()) -> dict[str, float | int]:
-    """All of the above, rounded, ready for a job's JSON."""
+def temporal_metrics(
+    frames: np.ndarray, seams: Sequence[int] = (), max_side: int | None = 256
+) -> dict[str, float | int]:
+    """All of the above, rounded, ready for a job's JSON. Frames larger than `max_side` are measured
+    shrunk to it: optical flow costs ~11 ms per pair at 256² and ~43 ms at 512² on two cores, and
+    flicker and jumps show just as well at the smaller size."""
+    frames = _shrink(frames, max_side)
     diffs = frame_differences(frames) if len(frames) > 1 else np.zeros(1)
     out: dict[str, float | int] = {
         "frames": len(frames),
@@ -90,6 +95,16 @@ def temporal_metrics(frames: np.ndarray, seams: Sequence[int] = ()) -> dict[str,
     if seams:
         out["seam_score"] = round(seam_score(frames, seams), 4)
     return out
+
+
+def _shrink(frames: np.ndarray, max_side: int | None) -> np.ndarray:
+    _check(frames)
+    h, w = frames.shape[1:3]
+    if max_side is None or max(h, w) <= max_side:
+        return frames
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.stack([cv2.resize(frame, size, interpolation=cv2.INTER_AREA) for frame in frames])
 
 
 def _check(frames: np.ndarray) -> None:
