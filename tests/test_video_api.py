@@ -294,7 +294,9 @@ def test_estimate_gives_cost_per_second_of_video(settings):
         body = {"model": "tiny-ltx", "prompt": "x", "num_frames": 17, "width": 32, "height": 32, "fps": 8,
                 "post": {"interpolate": 2}, "gpu_price_per_hour": 2.0}  # fmt: skip
         estimate = client.post("/v1/video/estimate", json=body).json()
-        assert estimate["output_frames"] == 33 and estimate["output_seconds"] == pytest.approx(33 / 16, abs=1e-3)
+        assert estimate["output_frames"] == 33 and estimate["output_seconds"] == pytest.approx(
+            33 / 16, abs=1e-3
+        )
         assert estimate["cost_per_video_second"] == pytest.approx(
             estimate["cost"] / estimate["output_seconds"], rel=1e-3
         )
@@ -352,3 +354,67 @@ def _gif_frames(data: bytes) -> list[Image.Image]:
     from PIL import ImageSequence
 
     return [frame.copy() for frame in ImageSequence.Iterator(Image.open(io.BytesIO(data)))]
+
+
+def test_kill_9_of_a_worker_mid_segment_costs_that_segment_only(video_models_dir, tmp_path):
+    """Two workers run a long video's segments; one is killed mid-segment. That segment runs
+    again, every segment succeeds once, and the video is stitched exactly once."""
+    import os
+    import signal
+    import time
+
+    from tests.helpers import LiveServer, wait_for
+
+    env = {
+        "GENSERVE_WORKERS": "2",
+        "GENSERVE_DEFAULT_VIDEO_MODEL": "tiny-ltx",
+        "GENSERVE_LIMITS__MAX_STEPS": "1000",
+    }
+    server = LiveServer(video_models_dir, tmp_path / "data", env=env).start()
+    keys = [{"image": picture(c, (64, 64)), "frame_index": i}
+            for c, i in (((200, 0, 0), 0), ((0, 200, 0), 16), ((0, 0, 200), 32))]  # fmt: skip
+    body = {"mode": "keyframes", "prompt": "x", "num_frames": 33, "width": 64, "height": 64, "steps": 80,
+            "seed": 1, "keyframes": keys, "long": {"segment_frames": 17}}  # fmt: skip
+    try:
+        with server.client() as client:
+            video = client.post("/v1/video/jobs", json=body)
+            assert video.status_code == 202, video.text
+            video_id = video.json()["id"]
+            segments = [s["id"] for s in video.json()["segments"]]
+            store = JobStore.from_url(f"sqlite:///{tmp_path / 'data' / 'genserve.db'}")
+
+            def read_events(_client, job_id):  # a snapshot: the SSE stream waits for the end
+                return store.events.read_after(job_id)
+
+            def running_segment() -> tuple[str, int] | None:
+                for segment_id in segments:
+                    events = read_events(client, segment_id)
+                    started = [e for e in events if e.type == "started"]
+                    steps = [e for e in events if e.type == "progress" and e.data.get("step", 0) >= 3]
+                    if started and steps and not any(e.type == "succeeded" for e in events):
+                        workers = client.get("/healthz").json()["workers"]
+                        pids = [w["pid"] for w in workers if w["id"] == started[-1].data["worker"]]
+                        return (segment_id, pids[0]) if pids else None
+                return None
+
+            victim, pid = wait_for(running_segment, timeout=120, interval=0.05, message="a segment under way")
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                job = client.get(f"/v1/video/jobs/{video_id}").json()
+                if job["state"] in ("succeeded", "failed", "canceled"):
+                    break
+                time.sleep(0.2)
+            assert job["state"] == "succeeded", job
+            attempts = {s["id"]: s["attempts"] for s in job["segments"]}
+            assert attempts[victim] == 2 and all(a == 1 for s, a in attempts.items() if s != victim), attempts
+            for segment_id in segments:
+                types = [e.type for e in read_events(client, segment_id)]
+                assert types.count("succeeded") == 1, (segment_id, types)
+            video_events = read_events(client, video_id)
+            assert [e.data.get("stage") for e in video_events if e.type == "queued"].count("stitch") == 1
+            assert [e.type for e in video_events].count("succeeded") == 1
+            assert probe_video(client.get(job["outputs"]["video"]["url"]).content).frames == 33
+            store.close()
+    finally:
+        server.stop()
