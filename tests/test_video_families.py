@@ -217,6 +217,33 @@ def test_motion_adapter_needs_its_base(video_models: Path, engine: VideoEngine) 
         VideoEngine().load(info, "t2v")
 
 
+def test_motion_folder_brings_its_own_text_encoder(video_models: Path, tmp_path: Path) -> None:
+    """A motion folder with a text encoder of its own (genserve-shapes-motion's knows the motion
+    words) uses it instead of its base model's."""
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    motion = tmp_path / "motion-with-text"
+    shutil.copytree(video_models / "motion_adapter", motion)
+    shutil.copytree(video_models / BASE / "tokenizer", motion / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(video_models / BASE / "text_encoder")
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight.mul_(-3.0)  # a different encoder than the base's
+    encoder.save_pretrained(motion / "text_encoder")
+    info, base = read_model_info(motion), read_model_info(video_models / BASE)
+    plain_info = read_model_info(video_models / "motion_adapter")
+    engine = VideoEngine()
+    own = engine.load(info, "t2v", base=base).text_encoder.get_input_embeddings().weight
+    assert torch.allclose(own, encoder.get_input_embeddings().weight)
+    base_weight = VideoEngine().load(plain_info, "t2v", base=base).text_encoder.get_input_embeddings().weight
+    assert not torch.allclose(own, base_weight)
+    request = _request("motion_adapter", "t2v")
+    assert not np.array_equal(
+        engine.generate(info, request, base=base), VideoEngine().generate(plain_info, request, base=base)
+    )
+
+
 def test_image_model_card_license(tmp_path: Path) -> None:
     folder = write_tiny_pipeline("sd15", tmp_path / "pictures")
     (folder / "README.md").write_text(

@@ -17,9 +17,12 @@ How each mode maps onto diffusers:
 
 from __future__ import annotations
 
+import importlib
+import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -141,7 +144,10 @@ class VideoEngine:
                 f"{info.name} is a motion adapter for {info.base_model}; pass that model as base"
             )
         adapter = MotionAdapter.from_pretrained(info.path, dtype=self.dtype, local_files_only=True)
-        return cls.from_pretrained(base.path, motion_adapter=adapter, dtype=self.dtype, local_files_only=True)
+        overrides = _motion_overrides(info.path, base.path, self.dtype)
+        return cls.from_pretrained(
+            base.path, motion_adapter=adapter, **overrides, dtype=self.dtype, local_files_only=True
+        )
 
     def generate(
         self,
@@ -205,6 +211,22 @@ class VideoEngine:
             if free_noise:
                 pipe.disable_free_noise()
         return (np.asarray(frames, dtype=np.float32).clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def _motion_overrides(motion: Path, base: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """Components a motion folder brings besides its adapter, in place of its base model's: a text
+    encoder and tokenizer that know the motion words (genserve-shapes-motion), a scheduler."""
+    index = json.loads((base / "model_index.json").read_text())
+    overrides: dict[str, Any] = {}
+    for name in ("text_encoder", "tokenizer", "scheduler"):
+        folder = motion / name
+        if not folder.is_dir() or not isinstance(index.get(name), list) or None in index[name]:
+            continue
+        library, class_name = index[name]
+        component = getattr(importlib.import_module(library), class_name)
+        kwargs = {"dtype": dtype} if name == "text_encoder" else {}
+        overrides[name] = component.from_pretrained(folder, local_files_only=True, **kwargs)
+    return overrides
 
 
 def _share_components(cls: type[DiffusionPipeline], pipe: DiffusionPipeline) -> DiffusionPipeline:
