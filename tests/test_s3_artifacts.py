@@ -81,3 +81,26 @@ def test_default_is_the_shared_directory(tmp_path):
 
     store = make_image_store(Settings(data_dir=tmp_path))
     assert type(store) is ImageStore and store.root == tmp_path / "images"
+
+
+def test_segment_frames_made_on_one_machine_are_stitched_on_another(s3_endpoint, aws_env, tmp_path):
+    import boto3
+    import numpy as np
+
+    from genserve.artifacts.s3 import S3VideoStore, make_video_store
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="genserve-videos")
+    settings = Settings(
+        data_dir=tmp_path / "one", artifact_url="s3://genserve-videos/prod", s3_endpoint_url=s3_endpoint
+    )
+    one = make_video_store(settings)
+    assert isinstance(one, S3VideoStore)
+    frames = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    one.save_frames("seg-s000.npz", frames)
+    one.save_record("vid.json", {"frames": 5})
+    other = S3VideoStore("s3://genserve-videos/prod", tmp_path / "two", endpoint_url=s3_endpoint)
+    assert np.array_equal(other.load_frames("seg-s000.npz"), frames)
+    assert other.load_record("vid.json") == {"frames": 5} and other.load_record("none.json") is None
+    assert not other.exists("missing.mp4")
+    keys = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="genserve-videos")["Contents"]
+    assert sorted(item["Key"] for item in keys) == ["prod/videos/seg-s000.npz", "prod/videos/vid.json"]

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from genserve.artifacts.images import ImageStore, write_atomically
 from genserve.artifacts.inputs import InputStore, MissingPicture
+from genserve.artifacts.videos import VideoStore, media_type_for
 from genserve.config import Settings
 
 
@@ -112,6 +113,49 @@ class S3InputStore(InputStore):
                 raise
             write_atomically(local, body)
         return super().get(ref)
+
+
+class S3VideoStore(VideoStore):
+    """Video files, segment frames and reports at s3://bucket/prefix/videos/<name>, read through a
+    local cache: segments made on other machines reach the worker that stitches them."""
+
+    def __init__(self, url: str, cache_dir: Path, endpoint_url: str | None = None) -> None:
+        super().__init__(cache_dir)
+        import boto3
+
+        parsed = urlparse(url)
+        self.bucket = parsed.netloc
+        self.prefix = "/".join(part for part in (parsed.path.strip("/"), "videos") if part)
+        self.client = boto3.client("s3", endpoint_url=endpoint_url)
+
+    def save(self, name: str, data: bytes) -> Path:
+        local = super().save(name, data)  # validates the name; the local copy doubles as the cache
+        self.client.put_object(
+            Bucket=self.bucket, Key=f"{self.prefix}/{name}", Body=data, ContentType=media_type_for(name)
+        )
+        return local
+
+    def path(self, name: str) -> Path:
+        local = super().path(name)
+        if local.is_file():
+            return local
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")["Body"].read()
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return local
+            raise
+        write_atomically(local, body)
+        return local
+
+
+def make_video_store(settings: Settings) -> VideoStore:
+    """Where videos live: `videos_dir`, or the videos/ prefix beside the images in S3."""
+    if settings.artifact_url and settings.artifact_url.startswith("s3://"):
+        return S3VideoStore(settings.artifact_url, settings.videos_dir, settings.s3_endpoint_url)
+    return VideoStore(settings.videos_dir)
 
 
 def make_input_store(settings: Settings) -> InputStore:

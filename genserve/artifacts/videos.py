@@ -40,7 +40,7 @@ class VideoStore:
         return self.path(name).is_file()
 
     def save(self, name: str, data: bytes) -> Path:
-        target = self.path(name)
+        target = VideoStore.path(self, name)
         write_atomically(target, data)
         return target
 

@@ -23,8 +23,7 @@ from genserve import tracing
 from genserve.artifacts.images import ImageStore, image_id_for
 from genserve.artifacts.inputs import PICTURE_FIELDS, InputStore, MissingPicture, PictureError, open_picture
 from genserve.artifacts.png import encode_png, preview_data_url
-from genserve.artifacts.s3 import make_input_store
-from genserve.artifacts.videos import VideoStore
+from genserve.artifacts.s3 import make_input_store, make_video_store
 from genserve.config import Settings
 from genserve.engine.engine import Engine, EngineError
 from genserve.engine.loop.denoise import BatchItem, ItemOutcome
@@ -159,7 +158,7 @@ class Worker:
         # When the last batch left the engine, while batches run back to back (None after the
         # queue ran empty): the start of the device's idle gap, `genserve_batch_gap_seconds`.
         self._engine_left_at: float | None = None
-        self.videos = VideoStore(settings.videos_dir)
+        self.videos = make_video_store(settings)
         self._video_engine: VideoEngine | None = None  # built at the first video job
 
     def video_context(self) -> VideoContext:

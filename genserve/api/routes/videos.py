@@ -23,6 +23,7 @@ from genserve.api.video_submission import (
     submit_video,
     to_video_public,
 )
+from genserve.artifacts.s3 import make_video_store
 from genserve.artifacts.videos import VideoStore, media_type_for
 from genserve.auth.deps import Principal, PrincipalDep, check_video_key_limits
 from genserve.engine.video.plan import output_frames, output_seconds
@@ -41,7 +42,7 @@ class VideoJobList(BaseModel):
 
 
 def video_store(services: Services) -> VideoStore:
-    return VideoStore(services.settings.videos_dir)
+    return make_video_store(services.settings)
 
 
 def submit_video_as(
