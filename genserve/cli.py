@@ -253,6 +253,349 @@ def generate(
         console.print(f"wrote {path}")
 
 
+# -- video ---------------------------------------------------------------------------------------
+
+VIDEO_SUFFIXES = {".mp4": "mp4", ".webm": "webm", ".gif": "gif", ".webp": "webp"}
+
+
+def _video_container(output: Path) -> str:
+    container = VIDEO_SUFFIXES.get(output.suffix.lower())
+    if container is None:
+        raise typer.BadParameter(
+            f"-o {output}: the suffix picks the container; use one of {', '.join(VIDEO_SUFFIXES)}"
+        )
+    return container
+
+
+def _parse_keyframe(text: str) -> tuple[Path, int]:
+    """PATH@INDEX (INDEX: the frame the picture is placed at; 0 when left out)."""
+    path, sep, index = text.rpartition("@")
+    if not sep:
+        return Path(text), 0
+    try:
+        return Path(path), int(index)
+    except ValueError:
+        raise typer.BadParameter(f"--keyframe '{text}' is not PATH@INDEX, e.g. first.png@0") from None
+
+
+def _print_validation(error: Exception) -> None:
+    for item in error.errors():  # type: ignore[attr-defined]
+        console.print(f"[red]{'.'.join(map(str, item['loc'])) or 'request'}: {item['msg']}[/red]")
+
+
+def _video_params(**fields: object) -> object:  # VideoParams; schemas imported lazily like the rest
+    from pydantic import ValidationError
+
+    from genserve.schemas.video import VideoParams
+
+    try:
+        return VideoParams.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as error:
+        _print_validation(error)
+        raise typer.Exit(2) from None
+
+
+def _video_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _video_local(params: object, output: Path) -> dict:
+    """Make the clip in this process: the worker's phases, with segments run one after another."""
+    from genserve.api.video_submission import resolve_video
+    from genserve.engine.models.loading import resolve_device, resolve_dtype
+    from genserve.engine.models.registry import registered_models
+    from genserve.engine.video.pipelines import VideoEngine
+
+    settings = Settings()
+    models = registered_models(settings)
+    try:
+        resolved, segments = resolve_video(params, models, settings)
+    except LimitError as error:
+        console.print(f"[red]{error.field}: {error.message}[/red]")
+        raise typer.Exit(2) from None
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+    engine = VideoEngine(device=device, dtype=resolve_dtype(settings.dtype, device))
+    info = models[resolved.model]
+    base = models.get(info.base_model) if info.base_model else None
+    pictures = _read_keyframes(resolved)
+    with _video_progress() as progress:
+        task = progress.add_task("denoise", total=resolved.steps, detail="")
+
+        def make(request: object, where: str) -> object:
+            def on_step(step: int, steps: int) -> None:
+                detail = f"{where}step {step}/{steps}"
+                progress.update(task, description="denoise", completed=step, total=steps, detail=detail)
+
+            return engine.generate(info, request, on_step=on_step, base=base)
+
+        try:
+            if segments:
+                clips: list = []
+                for segment in segments:
+                    where = f"segment {segment.index + 1} of {segment.count} · "
+                    request = _segment_request(segment, pictures, clips[-1] if clips else None)
+                    clips.append(make(request, where))
+                progress.update(task, description="stitch", detail="")
+                frames, seams = stitch_segments(clips, resolved, segments)
+            else:
+                frames, seams = make(_video_request(resolved, pictures), ""), []
+
+            def stage(name: str) -> None:
+                progress.update(task, description=name, completed=0, total=1, detail="")
+
+            delivered = deliver_clip(frames, seams, resolved, device=device, on_stage=stage)
+            progress.update(task, completed=1, total=1)
+        except (ValueError, RuntimeError, OSError) as error:
+            console.print(f"[red]video failed: {type(error).__name__}: {error}[/red]")
+            raise typer.Exit(1) from None
+    output.write_bytes(delivered.pop("data"))
+    return delivered
+
+
+def _read_keyframes(params: object) -> dict[str, object]:
+    """Each keyframe's picture (named by its file here), read once before anything runs."""
+    import PIL.Image
+
+    pictures = {}
+    for position, key in enumerate(params.keyframes):
+        try:
+            pictures[key.image] = PIL.Image.open(key.image).convert("RGB")
+        except OSError as error:
+            console.print(f"[red]keyframes[{position}]: cannot read {key.image} ({error})[/red]")
+            raise typer.Exit(2) from None
+    return pictures
+
+
+def _video_request(
+    params: object, pictures: dict, video: object = None, keyframes: list | None = None
+) -> object:
+    """The engine's request: keyframe pictures at the clip's size."""
+    import PIL.Image
+
+    from genserve.engine.video.pipelines import VideoRequest
+
+    size = (params.width, params.height)
+    if keyframes is None:
+        keyframes = []
+        for key in params.keyframes:
+            picture = pictures[key.image]
+            if picture.size != size:
+                picture = picture.resize(size, PIL.Image.LANCZOS)
+            keyframes.append((key.frame_index, picture))
+    return VideoRequest(params=params, keyframes=keyframes, video=video, preview_every=0)
+
+
+def _segment_request(segment: object, pictures: dict, before: object) -> object:
+    """A segment's request; a continuing one starts from the segment before it (worker/video.py)."""
+    import PIL.Image
+
+    params = segment.params
+    if not segment.continues:
+        return _video_request(params, pictures)
+    if params.mode == "i2v":  # image-to-video: start from the last frame
+        return _video_request(params, pictures, keyframes=[(0, PIL.Image.fromarray(before[-1]))])
+    return _video_request(params, pictures, video=before[-segment.overlap :])  # a clip condition
+
+
+def stitch_segments(clips: list, params: object, segments: list) -> tuple[object, list[int]]:
+    """A long clip from its segments' frames, as the worker's stitch makes it: keyframe pairs and
+    image-to-video chains share one boundary frame, clip continuations crossfade `overlap` frames."""
+    from genserve.engine.video.stitch import stitch
+
+    long = params.long
+    follower = segments[-1] if len(segments) > 1 else None
+    overlap = follower.overlap if follower is not None and follower.continues else 0
+    shared = long.strategy == "keyframe_parallel" or overlap == 1
+    frames, seams = stitch(
+        clips, overlap=0 if shared else overlap, shared_boundary=shared, colour_match=long.colour_match
+    )
+    frames = frames[: params.num_frames]
+    return frames, [seam for seam in seams if seam < len(frames)]
+
+
+def deliver_clip(frames: object, seams: list[int], params: object, *, device: str, on_stage: object) -> dict:
+    """Phases 4-6 of a clip (post, interpolate, encode) and its report; `data` holds the file."""
+    from genserve.engine.video.encode import encode_clip
+    from genserve.engine.video.interpolate import interpolate
+    from genserve.engine.video.metrics import temporal_metrics
+    from genserve.engine.video.post import deflicker, temporal_denoise
+
+    post, fps = params.post, params.fps or 8
+    if post.deflicker or post.denoise:
+        on_stage("post")
+        if post.denoise:
+            frames = temporal_denoise(frames)
+        if post.deflicker:
+            frames = deflicker(frames)
+    if post.interpolate > 1:
+        on_stage("interpolate")
+        frames = interpolate(frames, post.interpolate, device=device)
+        seams = [seam * post.interpolate for seam in seams]
+        fps *= post.interpolate
+    on_stage("encode")
+    out = params.output
+    encoded = encode_clip(frames, fps, out.container, out.codec, out.crf)
+    return {
+        "data": encoded.data,
+        "frames": int(len(frames)),
+        "fps": fps,
+        "seconds": round(len(frames) / fps, 3),
+        "width": int(frames.shape[2]),
+        "height": int(frames.shape[1]),
+        "container": encoded.container,
+        "codec": encoded.codec,
+        "metrics": temporal_metrics(frames, seams=seams),
+    }
+
+
+def _video_remote(params: object, output: Path, server: str) -> dict:
+    """Submit to a server's /v1/video/jobs, follow the job's events with a bar, download the file."""
+    import base64
+
+    import httpx
+
+    body = params.model_dump(exclude_none=True, exclude_defaults=True)
+    body["mode"] = params.mode
+    body["output"] = params.output.model_dump(exclude_none=True)
+    keyframes = []
+    for position, key in enumerate(params.keyframes):
+        try:
+            data = Path(key.image).read_bytes()
+        except OSError as error:
+            console.print(f"[red]keyframes[{position}]: cannot read {key.image} ({error.strerror})[/red]")
+            raise typer.Exit(2) from None
+        keyframes.append({"image": base64.b64encode(data).decode(), "frame_index": key.frame_index})
+    if keyframes:
+        body["keyframes"] = keyframes
+    with httpx.Client(base_url=server.rstrip("/"), timeout=httpx.Timeout(30.0, read=None)) as client:
+        response = client.post("/v1/video/jobs", json=body)
+        if response.status_code == 422:
+            for item in response.json().get("detail", []):
+                loc = ".".join(str(part) for part in item.get("loc", [])[1:]) or "request"
+                console.print(f"[red]{loc}: {item.get('msg')}[/red]")
+            raise typer.Exit(2)
+        response.raise_for_status()
+        job = response.json()
+        with client.stream("GET", job["events_url"]) as events:
+            final = _follow_video_events(events.iter_lines(), job["params"]["steps"])
+        if final["type"] != "succeeded":
+            console.print(f"[red]video {final['type']}: {final['data'].get('error', '')}[/red]")
+            raise typer.Exit(1)
+        job = client.get(f"/v1/video/jobs/{job['id']}").raise_for_status().json()
+        output.write_bytes(client.get(job["outputs"]["video"]["url"]).raise_for_status().content)
+    return job.get("report") or {}
+
+
+def _follow_video_events(lines: object, steps: int) -> dict:
+    """Drive a bar from a video job's SSE stream (stage, segment k of K, step i of S)."""
+    event_type, final = None, None
+    with _video_progress() as progress:
+        task = progress.add_task("queued", total=steps, detail="")
+        for line in lines:
+            if line.startswith("event:"):
+                event_type = line.split(":", 1)[1].strip()
+                continue
+            if not line.startswith("data:"):
+                continue
+            data = json.loads(line.split(":", 1)[1])
+            if event_type == "stage":
+                where = f"segment {data['segment'] + 1} of {data['segments']}" if "segment" in data else ""
+                progress.update(task, description=data["stage"], detail=where)
+            elif event_type == "progress":
+                where = f"segment {data['segment'] + 1} of {data['segments']} · " if "segment" in data else ""
+                progress.update(
+                    task,
+                    description=data.get("stage", "denoise"),
+                    completed=data["step"],
+                    total=data["steps"],
+                    detail=f"{where}step {data['step']}/{data['steps']}",
+                )
+            elif event_type == "segment_ready":
+                console.print(f"segment {data['segment'] + 1} of {data['segments']} ready: {data['url']}")
+            elif event_type in ("succeeded", "failed", "canceled"):
+                final = {"type": event_type, "data": data}
+                break
+    if final is None:
+        console.print("[red]the event stream ended before the video finished[/red]")
+        raise typer.Exit(1)
+    return final
+
+
+@app.command()
+def video(
+    prompt: Annotated[str, typer.Argument(help="What happens in the clip.")] = "",
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output file; its suffix picks the container.")
+    ] = Path("clip.mp4"),
+    negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
+    model: Annotated[str | None, typer.Option(help="Video model (the default one if omitted).")] = None,
+    mode: Annotated[str, typer.Option(help="t2v, i2v, flf2v, keyframes or v2v.")] = "t2v",
+    keyframe: Annotated[
+        list[str] | None,
+        typer.Option("--keyframe", help="PATH@INDEX: a picture at a frame (repeat; i2v 1, flf2v 2)."),
+    ] = None,
+    frames: Annotated[int | None, typer.Option(help="Frames generated (before interpolation).")] = None,
+    seconds: Annotated[float | None, typer.Option(help="Instead of --frames: seconds at --fps.")] = None,
+    fps: Annotated[
+        int | None, typer.Option(help="Frames per second (the model's default if omitted).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (the model's default).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale (the model's default).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (random if omitted).")] = None,
+    width: Annotated[int | None, typer.Option(help="Width in pixels (model native if omitted).")] = None,
+    height: Annotated[int | None, typer.Option(help="Height in pixels (model native if omitted).")] = None,
+    interpolate: Annotated[int, typer.Option(help="RIFE frame interpolation: 1, 2 or 4.")] = 1,
+    deflicker: Annotated[bool, typer.Option(help="Even out brightness from frame to frame.")] = False,
+    denoise: Annotated[bool, typer.Option(help="Temporal denoise.")] = False,
+    codec: Annotated[str | None, typer.Option(help="mp4: h264|av1; webm: vp9|av1.")] = None,
+    crf: Annotated[int | None, typer.Option(help="Quality (lower is better).")] = None,
+    long_segment_frames: Annotated[int | None, typer.Option(help="A long clip: frames per segment.")] = None,
+    overlap: Annotated[int, typer.Option(help="Long clip: frames neighbouring segments share.")] = 0,
+    strategy: Annotated[
+        str, typer.Option(help="Long clip: keyframe_parallel, extend or free_noise.")
+    ] = "keyframe_parallel",
+    server: Annotated[str | None, typer.Option(help="Run on a genserve server at this URL instead.")] = None,
+) -> None:
+    """Make a video clip locally, or on a server with --server."""
+    keyframes = [_parse_keyframe(text) for text in keyframe or []]
+    params = _video_params(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        model=model,
+        mode=mode,
+        keyframes=[{"image": str(path), "frame_index": index} for path, index in keyframes],
+        num_frames=frames,
+        seconds=seconds,
+        fps=fps,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        width=width,
+        height=height,
+        post={"interpolate": interpolate, "deflicker": deflicker, "denoise": denoise},
+        output={"container": _video_container(output), "codec": codec, "crf": crf},
+        long={"segment_frames": long_segment_frames, "overlap": overlap, "strategy": strategy}
+        if long_segment_frames is not None
+        else None,
+    )
+    report = _video_remote(params, output, server) if server else _video_local(params, output)
+    console.print(f"wrote {output}")
+    console.print(f"{report.get('frames')} frames at {report.get('fps')} fps ({report.get('seconds')} s)")
+    for name, value in (report.get("metrics") or {}).items():
+        console.print(f"  {name}: {value}")
+
+
 @app.command()
 def models(
     server: Annotated[str | None, typer.Option(help="List a running server's models instead.")] = None,
@@ -397,7 +740,9 @@ def plan(
     ] = None,
     width: Annotated[int | None, typer.Option(help="Width in pixels (model native if omitted).")] = None,
     height: Annotated[int | None, typer.Option(help="Height in pixels (model native if omitted).")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Denoising steps (20; a video model's default with --video).")
+    ] = None,
     batch: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 1,
     gpu_price: Annotated[float | None, typer.Option(min=0, help="Price of one GPU-hour.")] = None,
     gpus: Annotated[int, typer.Option(min=1, help="GPUs one batch occupies.")] = 1,
@@ -411,12 +756,44 @@ def plan(
     store: Annotated[
         str | None, typer.Option("--store", help="Store URL (default: the configured store).")
     ] = None,
+    video: Annotated[
+        bool, typer.Option("--video", help="Plan a video clip: GPU-seconds and cost per video-second.")
+    ] = False,
+    frames: Annotated[int | None, typer.Option(min=1, help="--video: frames generated.")] = None,
+    seconds: Annotated[
+        float | None, typer.Option(help="--video: instead of --frames, seconds at --fps.")
+    ] = None,
+    fps: Annotated[int | None, typer.Option(min=1, help="--video: frames per second.")] = None,
+    mode: Annotated[str, typer.Option(help="--video: t2v, i2v, flf2v, keyframes or v2v.")] = "t2v",
+    keyframes: Annotated[
+        int | None,
+        typer.Option(min=1, help="--video: keyframes (evenly spaced; the mode's least if omitted)."),
+    ] = None,
+    interpolate: Annotated[int, typer.Option(help="--video: RIFE interpolation 1, 2 or 4.")] = 1,
+    long_segment_frames: Annotated[int | None, typer.Option(help="--video: frames per segment.")] = None,
+    overlap: Annotated[int, typer.Option(help="--video: frames neighbouring segments share.")] = 0,
+    strategy: Annotated[
+        str, typer.Option(help="--video: keyframe_parallel, extend or free_noise.")
+    ] = "keyframe_parallel",
+    clips: Annotated[int | None, typer.Option(min=1, help="--video: clips to plan for.")] = None,
 ) -> None:
-    """Time per image, images/hour, cost per 1,000 images and GPU-hours, from the cost model."""
+    """Time per image, images/hour, cost per 1,000 images and GPU-hours, from the cost model; with
+    --video, GPU-seconds, seconds of video, and cost per clip and per video-second."""
     from genserve.engine.models.registry import DEFAULT_NATIVE_SIZE, registered_models
     from genserve.scheduler.cost import default_device, estimate, lookup
 
     settings = _settings(models_dir=models_dir, store_url=store)
+    if video:
+        fields = dict(
+            model=model, family=family, width=width, height=height, frames=frames, seconds=seconds,
+            fps=fps, mode=mode, keyframes=keyframes, interpolate=interpolate, gpu_price=gpu_price,
+            clips=clips, long=None if long_segment_frames is None else {
+                "segment_frames": long_segment_frames, "overlap": overlap, "strategy": strategy},
+            steps=steps,
+        )  # fmt: skip
+        _plan_video(settings, **fields)
+        return
+    steps = steps or 20
     name = model or settings.default_model
     info = registered_models(settings).get(name)
     if info is not None:
@@ -461,6 +838,97 @@ def plan(
     out = Console()
     out.print(table)
     out.print(f"basis: {result.basis}", soft_wrap=True)
+
+
+def _plan_video(
+    settings: Settings,
+    *,
+    model: str | None,
+    family: str | None,
+    width: int | None,
+    height: int | None,
+    frames: int | None,
+    seconds: float | None,
+    fps: int | None,
+    mode: str,
+    keyframes: int | None,
+    interpolate: int,
+    long: dict | None,
+    steps: int | None,
+    gpu_price: float | None,
+    clips: int | None,
+) -> None:
+    """The video cost model (engine/video/plan.py) for one request, as POST /v1/video/estimate has it."""
+    from genserve.api.video_submission import estimated_video_seconds, resolve_video
+    from genserve.engine.models.registry import ModelInfo, registered_models
+    from genserve.engine.video.families import VIDEO_FAMILIES, VIDEO_PIPELINES, keyframes_needed
+    from genserve.engine.video.plan import output_frames, output_seconds
+
+    models = registered_models(settings)
+    name = model or settings.default_video_model
+    if name not in models:
+        family = family or (name if name in VIDEO_FAMILIES else None)
+        if family not in VIDEO_FAMILIES:
+            console.print(
+                f"[red]video model '{name}' is not in {settings.models_dir}; pass --family "
+                f"({', '.join(VIDEO_FAMILIES)})[/red]"
+            )
+            raise typer.Exit(2)
+        spec = VIDEO_FAMILIES[family]
+        modes = tuple(dict.fromkeys(m for f, ms in VIDEO_PIPELINES.values() if f == family for m in ms))
+        models = {name: ModelInfo(
+            name=name, path=Path("."), family=family, format="diffusers", native_width=spec.default_width,
+            native_height=spec.default_height, dtype="unknown", kind="video", video_modes=modes)}  # fmt: skip
+    info = models[name]
+    spec = VIDEO_FAMILIES.get(info.family)
+    guess = (
+        frames
+        or (round(seconds * (fps or info.default_fps or spec.default_fps)) if seconds and spec else None)
+        or info.default_frames
+        or (spec.default_frames if spec else 1)
+    )
+    least, _ = keyframes_needed(mode) if mode in ("t2v", "i2v", "flf2v", "keyframes", "v2v") else (0, 0)
+    count = keyframes or least
+    indexes = [round(i * (guess - 1) / (count - 1)) for i in range(count)] if count > 1 else [0] * count
+    placeholder = "sha256:" + "0" * 64  # planning stores nothing
+    params = _video_params(
+        model=name, mode=mode, prompt="plan", width=width, height=height, num_frames=frames,
+        seconds=seconds, fps=fps, steps=steps, long=long, post={"interpolate": interpolate},
+        keyframes=[{"image": placeholder, "frame_index": index} for index in indexes],
+        video=placeholder if mode == "v2v" else None,
+    )  # fmt: skip
+    try:
+        resolved, segments = resolve_video(params, models, settings)
+    except LimitError as error:
+        console.print(f"[red]{error.field}: {error.message}[/red]")
+        raise typer.Exit(2) from None
+    gpu_seconds = estimated_video_seconds(resolved, info.family, settings)
+    video_seconds = output_seconds(resolved)
+    title = (
+        f"{name} ({info.family}) {resolved.mode} {resolved.width}x{resolved.height}, "
+        f"{resolved.num_frames} frames at {resolved.fps} fps, {resolved.steps} steps"
+    )
+    table = Table("figure", "value", title=title)
+    table.add_row("segments", str(max(1, len(segments))))
+    table.add_row("frames delivered", f"{output_frames(resolved)} (interpolate ×{interpolate})")
+    table.add_row("seconds of video", f"{video_seconds:.3f} s")
+    table.add_row("GPU-seconds per clip", f"{gpu_seconds:.3f} s")
+    table.add_row("GPU-seconds per video-second", f"{gpu_seconds / video_seconds:.3f}")
+    if gpu_price is not None:
+        cost = gpu_price * gpu_seconds / 3600
+        table.add_row(f"cost per clip (at {gpu_price:g}/GPU-hour)", f"{cost:,.4f}")
+        table.add_row("cost per video-second", f"{cost / video_seconds:,.5f}")
+        if clips:
+            table.add_row(f"total cost for {clips:,} clips", f"{cost * clips:,.2f}")
+    if clips:
+        table.add_row(f"GPU-hours for {clips:,} clips", f"{gpu_seconds * clips / 3600:,.3f}")
+    out = Console()
+    out.print(table)
+    out.print(
+        "basis: step time from latent tokens fitted to published H100-class figures "
+        f"(engine/video/plan.py) × video_speed_scale {settings.video_speed_scale:g}",
+        soft_wrap=True,
+    )
 
 
 @app.command()
