@@ -83,6 +83,18 @@ def picture(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> st
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def animated_gif(frames: int, size: tuple[int, int] = (32, 32)) -> str:
+    """A clip to restyle: a square moving right, as an animated GIF upload."""
+    pictures = []
+    for index in range(frames):
+        picture = Image.new("RGB", size, (10, 10, 10))
+        picture.paste((230, 40, 40), (2 + index, 10, 12 + index, 20))
+        pictures.append(picture)
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=100, loop=0)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def events_of(client: TestClient, job_id: str) -> list[tuple[str, dict]]:
     import json
 
@@ -121,6 +133,10 @@ MODES = [
                   "keyframes": [{"image": picture((200, 20, 20)), "frame_index": 0},
                                 {"image": picture((20, 200, 20)), "frame_index": 8},
                                 {"image": picture((20, 20, 200)), "frame_index": 16}]}),
+    ("tiny-ltx", {"mode": "v2v", "prompt": "a dog", "num_frames": 9, "width": 32, "height": 32,
+                  "video": animated_gif(9)}),
+    ("tiny-wan", {"mode": "v2v", "prompt": "a cat", "width": 16, "height": 16, "video": animated_gif(9, (16, 16))}),
+    ("tiny-animatediff", {"mode": "v2v", "prompt": "a bird", "width": 32, "height": 32, "video": animated_gif(8)}),
     ("tiny-svd", {"mode": "i2v", "num_frames": 4, "width": 64, "height": 64,
                   "keyframes": [{"image": picture((30, 200, 30), (64, 64)), "frame_index": 0}]}),
     ("tiny-animatediff", {"mode": "t2v", "prompt": "a bird", "num_frames": 8, "width": 32, "height": 32}),
@@ -138,18 +154,21 @@ def test_every_mode_of_every_family_makes_a_playable_clip(settings, model, body)
         job = finished(client, job_id)
         data, info = download(client, job)
         assert data[4:8] == b"ftyp" and info.codec == "h264"
-        assert info.frames == body["num_frames"] and info.fps == pytest.approx(job["params"]["fps"])
+        frames = body.get("num_frames") or job["params"]["num_frames"]
+        assert info.frames == frames and info.fps == pytest.approx(job["params"]["fps"])
         assert (info.width, info.height) == (job["params"]["width"], job["params"]["height"])
         events = events_of(client, job_id)
         steps = [data for kind, data in events if kind == "progress" and data.get("stage") == "denoise"]
-        assert [step["step"] for step in steps] == [1, 2]
+        runs = steps[-1]["steps"]  # v2v restyles run int(steps × strength) of them
+        assert [step["step"] for step in steps] == list(range(1, runs + 1)) and steps[-1]["percent"] == 100
+        assert runs == (1 if body["mode"] == "v2v" and model != "tiny-ltx" else 2)
         assert any(kind == "preview" and data["filmstrip"].startswith("data:image/") for kind, data in events)
         stages = [data["stage"] for kind, data in events if kind == "stage"]
         assert stages == ["denoise", "encode"]
         assert any(kind == "video_ready" for kind, _ in events)
         assert client.get(job["outputs"]["thumbnail"]["url"]).headers["content-type"] == "image/png"
         report = job["report"]
-        assert report["frames"] == body["num_frames"] and set(report["metrics"]) >= {
+        assert report["frames"] == frames and set(report["metrics"]) >= {
             "warp_error",
             "flicker_index",
         }
@@ -238,6 +257,10 @@ def test_interpolation_post_and_webm(settings):
           "long": {"segment_frames": 9}}, "keyframes[1].frame_index", "8N+1"),
         ({"model": "tiny-ltx", "prompt": "x", "num_frames": 9, "output": {"container": "mp4", "crf": 60}}, "output", "crf"),
         ({"model": "tiny-ltx", "prompt": "x", "num_frames": 9999}, "num_frames", "max_video_frames"),
+        ({"model": "tiny-wan", "prompt": "x", "mode": "v2v", "num_frames": 13, "video": animated_gif(9, (16, 16))},
+         "num_frames", "has 9 frames"),
+        ({"model": "tiny-wan", "prompt": "x", "mode": "v2v", "video": picture((1, 2, 3))}, "video", "one frame"),
+        ({"model": "tiny-wan", "prompt": "x", "mode": "v2v", "num_frames": 9}, "video", "needs an input video"),
     ],
 )  # fmt: skip
 def test_bad_video_requests_get_a_422_naming_the_field(settings, body, field, words):

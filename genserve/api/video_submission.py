@@ -8,16 +8,18 @@ limits. A queued video job therefore runs.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import secrets
 from datetime import datetime
 
+import PIL.Image
 from pydantic import BaseModel, Field
 
 from genserve.api.pictures import check_picture, decode_payload, stored_size
-from genserve.artifacts.inputs import InputStore
+from genserve.artifacts.inputs import InputStore, MissingPicture
 from genserve.artifacts.videos import VideoStore, media_type_for
-from genserve.config import Settings
+from genserve.config import Limits, Settings
 from genserve.engine.models.registry import ModelInfo
 from genserve.engine.video.encode import resolve_format
 from genserve.engine.video.families import VIDEO_FAMILIES, keyframes_needed
@@ -91,9 +93,10 @@ def video_model(params: VideoParams, models: dict[str, ModelInfo], settings: Set
 
 
 def resolve_video(
-    params: VideoParams, models: dict[str, ModelInfo], settings: Settings
+    params: VideoParams, models: dict[str, ModelInfo], settings: Settings, video_frames: int | None = None
 ) -> tuple[VideoParams, list[VideoSegment]]:
-    """Fill in the model and its defaults, check the request against its family, plan its segments."""
+    """Fill in the model and its defaults, check the request against its family, plan its segments.
+    `video_frames`: how many frames the v2v input clip has (its length is the default)."""
     info = video_model(params, models, settings)
     family = VIDEO_FAMILIES[info.family]
     if params.mode not in info.video_modes:
@@ -104,11 +107,14 @@ def resolve_video(
         raise LimitError("prompt", "a text-to-video request needs a prompt")
     fps = params.fps or info.default_fps or family.default_fps
     frames = params.num_frames
+    if frames is None and params.seconds is not None:
+        frames = round(params.seconds * fps)
     if frames is None:
-        frames = (
-            round(params.seconds * fps)
-            if params.seconds is not None
-            else info.default_frames or family.default_frames
+        restyled = params.mode == "v2v" and video_frames
+        frames = video_frames if restyled else info.default_frames or family.default_frames
+    if params.mode == "v2v" and video_frames and frames > video_frames and info.family != "ltx":
+        raise LimitError(
+            "num_frames", f"the input video has {video_frames} frames; {info.family} restyles at most that many"
         )
     limits = settings.limits
     if frames > limits.max_video_frames:
@@ -207,6 +213,49 @@ def _check_keyframes(params: VideoParams, frames: int) -> None:
             )
 
 
+def store_video_input(
+    params: VideoParams, inputs: InputStore, settings: Settings
+) -> tuple[VideoParams, int | None]:
+    """`params` with its v2v input clip stored and named by its id, and that clip's frame count.
+    The clip is an animated GIF, WebP or PNG, sent inline or uploaded (WebP, PNG)."""
+    if params.video is None:
+        return params, None
+    limits = settings.limits
+    if is_image_hash(params.video):
+        try:
+            data = inputs.get(params.video)
+        except MissingPicture:
+            raise LimitError("video", f"video: no upload has the id {params.video}") from None
+    else:
+        data = decode_payload(params.video, "video", limits.max_upload_bytes)
+    frames = clip_frame_count(data, limits)
+    return params.model_copy(update={"video": inputs.put(data)}), frames
+
+
+CLIP_FORMATS = ("GIF", "WEBP", "PNG")
+
+
+def clip_frame_count(data: bytes, limits: Limits) -> int:
+    """The frames of an input clip, checked against the upload limits; LimitError naming `video`."""
+    if len(data) > limits.max_upload_bytes:
+        raise LimitError("video", f"video is {len(data)} bytes; the limit is {limits.max_upload_bytes}")
+    try:
+        with PIL.Image.open(io.BytesIO(data), formats=CLIP_FORMATS) as clip:
+            if clip.width * clip.height > limits.max_input_pixels:
+                raise LimitError(
+                    "video",
+                    f"video frames have {clip.width * clip.height} pixels; the limit is {limits.max_input_pixels}",
+                )
+            frames = int(getattr(clip, "n_frames", 1))
+            clip.seek(frames - 1)  # a truncated clip fails here, not in the worker
+            clip.load()
+    except (PIL.UnidentifiedImageError, OSError, EOFError, ValueError) as error:
+        raise LimitError("video", f"video must be an animated GIF, WebP or PNG ({error})") from None
+    if frames < 2:
+        raise LimitError("video", "the input video has one frame; send an animated GIF, WebP or PNG")
+    return frames
+
+
 def store_keyframes(params: VideoParams, inputs: InputStore, settings: Settings) -> VideoParams:
     """`params` with each keyframe picture stored and named by its id (like init_image)."""
     limits = settings.limits
@@ -245,10 +294,11 @@ def submit_video(
     trace_id: str | None = None,
 ) -> tuple[JobRecord, bool]:
     body = store_keyframes(body, inputs, settings)
+    body, video_frames = store_video_input(body, inputs, settings)
     asked = VideoParams.model_validate(
         body.model_dump(exclude={"request_id", "priority"}, exclude_unset=True)
     )
-    resolved, segments = resolve_video(asked, models, settings)
+    resolved, segments = resolve_video(asked, models, settings, video_frames)
     family = models[resolved.model].family
     seconds = estimated_video_seconds(resolved, family, settings)
     job, created = store.submit(

@@ -134,7 +134,7 @@ class VideoJob:
                 frames.append(np.asarray(clip.convert("RGB").resize(size, PIL.Image.LANCZOS)))
         except Exception as error:
             raise VideoInputError(f"video {ref} cannot be loaded: {error}") from None
-        return np.stack(frames)
+        return np.stack(frames[: self.params.num_frames])
 
     def _denoise(self, request: VideoRequest) -> np.ndarray:
         info = self.models[request.params.model]

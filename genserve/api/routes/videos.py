@@ -20,6 +20,7 @@ from genserve.api.video_submission import (
     estimated_video_seconds,
     resolve_video,
     store_keyframes,
+    store_video_input,
     submit_video,
     to_video_public,
 )
@@ -56,12 +57,13 @@ def submit_video_as(
     models, settings = services.catalog.models(), services.settings
     if principal.authenticated:
         body = body.model_copy(update={"request_id": principal.scoped_request_id(body.request_id)})
-        asked = VideoParams.model_validate(
-            store_keyframes(body, services.inputs, settings).model_dump(
-                exclude={"request_id", "priority"}, exclude_unset=True
-            )
+        stored, video_frames = store_video_input(
+            store_keyframes(body, services.inputs, settings), services.inputs, settings
         )
-        resolved, _ = resolve_video(asked, models, settings)
+        asked = VideoParams.model_validate(
+            stored.model_dump(exclude={"request_id", "priority"}, exclude_unset=True)
+        )
+        resolved, _ = resolve_video(asked, models, settings, video_frames)
         seconds = estimated_video_seconds(resolved, models[resolved.model].family, settings)
         check_video_key_limits(principal, services, resolved, seconds)
     job, created = submit_video(

@@ -125,14 +125,17 @@ TOKEN_FACTORS: dict[str, tuple[int, int]] = {
 
 # Seconds per denoising step (guidance included) = a·tokens + b·tokens², for an H100-class GPU.
 # Fitted to published figures, not measured here (shared research video.md §7): Wan 14B at
-# 32,760 tokens ≈ 7.5 s/step; LTX 2B at 6,144 tokens ≈ 0.05 s/step; SVD-XT and AnimateDiff from
-# genserve's own SD1.5 grid. A deployment replaces them with its own measurements.
+# 32,760 tokens ≈ 7.5 s/step; LTX 2B at 6,144 tokens ≈ 0.05 s/step. SVD and AnimateDiff are UNets
+# whose attention is per frame (spatial) or per pixel (temporal), so their cost is linear in the
+# latent pixels: SVD-XT ≈ 0.8 s/step at 25 × 72 × 128, AnimateDiff ≈ 0.12 s/step at 16 × 64 × 64,
+# both estimates from genserve's own SD1.5 H100 grid. Wan's figure is its 14B model's; a 1.3B
+# model costs less. benchmarks/video_gpu_steps.py measures them; a deployment replaces them.
 STEP_COEFFICIENTS: dict[str, tuple[float, float]] = {
     "wan": (4.0e-5, 5.8e-9),
     "ltx": (6.0e-6, 3.0e-10),
-    "svd": (2.0e-5, 1.0e-10),
-    "animatediff": (1.0e-5, 1.0e-10),
-    "animatediff_sdxl": (2.0e-5, 1.0e-10),
+    "svd": (3.5e-6, 0.0),
+    "animatediff": (1.8e-6, 0.0),
+    "animatediff_sdxl": (2.3e-6, 0.0),
 }
 DECODE_SECONDS_PER_MEGAPIXEL_FRAME = 0.02
 MIN_STEP_SECONDS = 0.002
