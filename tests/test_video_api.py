@@ -164,7 +164,7 @@ def test_every_mode_of_every_family_makes_a_playable_clip(settings, model, body)
         assert runs == (1 if body["mode"] == "v2v" and model != "tiny-ltx" else 2)
         assert any(kind == "preview" and data["filmstrip"].startswith("data:image/") for kind, data in events)
         stages = [data["stage"] for kind, data in events if kind == "stage"]
-        assert stages == ["denoise", "encode"]
+        assert stages == ["denoise", "decode", "encode"]
         assert any(kind == "video_ready" for kind, _ in events)
         assert client.get(job["outputs"]["thumbnail"]["url"]).headers["content-type"] == "image/png"
         report = job["report"]
@@ -234,7 +234,7 @@ def test_interpolation_post_and_webm(settings):
         _, info = download(client, job)
         assert (info.frames, info.fps, info.codec) == (17, 16, "vp9")
         stages = [data["stage"] for kind, data in events_of(client, job_id) if kind == "stage"]
-        assert stages == ["denoise", "post", "interpolate", "encode"]
+        assert stages == ["denoise", "decode", "post", "interpolate", "encode"]
         assert set(job["report"]["timings"]) == {"denoise", "post", "interpolate", "encode"}
 
 
