@@ -18,8 +18,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from genserve.artifacts.s3 import make_input_store
-from genserve.batch.expand import RenderItem, expand, store_spec_pictures
-from genserve.batch.runner import cost_group, manifest_rows, progress_counts, submit_items, write_manifest
+from genserve.batch.expand import RenderItem, VideoItem, expand, expand_video, store_spec_pictures
+from genserve.batch.runner import (
+    cost_group,
+    manifest_rows,
+    progress_counts,
+    submit_items,
+    submit_video_items,
+    video_manifest_rows,
+    write_manifest,
+)
 from genserve.batch.spec import BatchSpec, SpecError, load_spec
 from genserve.config import Settings
 from genserve.engine.models.registry import ModelInfo, registered_models
@@ -34,13 +42,16 @@ SpecPath = Annotated[Path, typer.Argument(help="Batch spec, YAML or JSON.")]
 
 def _load(
     spec_path: Path, settings: Settings
-) -> tuple[BatchSpec, Path, list[RenderItem], dict[str, ModelInfo]]:
+) -> tuple[BatchSpec, Path, list[RenderItem] | list[VideoItem], dict[str, ModelInfo]]:
     models = registered_models(settings)
     pictures = make_input_store(settings)
     try:
         spec, base_dir = load_spec(spec_path)
         spec = store_spec_pictures(spec, base_dir, pictures, settings.limits, local_files=True)
-        items = expand(spec, base_dir, models, settings, pictures)
+        if spec.kind == "video":
+            items = expand_video(spec, base_dir, models, settings)
+        else:
+            items = expand(spec, base_dir, models, settings, pictures)
     except SpecError as error:
         console.print(f"[red]{spec_path}: {len(error.errors)} problem(s)[/red]")
         for line in error.errors:
@@ -102,6 +113,42 @@ def print_estimate(
     console.print(f"total: {len(items)} images, {total_hours:.3f} GPU-hours{cost}")
 
 
+def print_video_estimate(
+    items: list[VideoItem], models: dict[str, ModelInfo], settings: Settings, price: float | None
+) -> None:
+    """The video cost model's GPU-seconds for every clip, per model, size and length."""
+    from genserve.api.video_submission import estimated_video_seconds
+    from genserve.engine.video.plan import output_seconds
+
+    groups: dict[tuple, list[VideoItem]] = {}
+    for item in items:
+        p = item.params
+        groups.setdefault((p.model, p.width, p.height, p.num_frames, p.steps, p.post.interpolate), []).append(
+            item
+        )
+    table = Table("model", "size", "frames", "steps", "clips", "GPU-s/clip", "video s/clip", "hours", "cost")
+    total_seconds, total_video = 0.0, 0.0
+    for group in groups.values():
+        p = group[0].params
+        seconds = estimated_video_seconds(p, models[p.model].family, settings)
+        video = output_seconds(p)
+        total_seconds += seconds * len(group)
+        total_video += video * len(group)
+        cost = f"{price * seconds * len(group) / 3600:.2f}" if price is not None else "-"
+        table.add_row(
+            p.model, f"{p.width}x{p.height}", str(p.num_frames), str(p.steps), str(len(group)),
+            f"{seconds:.3f}", f"{video:.3f}", f"{seconds * len(group) / 3600:.3f}", cost,
+        )  # fmt: skip
+    Console().print(table)
+    hours = total_seconds / 3600
+    cost = (
+        f", cost {price * hours:.2f} ({price * hours / total_video:.5f} per video-second)"
+        if price is not None
+        else ""
+    )
+    console.print(f"total: {len(items)} clips, {total_video:.1f} s of video, {hours:.3f} GPU-hours{cost}")
+
+
 @batch_app.command()
 def run(
     spec_path: SpecPath,
@@ -115,7 +162,10 @@ def run(
     settings = Settings()
     spec, base_dir, items, models = _load(spec_path, settings)
     if estimate_only:
-        print_estimate(items, models, settings, gpu_price)
+        if spec.kind == "video":
+            print_video_estimate(items, models, settings, gpu_price)
+        else:
+            print_estimate(items, models, settings, gpu_price)
         return
     out_dir = out or (base_dir / spec.output.dir)
     summary = run_local(spec, items, models, settings, out_dir)
@@ -123,7 +173,11 @@ def run(
 
 
 def run_local(
-    spec: BatchSpec, items: list[RenderItem], models: dict[str, ModelInfo], settings: Settings, out_dir: Path
+    spec: BatchSpec,
+    items: list[RenderItem] | list[VideoItem],
+    models: dict[str, ModelInfo],
+    settings: Settings,
+    out_dir: Path,
 ) -> dict:
     from genserve.artifacts.images import ImageStore
     from genserve.engine.engine import engine_from_settings
@@ -135,7 +189,11 @@ def run_local(
     recovered = recover_dead_local_workers(store)  # an earlier run that was killed mid-batch
     if recovered:
         console.print(f"resuming: {len(recovered)} interrupted item(s) queued again")
-    job_ids = submit_items(store, items, spec, models)
+    if spec.kind == "video":
+        inputs = make_input_store(settings)
+        job_ids = submit_video_items(store, items, spec, models, settings, inputs)
+    else:
+        job_ids = submit_items(store, items, spec, models)
     engine = engine_from_settings(models, settings, warmup=False)
     images = ImageStore(settings.images_dir)
     worker = Worker(settings, store, engine, images, new_worker_id())
@@ -150,6 +208,7 @@ def run_local(
 
     previous = signal.signal(signal.SIGINT, request_stop)
     ids = list(job_ids.values())
+    unit = "clips" if spec.kind == "video" else "img"
     started, done_at_start = time.monotonic(), None
     try:
         worker.announce()
@@ -160,7 +219,7 @@ def run_local(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} img/s · failed {task.fields[failed]}"),
+                TextColumn(f"{{task.fields[rate]}} {unit}/s · failed {{task.fields[failed]}}"),
                 TimeRemainingColumn(),
                 console=console,
             ) as progress,
@@ -191,7 +250,12 @@ def run_local(
         signal.signal(signal.SIGINT, previous)
         store.remove_worker(worker.worker_id)
     jobs = store.get_many(ids)
-    rows = manifest_rows(spec, items, job_ids, jobs, images, out_dir)
+    if spec.kind == "video":
+        from genserve.artifacts.s3 import make_video_store
+
+        rows = video_manifest_rows(spec, items, job_ids, jobs, make_video_store(settings), out_dir)
+    else:
+        rows = manifest_rows(spec, items, job_ids, jobs, images, out_dir)
     files = write_manifest(rows, out_dir)
     counts = progress_counts(store, ids, len(items))
     summary = {**counts, "stopped": stop.is_set(), "manifest": str(files.jsonl)}

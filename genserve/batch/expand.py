@@ -6,6 +6,9 @@ hashes and the strength). Items with the same key are the same picture: within a
 rendered once, and across specs the job store's idempotency makes them one job.
 
 Pictures are stored before expansion (`store_spec_pictures`), so items name them by hash only.
+
+A `kind: video` spec expands to video items (`expand_video`): each is one resolved video request,
+keyed by everything that decides its file (the request as resolved, previews aside).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from pathlib import Path
 
 from genserve.api.pictures import PICTURE_FIELDS, store_pictures
 from genserve.api.submission import resolve_params
+from genserve.api.video_submission import resolve_video
 from genserve.artifacts.inputs import InputStore
 from genserve.batch.spec import BatchSpec, PromptFile, PromptItem, PromptTemplate, SpecError, parse_size
 from genserve.config import Limits, Settings
 from genserve.engine.models.registry import ModelInfo
 from genserve.schemas import GenerationParams, LimitError
 from genserve.schemas.image_inputs import is_image_hash
+from genserve.schemas.video import VideoKeyframe, VideoParams
 
 MAX_REPORTED_ERRORS = 50
 KEY_FIELDS = (
@@ -229,6 +234,88 @@ def expand(
             if key not in seen:
                 seen.add(key)
                 items.append(RenderItem(index=len(items), key=key, params=params))
+    if errors:
+        raise SpecError(errors)
+    return items
+
+
+# -- video items ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    index: int
+    key: str
+    params: VideoParams  # resolved: model, frames, fps, size, steps, guidance and seed are set
+    segments: int  # 0: one pass
+
+
+def video_item_key(params: VideoParams) -> str:
+    canonical = json.dumps({"video": params.model_dump(exclude={"preview_every"})}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def expand_video(
+    spec: BatchSpec, base_dir: Path, models: dict[str, ModelInfo], settings: Settings
+) -> list[VideoItem]:
+    """A `kind: video` spec's items: prompts × variants × n clips, each checked as POST
+    /v1/video/jobs checks it (errors located like image items'); duplicates dropped.
+
+    Its pictures must be stored (`store_spec_pictures`): an i2v item's first frame is named by hash.
+    """
+    assert spec.video is not None
+    video = spec.video
+    explicit = spec.variants.model_fields_set  # steps and CFG: the model's defaults unless given
+    prompts = read_prompts(spec, base_dir)
+    rows = variant_rows(spec)
+    items: list[VideoItem] = []
+    seen: set[str] = set()
+    errors: list[str] = []
+    for (p, entry), (v, row) in itertools.product(enumerate(prompts), enumerate(rows)):
+        negative = entry.negative_prompt
+        for k in range(spec.variants.n):
+            width, height = parse_size(row["size"]) if row["size"] else (None, None)
+            first = [VideoKeyframe(image=entry.init_image, frame_index=0)] if entry.init_image else []
+            where = f"prompts[{p}] × variants[{v}] (n={k})"
+            if entry.init_image and video.mode != "i2v":
+                errors.append(
+                    f"{where}.init_image: a {video.mode} clip starts from no picture; use video.mode i2v"
+                )
+                continue
+            try:
+                asked = VideoParams(
+                    prompt=entry.prompt,
+                    negative_prompt=negative if negative is not None else spec.negative_prompt,
+                    model=row["model"],
+                    mode=video.mode,
+                    keyframes=first if video.mode == "i2v" else [],
+                    width=width,
+                    height=height,
+                    num_frames=video.num_frames,
+                    seconds=video.seconds,
+                    fps=video.fps,
+                    steps=row["steps"] if "steps" in explicit else None,
+                    guidance=row["cfg_scale"],
+                    seed=row["seed"] + k,
+                    long=video.long,
+                    post=video.post,
+                    output=video.output,
+                    preview_every=0,  # nobody watches previews of a batch
+                )
+                params, segments = resolve_video(asked, models, settings)
+            except LimitError as error:
+                errors.append(f"{where}.{error.field}: {error.message}")
+                if len(errors) >= MAX_REPORTED_ERRORS:
+                    raise SpecError(errors) from None
+                continue
+            except ValueError as error:  # pydantic
+                detail = str(error).splitlines()
+                errors.append(f"{where}: {' '.join(detail[1:3]) or detail[0]}")
+                continue
+            key = video_item_key(params)
+            if key not in seen:
+                seen.add(key)
+                items.append(VideoItem(index=len(items), key=key, params=params, segments=len(segments)))
     if errors:
         raise SpecError(errors)
     return items

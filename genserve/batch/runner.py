@@ -1,5 +1,6 @@
 """Running a batch: submit its items as jobs (idempotent by item key), follow them, write outputs
-and the manifest. The same functions serve `genserve batch run` (local worker) and /v1/batches."""
+and the manifest. The same functions serve `genserve batch run` (local worker) and /v1/batches.
+Video items are video jobs (as POST /v1/video/jobs makes them), keyed and de-duplicated the same way."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from pathlib import Path
 import PIL.Image
 
 from genserve.api.submission import estimated_seconds
+from genserve.api.video_submission import VideoJobCreate, submit_video
 from genserve.artifacts.images import ImageStore
-from genserve.batch.expand import RenderItem
+from genserve.artifacts.inputs import InputStore
+from genserve.artifacts.videos import VideoStore
+from genserve.batch.expand import RenderItem, VideoItem
 from genserve.batch.spec import BatchSpec
+from genserve.config import Settings
 from genserve.engine.models.registry import ModelInfo
 from genserve.schemas import GenerationParams, JobState
 from genserve.schemas.generation import batch_key
@@ -29,7 +34,14 @@ MANIFEST_FIELDS = [
 ]  # fmt: skip
 
 
-def request_id_for(item: RenderItem, key_id: str | None = None) -> str:
+VIDEO_MANIFEST_FIELDS = [
+    "index", "key", "state", "prompt", "negative_prompt", "model", "mode", "width", "height", "num_frames",
+    "fps", "steps", "guidance", "seed", "segments", "container", "init_image", "file", "sha256", "job_id",
+    "attempts", "error", "created_at", "started_at", "finished_at", "seconds",
+]  # fmt: skip
+
+
+def request_id_for(item: RenderItem | VideoItem, key_id: str | None = None) -> str:
     """The item's idempotency key, scoped to an API key the way the jobs API scopes request ids."""
     return f"item:{item.key}" if key_id is None else f"{key_id}:item:{item.key}"
 
@@ -71,6 +83,34 @@ def submit_items(
     return job_ids
 
 
+def video_job_body(item: VideoItem, spec: BatchSpec, request_id: str) -> VideoJobCreate:
+    """The POST /v1/video/jobs body of a video item: its resolved request, so it resolves the same."""
+    return VideoJobCreate.model_validate(
+        {**item.params.model_dump(), "request_id": request_id, "priority": spec.priority}
+    )
+
+
+def submit_video_items(
+    store: JobStore,
+    items: list[VideoItem],
+    spec: BatchSpec,
+    models: dict[str, ModelInfo],
+    settings: Settings,
+    inputs: InputStore,
+    client_id: str | None = None,
+) -> dict[str, str]:
+    """Queue every video item as a video job (segments and all); returns item key → job id. As with
+    pictures, an item already known keeps its job, and a failed or canceled one-pass clip is reopened."""
+    job_ids = {}
+    for item in items:
+        body = video_job_body(item, spec, request_id_for(item))
+        job, created = submit_video(body, models, settings, store, inputs, client_id)
+        if not created and not item.segments and job.state in (JobState.failed, JobState.canceled):
+            store.reopen(job.id, spec.retries)
+        job_ids[item.key] = job.id
+    return job_ids
+
+
 def cost_group(params: GenerationParams) -> tuple:
     """Items that cost the same: one batch key, and (img2img) the same strength, so the same steps."""
     return (*batch_key(params), params.strength if params.init_image is not None else None)
@@ -93,6 +133,26 @@ def output_name(spec: BatchSpec, item: RenderItem) -> str:
         steps=p.steps, cfg_scale=p.cfg_scale, sampler=p.sampler, slug=slug(p.prompt), ext=ext,
     )  # fmt: skip
     return spec.output.pattern.format(**fields)
+
+
+def video_output_name(spec: BatchSpec, item: VideoItem) -> str:
+    p = item.params
+    fields = dict(
+        index=item.index, key=item.key, seed=p.seed, model=p.model, width=p.width, height=p.height,
+        steps=p.steps, cfg_scale=p.guidance, sampler="", frames=p.num_frames, fps=p.fps, mode=p.mode,
+        slug=slug(p.prompt), ext=p.output.container,
+    )  # fmt: skip
+    return spec.output.pattern.format(**fields)
+
+
+def write_file(source: Path, target: Path) -> str:
+    """Copy a finished file to the output folder (atomically); returns its sha256."""
+    data = source.read_bytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_bytes(data)
+    temporary.replace(target)
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_output(png_path: Path, target: Path, fmt: str) -> str:
@@ -149,13 +209,54 @@ def manifest_rows(
     return rows
 
 
+def video_manifest_rows(
+    spec: BatchSpec,
+    items: list[VideoItem],
+    job_ids: dict[str, str],
+    jobs: dict[str, JobRecord],
+    videos: VideoStore,
+    out_dir: Path | None,
+) -> list[dict]:
+    """One row per video item; writes the clips of finished items when `out_dir` is given."""
+    rows = []
+    for item in items:
+        job = jobs.get(job_ids.get(item.key, ""))
+        p = item.params
+        row = {
+            "index": item.index, "key": item.key, "state": job.state.value if job else "unknown",
+            "prompt": p.prompt, "negative_prompt": p.negative_prompt, "model": p.model, "mode": p.mode,
+            "width": p.width, "height": p.height, "num_frames": p.num_frames, "fps": p.fps, "steps": p.steps,
+            "guidance": p.guidance, "seed": p.seed, "segments": item.segments, "container": p.output.container,
+            "init_image": p.keyframes[0].image if p.keyframes else None,
+            "file": None, "sha256": None, "job_id": job.id if job else None, "attempts": job.attempt if job else 0,
+            "error": job.error if job and job.state != JobState.succeeded else None,
+            "created_at": job.created_at.isoformat() if job else None,
+            "started_at": job.started_at.isoformat() if job and job.started_at else None,
+            "finished_at": job.finished_at.isoformat() if job and job.finished_at else None,
+            "seconds": round((job.finished_at - job.started_at).total_seconds(), 3)
+            if job and job.finished_at and job.started_at else None,
+        }  # fmt: skip
+        name = f"{job.id}.{p.output.container}" if job else ""
+        if job and job.state == JobState.succeeded and videos.exists(name):
+            source = videos.path(name)
+            if out_dir is not None:
+                row["file"] = video_output_name(spec, item)
+                row["sha256"] = write_file(source, out_dir / row["file"])
+            else:
+                row["file"] = f"/v1/video/files/{name}"
+                row["sha256"] = hashlib.sha256(source.read_bytes()).hexdigest()
+        rows.append(row)
+    return rows
+
+
 def manifest_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
 
 
 def manifest_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_FIELDS)
+    video = bool(rows) and "num_frames" in rows[0]
+    writer = csv.DictWriter(buffer, fieldnames=VIDEO_MANIFEST_FIELDS if video else MANIFEST_FIELDS)
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

@@ -21,6 +21,17 @@
 A prompt item may start from a picture: `{prompt: "a green circle", init_image: red.png}` (a file
 next to the spec; base64, a data URL or an upload id when the spec is sent to /v1/batches).
 
+A video batch renders every item as a clip (a video job, as POST /v1/video/jobs makes one):
+
+    kind: video
+    prompts: ["a red ball bounces", "a blue star spins"]
+    video: {num_frames: 25, fps: 8, mode: t2v, post: {interpolate: 2}, output: {container: webm}}
+    variants: {seed: [1, 2], size: ["512x320"], model: [genserve-shapes-motion]}
+
+`video` applies to every item; `variants.steps` and `variants.cfg_scale` (the guidance) are the
+model's defaults unless given, and sampler and strength do not apply. In mode i2v each prompt item's
+`init_image` is its first frame. Files take the container's extension.
+
 Every error names its place in the spec, e.g. `variants.size[1]: expected WIDTHxHEIGHT`.
 """
 
@@ -31,9 +42,19 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from genserve.schemas.generation import MAX_SEED, SamplerName
+from genserve.schemas.video import LongOptions, OutputOptions, PostOptions
 
 
 class SpecError(ValueError):
@@ -117,6 +138,21 @@ class Output(BaseModel):
     format: Literal["png", "jpeg", "webp"] = "png"
 
 
+class VideoOptions(BaseModel):
+    """What every item of a `kind: video` batch shares (VideoParams' fields of the same names)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["t2v", "i2v"] = Field(
+        "t2v", description="t2v: from the prompt; i2v: from each prompt item's init_image."
+    )
+    num_frames: int | None = Field(None, ge=1, description="Frames per clip; the model's default if omitted.")
+    seconds: float | None = Field(None, gt=0, description="Instead of num_frames: seconds at fps.")
+    fps: int | None = Field(None, ge=1, le=120)
+    long: LongOptions | None = None
+    post: PostOptions = Field(default_factory=PostOptions)
+    output: OutputOptions = Field(default_factory=OutputOptions)
+
+
 def _prompt_kind(value: object) -> str:
     return "text" if isinstance(value, str) else "item"
 
@@ -148,12 +184,22 @@ _UNION_TAGS = {"list", "file", "template", "text", "item"}
 class BatchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field("batch", min_length=1, max_length=200)
+    kind: Literal["image", "video"] = Field("image", description="Pictures, or video clips (see `video`).")
     prompts: Prompts
     negative_prompt: str = ""
     variants: Variants = Variants()
     output: Output = Output()
     retries: int = Field(3, ge=1, le=20, description="Attempts per item before it is recorded as failed.")
     priority: int = Field(-1, ge=-10, le=10)
+    video: VideoOptions | None = Field(None, description="kind: video: the clip every item makes.")
+
+    @model_validator(mode="after")
+    def _video_goes_with_kind(self) -> BatchSpec:
+        if self.video is not None and self.kind != "video":
+            raise ValueError("video options need kind: video")
+        if self.kind == "video" and self.video is None:
+            self.video = VideoOptions()
+        return self
 
 
 def parse_size(size: str, where: str = "size") -> tuple[int, int]:

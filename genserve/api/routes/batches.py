@@ -13,10 +13,20 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from genserve.api.deps import ServicesDep
+from genserve.api.routes.videos import submit_video_as, video_store
 from genserve.api.sse import SSE_HEADERS
 from genserve.auth.deps import Principal, PrincipalDep, admit_batch
-from genserve.batch.expand import expand, store_spec_pictures
-from genserve.batch.runner import manifest_csv, manifest_jsonl, manifest_rows, progress_counts, submit_items
+from genserve.batch.expand import expand, expand_video, store_spec_pictures
+from genserve.batch.runner import (
+    manifest_csv,
+    manifest_jsonl,
+    manifest_rows,
+    progress_counts,
+    request_id_for,
+    submit_items,
+    video_job_body,
+    video_manifest_rows,
+)
 from genserve.batch.spec import BatchSpec, PromptFile, SpecError, load_spec
 from genserve.store.batches import BatchRecord, BatchStore
 
@@ -78,16 +88,28 @@ def create_batch(
         parsed = store_spec_pictures(
             parsed, base_dir, services.inputs, services.settings.limits, local_files=False
         )
-        items = expand(parsed, base_dir, models, services.settings, services.inputs)
+        if parsed.kind == "video":
+            items = expand_video(parsed, base_dir, models, services.settings)
+        else:
+            items = expand(parsed, base_dir, models, services.settings, services.inputs)
     except SpecError as error:
         detail = [
             {"loc": ["body", line.split(":", 1)[0]], "msg": line, "type": "spec_error"}
             for line in error.errors
         ]
         return JSONResponse({"detail": detail}, status_code=422)
-    admit_batch(principal, items, services)  # the key's model, size and quota limits
     client = principal.client_id(client_id)
-    job_ids = submit_items(services.store, items, parsed, models, client, principal.key_id)
+    if parsed.kind == "video":
+        # Each clip as POST /v1/video/jobs takes it: the key's model, size and GPU-seconds limits.
+        job_ids = {}
+        for item in items:
+            job, _ = submit_video_as(
+                principal, video_job_body(item, parsed, request_id_for(item)), services, client_id
+            )
+            job_ids[item.key] = job.id
+    else:
+        admit_batch(principal, items, services)  # the key's model, size and quota limits
+        job_ids = submit_items(services.store, items, parsed, models, client, principal.key_id)
     batch_id = BatchStore(services.store.engine).create(
         parsed.name, parsed.model_dump(), [(item.key, job_ids[item.key]) for item in items], client
     )
@@ -120,11 +142,15 @@ def batch_manifest(
     """One row per item: key, prompt, parameters, seed, image URL, sha256, timings, errors."""
     batch = _owned_batch(services, principal, batch_id)
     parsed, base_dir = load_spec(batch.spec)
-    items = expand(parsed, base_dir, services.catalog.models(), services.settings, services.inputs)
+    models = services.catalog.models()
     job_ids = BatchStore(services.store.engine).job_ids(batch_id)
-    rows = manifest_rows(
-        parsed, items, job_ids, services.store.get_many(list(job_ids.values())), services.images, None
-    )
+    jobs = services.store.get_many(list(job_ids.values()))
+    if parsed.kind == "video":
+        items = expand_video(parsed, base_dir, models, services.settings)
+        rows = video_manifest_rows(parsed, items, job_ids, jobs, video_store(services), None)
+    else:
+        items = expand(parsed, base_dir, models, services.settings, services.inputs)
+        rows = manifest_rows(parsed, items, job_ids, jobs, services.images, None)
     if format == "csv":
         return PlainTextResponse(manifest_csv(rows), media_type="text/csv")
     return PlainTextResponse(manifest_jsonl(rows), media_type="application/x-ndjson")
