@@ -165,6 +165,8 @@ class VideoJob:
             **self._where(),
         }
         self._event("progress", data)
+        if step == steps:  # the pipeline decodes the latents next, inside the same call
+            self._event("stage", {"stage": "decode", **self._where()})
 
     def _on_preview(self, step: int, steps: int, frames: np.ndarray) -> None:
         strip = filmstrip(frames, max_frames=8)
