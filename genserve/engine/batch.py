@@ -3,7 +3,8 @@
 0. pictures in: fit, mask, outpaint canvas, crop (stages/prepare.py)
 1. text conditioning per request (conditioning/text.py)
 2. the shared timesteps
-3. rows: per-row scheduler, generator, start index, starting latents, blend (stages/rows.py)
+3. rows: per-row scheduler, generator, start index, starting latents, blend (stages/rows.py), and
+   what each row adds to the model call: control units, IP-Adapter embeddings (stages/controls.py)
 4. the loop: one model call per step for the rows that have joined (loop/denoise.py)
 5. second stages, each a loop of its own: the SDXL refiner takes over the base's latents
    (stages/refiner.py), or the hires fix upscales them and runs an img2img pass (stages/plan.py)
@@ -27,6 +28,13 @@ from genserve.engine.loop.row import Row
 from genserve.engine.loop.schedule import prepare_schedulers
 from genserve.engine.models.registry import Family
 from genserve.engine.models.samplers import build_scheduler
+from genserve.engine.stages.controls import (
+    Annotate,
+    EncodeImages,
+    LoadControl,
+    attach_controls,
+    attach_image_embeds,
+)
 from genserve.engine.stages.hires import hires_conditioning, hires_rows
 from genserve.engine.stages.plan import second_pass_schedule, second_pass_steps, size_multiple, target_size
 from genserve.engine.stages.prepare import paste_back, prepare_picture
@@ -52,12 +60,16 @@ def denoise_batch(
     encode: Encode | None = None,
     encode_upscaled: Encode | None = None,
     load_refiner: LoadRefiner | None = None,
+    load_control: LoadControl | None = None,
+    annotate: Annotate | None = None,
+    encode_images: EncodeImages | None = None,
 ) -> list[ItemOutcome]:
     """Run compatible requests as one batch. Item i's images use seeds seed_i, seed_i + 1, ...
 
     `encode` turns a picture into its VAE latent distribution (the Engine passes its cache);
     `encode_upscaled` does it for the hires fix's pixel upscalers (pictures seen once: not cached).
-    `load_refiner` is needed when the requests name a refiner.
+    `load_refiner` is needed when the requests name a refiner, `load_control` (and `annotate` for
+    weight-based preprocessors) when they name controlnets, `encode_images` with an ip_adapter.
     """
     params = items[0].params
     if any(item.params.cfg_scale is None for item in items):
@@ -94,6 +106,22 @@ def denoise_batch(
         device=device,
         dtype=dtype,
     )
+    if any(item.params.controlnets for item in items):
+        if load_control is None:
+            raise ValueError("controlnets need load_control")
+        attach_controls(
+            rows,
+            items,
+            load_control,
+            width=params.width,
+            height=params.height,
+            device=device,
+            annotate=annotate,
+        )
+    if params.ip_adapter is not None:
+        if encode_images is None:
+            raise ValueError("an ip_adapter needs encode_images")
+        attach_image_embeds(rows, items, encode_images)
 
     # 4. The loop, and 5. a second stage
     common = dict(rgb_map=rgb_map, outcomes=outcomes, device=device, dtype=dtype)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from genserve.schemas.control import MAX_CONTROL_UNITS, ControlNetUnit, IPAdapterOptions, ip_adapter_key
 from genserve.schemas.image_inputs import HiresOptions, InpaintOptions, OutpaintOptions, RefinerOptions
 from genserve.schemas.text import SafeText
 
@@ -69,6 +70,12 @@ class GenerationParams(BaseModel):
     outpaint: OutpaintOptions | None = Field(None, description="Extend init_image's canvas and fill it.")
     hires: HiresOptions | None = Field(None, description="A second, larger pass of the same job.")
     refiner: RefinerOptions | None = Field(None, description="SDXL: finish with a refiner model.")
+    # Control by pictures (schemas/control.py): per row, so they stay out of batch_key, except the
+    # IP-Adapter's model and scale.
+    controlnets: list[ControlNetUnit] | None = Field(
+        None, max_length=MAX_CONTROL_UNITS, description="ControlNet / T2I-Adapter units, applied together."
+    )
+    ip_adapter: IPAdapterOptions | None = Field(None, description="Image prompt (IP-Adapter).")
 
 
 def batch_key(params: GenerationParams) -> tuple:
@@ -81,6 +88,8 @@ def batch_key(params: GenerationParams) -> tuple:
     denoised, which for "only masked" inpainting is the request's size, not the picture's. The hires
     fix runs a second pass with its own options, so those must match; a refiner must be the same
     model, but each row hands over at its own switch_at (and joins the refiner there).
+    ControlNets and T2I-Adapters add per-row residuals, so they stay out; an IP-Adapter's model and
+    scale are in (one attention-processor scale per batch), its reference pictures are not.
     """
     return (
         params.model,
@@ -90,6 +99,7 @@ def batch_key(params: GenerationParams) -> tuple:
         params.sampler,
         _options_key(params.hires),
         None if params.refiner is None else params.refiner.model,
+        ip_adapter_key(params.ip_adapter),
     )
 
 

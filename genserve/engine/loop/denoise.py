@@ -17,6 +17,7 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 
+from genserve.engine.conditioning.control import rows_extras
 from genserve.engine.conditioning.text import Conditioning
 from genserve.engine.loop.guidance import apply_guidance, predict_noise
 from genserve.engine.loop.previews import LatentRgbMap, preview_images
@@ -44,6 +45,8 @@ class BatchItem:
     on_preview: PreviewCallback | None = None
     init_image: PIL.Image.Image | None = None
     mask: PIL.Image.Image | None = None
+    # The pictures named inside controlnets / ip_adapter, decoded, by their id in params.
+    control_images: dict[str, PIL.Image.Image] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,8 +123,9 @@ def _step(
     if rows[active[0]].extra is not None:  # 9-channel inpainting: every row carries its channels
         model_input = torch.cat([model_input, torch.cat([rows[r].extra for r in active])], dim=1)
     use_cfg = bool((row_scales > 1).any())
+    extras = rows_extras([rows[r] for r in active], index, len(timesteps), use_cfg)
     noise_uncond, noise_cond = predict_noise(
-        pipe, family, model_input, t, cond.select(picked.to(model_input.device)), use_cfg
+        pipe, family, model_input, t, cond.select(picked.to(model_input.device)), use_cfg, extras
     )
     noise_pred = apply_guidance(noise_uncond, noise_cond, row_scales)
     next_t = timesteps[index + 1] if index + 1 < len(timesteps) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DiffusionPipeline
 
+from genserve.engine.conditioning.control import ExtrasFn
 from genserve.engine.conditioning.text import Conditioning
 from genserve.engine.models.registry import Family
 
@@ -30,8 +31,11 @@ def predict_noise(
     t: torch.Tensor,
     cond: Conditioning,
     cfg: bool,
+    extras: ExtrasFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One model call for all rows (doubled for CFG). Returns (ε_uncond, ε_cond); ε_uncond = ε_cond without CFG."""
+    """One model call for all rows (doubled for CFG). Returns (ε_uncond, ε_cond); ε_uncond = ε_cond without CFG.
+
+    `extras` gives what the rows add to a UNet call (control residuals, IP-Adapter embeddings)."""
     model_input = torch.cat([latents, latents]) if cfg else latents
     embeds = torch.cat([cond.uncond, cond.cond]) if cfg else cond.cond
     if family == "sd3":
@@ -50,8 +54,13 @@ def predict_noise(
             uncond_ids = cond.time_ids if cond.uncond_time_ids is None else cond.uncond_time_ids
             time_ids = torch.cat([uncond_ids, cond.time_ids]) if cfg else cond.time_ids
             added = {"text_embeds": pooled, "time_ids": time_ids}
+        kwargs = {}
+        if extras is not None:
+            step = extras(model_input, t, embeds, added)
+            kwargs = step.kwargs
+            added = {**(added or {}), **step.added} or None
         output = pipe.unet(
-            model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False
+            model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False, **kwargs
         )[0]
     if cfg:
         uncond, conditioned = output.chunk(2)

@@ -9,7 +9,7 @@ extra input channels for 9-channel inpainting models. The loop treats every row 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -68,6 +68,10 @@ class Row:
     extra: torch.Tensor | None = None
     # Loop index where the row leaves this model (an SDXL base hands over to its refiner); None: the end.
     end: int | None = None
+    # What the row adds to each UNet call: ControlNet / T2I-Adapter units (conditioning/control.py)
+    # and an IP-Adapter's image embeddings (1, images, D).
+    controls: list[Any] = field(default_factory=list)
+    image_embeds: torch.Tensor | None = None
 
     def active(self, index: int) -> bool:
         return index >= self.start and (self.end is None or index < self.end)
