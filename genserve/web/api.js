@@ -72,7 +72,8 @@ function toApiError(status, data) {
   if ((status === 422 || status === 413) && Array.isArray(detail)) {
     const fields = detail.map((item) => {
       const field = fieldPath(item.loc);
-      return { field, message: plainWords(field.split(".").at(-1), item.msg ?? "is not valid", item.type) };
+      const message = plainWords(field.split(".").at(-1), item.msg ?? "is not valid", item.type);
+      return { field, message, loc: item.loc }; // loc as sent: a limit's field may be "keyframes[1].frame_index"
     });
     return new ApiError(status, fields.map((f) => f.message).join(" "), fields);
   }
@@ -108,6 +109,10 @@ export const api = {
   job: (id) => request("GET", `/v1/jobs/${encodeURIComponent(id)}`),
   submit: (body) => request("POST", "/v1/jobs", body),
   cancel: (id) => request("DELETE", `/v1/jobs/${encodeURIComponent(id)}`),
+  videoJobs: ({ limit = 10, offset = 0 } = {}) => request("GET", `/v1/video/jobs?limit=${limit}&offset=${offset}`),
+  videoJob: (id) => request("GET", `/v1/video/jobs/${encodeURIComponent(id)}`),
+  submitVideo: (body) => request("POST", "/v1/video/jobs", body),
+  cancelVideo: (id) => request("DELETE", `/v1/video/jobs/${encodeURIComponent(id)}`),
   /** POST /v1/uploads: 201 {id: "sha256:…", width, height, format, bytes}. */
   upload: (blob, filename = "picture.png") => {
     const form = new FormData();
@@ -140,12 +145,13 @@ const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 /**
  * Follow a job's server-sent events. `on(type, data)` gets every event; the stream is closed after
  * a terminal event (the server ends it there, and EventSource would otherwise reconnect).
+ * `extraTypes`: more event types to pass on (a video's stage, segment_ready, video_ready).
  * Returns a function that stops following.
  */
-export function followJob(id, on, onLost) {
+export function followJob(id, on, onLost, extraTypes = []) {
   const source = new EventSource(`/v1/jobs/${encodeURIComponent(id)}/events`);
   const types = ["queued", "started", "progress", "preview", "requeued", "succeeded", "failed", "canceled"];
-  for (const type of types) {
+  for (const type of [...types, ...extraTypes]) {
     source.addEventListener(type, (event) => {
       let data = {};
       try {

@@ -1,9 +1,11 @@
-// genserve web UI: wires the form, the results column and the lightbox to the public API.
+// genserve web UI: wires the form, the results column and the lightbox to the public API; the Video
+// tab (video.js) has a form and results of its own.
 
 import { api, hasApiKey, looksLikeKey, setApiKey } from "./api.js";
 import { GenerateForm } from "./form.js";
 import { JobBoard } from "./jobs.js";
 import { Lightbox } from "./lightbox.js";
+import { VideoStudio } from "./video.js";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -27,6 +29,45 @@ const board = new JobBoard({
   lightbox,
   announce,
 });
+
+const video = new VideoStudio({
+  form: $("#video-form"),
+  list: $("#video-jobs"),
+  empty: $("#video-empty"),
+  count: $("#video-count"),
+  announce,
+  onUnauthorized: (error) => askForKey(error.message),
+});
+
+// Tabs: Image and Video, each a page of its own; #video in the address opens the Video tab -------
+
+const TABS = ["image", "video"];
+
+function showTab(name, { focus = false } = {}) {
+  for (const tab of TABS) {
+    const selected = tab === name;
+    const button = $(`#tab-${tab}`);
+    button.setAttribute("aria-selected", String(selected));
+    button.tabIndex = selected ? 0 : -1;
+    $(`#${tab}-page`).hidden = !selected;
+    if (selected && focus) button.focus();
+  }
+  document.body.dataset.tab = name;
+  const hash = name === "video" ? "#video" : "";
+  if (location.hash !== hash) history.replaceState(null, "", `${location.pathname}${location.search}${hash}`);
+  if (name === "video" && booted) video.start();
+}
+
+for (const tab of TABS) {
+  const button = $(`#tab-${tab}`);
+  button.addEventListener("click", () => showTab(tab));
+  button.addEventListener("keydown", (event) => {
+    const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+    if (!step) return;
+    event.preventDefault();
+    showTab(TABS[(TABS.indexOf(tab) + step + TABS.length) % TABS.length], { focus: true });
+  });
+}
 
 let submitting = false;
 
@@ -135,13 +176,15 @@ async function boot() {
   try {
     const [models, openapi] = await Promise.all([api.models(), api.openapi()]);
     const schemas = openapi.components?.schemas ?? {};
-    form.setup({ models, schema: schemas.JobCreate, schemas });
+    form.setup({ models: models.filter((m) => m.kind !== "video"), schema: schemas.JobCreate, schemas });
+    video.setup(models.filter((m) => m.kind === "video"));
   } catch (error) {
     // Without a key nothing else loads either: ask for one, and start again when it works.
     if (error.status === 401) return askForKey(hasApiKey() ? `The saved key no longer works: ${error.message}` : null);
     form.showFormError(`Could not load the models: ${error.message}`);
   }
   booted = true;
+  if (location.hash === "#video") showTab("video");
   try {
     await board.start();
     const newest = board.entries.get($("#jobs").firstElementChild?.dataset.jobId);
