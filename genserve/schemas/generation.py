@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from genserve.schemas.control import MAX_CONTROL_UNITS, ControlNetUnit, IPAdapterOptions, ip_adapter_key
 from genserve.schemas.image_inputs import HiresOptions, InpaintOptions, OutpaintOptions, RefinerOptions
+from genserve.schemas.lora import MAX_LORAS, LoraRef, extract_lora_tags, lora_key, merge_loras
 from genserve.schemas.text import SafeText
 
 if TYPE_CHECKING:
@@ -70,12 +70,25 @@ class GenerationParams(BaseModel):
     outpaint: OutpaintOptions | None = Field(None, description="Extend init_image's canvas and fill it.")
     hires: HiresOptions | None = Field(None, description="A second, larger pass of the same job.")
     refiner: RefinerOptions | None = Field(None, description="SDXL: finish with a refiner model.")
-    # Control by pictures (schemas/control.py): per row, so they stay out of batch_key, except the
-    # IP-Adapter's model and scale.
-    controlnets: list[ControlNetUnit] | None = Field(
-        None, max_length=MAX_CONTROL_UNITS, description="ControlNet / T2I-Adapter units, applied together."
+    # LoRAs (schemas/lora.py): the set with its weights is part of batch_key. A1111's
+    # `<lora:name:weight>` prompt tags are moved here when the params are read.
+    loras: list[LoraRef] | None = Field(
+        None, max_length=MAX_LORAS, description="LoRAs from GET /v1/loras, each with its weight."
     )
-    ip_adapter: IPAdapterOptions | None = Field(None, description="Image prompt (IP-Adapter).")
+
+    @model_validator(mode="after")
+    def _lora_tags(self) -> GenerationParams:
+        """`<lora:name:weight>` tags leave the prompt and join `loras` (a name in `loras` wins)."""
+        names = [ref.name for ref in self.loras or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("loras: each LoRA may be named once")
+        prompt, tagged = extract_lora_tags(self.prompt)
+        if tagged:
+            merged = merge_loras(self.loras, tagged)
+            if merged is not None and len(merged) > MAX_LORAS:
+                raise ValueError(f"loras: at most {MAX_LORAS} LoRAs, prompt tags included")
+            self.prompt, self.loras = prompt, merged
+        return self
 
 
 def batch_key(params: GenerationParams) -> tuple:
@@ -87,9 +100,8 @@ def batch_key(params: GenerationParams) -> tuple:
     int(steps × strength) steps run), and its mask travels with the row. width × height is the size
     denoised, which for "only masked" inpainting is the request's size, not the picture's. The hires
     fix runs a second pass with its own options, so those must match; a refiner must be the same
-    model, but each row hands over at its own switch_at (and joins the refiner there).
-    ControlNets and T2I-Adapters add per-row residuals, so they stay out; an IP-Adapter's model and
-    scale are in (one attention-processor scale per batch), its reference pictures are not.
+    model, but each row hands over at its own switch_at (and joins the refiner there). The LoRA set
+    (names and weights, sorted) is in: a batch runs with one set of adapters active.
     """
     return (
         params.model,
@@ -99,7 +111,7 @@ def batch_key(params: GenerationParams) -> tuple:
         params.sampler,
         _options_key(params.hires),
         None if params.refiner is None else params.refiner.model,
-        ip_adapter_key(params.ip_adapter),
+        lora_key(params.loras),
     )
 
 
