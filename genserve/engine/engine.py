@@ -12,9 +12,11 @@ start from the same noise, but batched kernels round differently: they agree to 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +38,8 @@ from genserve.engine.loop.denoise import (
 from genserve.engine.loop.previews import LatentRgbMap, fit_latent_rgb_map
 from genserve.engine.loop.row import start_index
 from genserve.engine.models.cache import ModelCache, budget_bytes, estimate_bytes
+from genserve.engine.models.control_loading import Annotators, ControlModels, ip_adapter_loaded
+from genserve.engine.models.controls import ControlInfo, control_problems, scan_annotators, scan_controls
 from genserve.engine.models.loading import load_pipeline, resolve_device, resolve_dtype
 from genserve.engine.models.loras import LoraInfo, builtin_loras, registered_loras
 from genserve.engine.models.registry import SUPPORTED_SAMPLERS, ModelInfo, sampler_supported
@@ -88,6 +92,8 @@ class Engine:
         optimizations: EngineOptimizations | None = None,
         loras: Mapping[str, LoraInfo] | Callable[[], Mapping[str, LoraInfo]] | None = None,
         lora_cache_size: int = 8,
+        controls: Mapping[str, ControlInfo] | None = None,
+        annotators: Mapping[str, Path] | None = None,
     ) -> None:
         if threads:
             # On a shared CPU, more torch threads than free cores is ~10x slower, not faster.
@@ -105,6 +111,10 @@ class Engine:
         self._loras = loras if callable(loras) else (builtin_loras if loras is None else lambda: loras)
         self._lora_cache_size = lora_cache_size
         self._adapters: dict[str, LoraAdapters] = {}
+        # ControlNets, T2I-Adapters, IP-Adapters (models/controls.py) and annotators, loaded on use.
+        self._controls = dict(controls or {})
+        self._control_models = ControlModels(self._device, self._dtype)
+        self._annotators = Annotators(dict(annotators or {}), self._device)
         # Loaded pipelines live in an LRU cache bounded by the memory budgets (weights only).
         self._cache = ModelCache(
             lambda name: load_pipeline(
@@ -154,9 +164,26 @@ class Engine:
     def knows(self, name: str) -> bool:
         return name in self._models
 
-    def update_models(self, models: Mapping[str, ModelInfo]) -> None:
+    def update_models(
+        self, models: Mapping[str, ModelInfo], controls: Mapping[str, ControlInfo] | None = None
+    ) -> None:
         """Register models added to the models directory since start (loaded ones stay cached)."""
         self._models.update(models)
+        self._controls.update(controls or {})
+
+    def preprocess(
+        self,
+        name: str,
+        picture: PIL.Image.Image,
+        threshold_a: float | None = None,
+        threshold_b: float | None = None,
+    ) -> PIL.Image.Image:
+        """A control map by the named preprocessor (weight-free, or an annotator's)."""
+        from genserve.engine.stages.controls import preprocess_picture
+
+        return PIL.Image.fromarray(
+            preprocess_picture(name, picture, self._annotators, threshold_a, threshold_b)
+        )
 
     def estimate_max_batch_images(self, params: GenerationParams) -> int | None:
         """How many images of this size fit in free GPU memory next to the loaded models; None on CPU.
@@ -216,17 +243,20 @@ class Engine:
         *,
         init_image: PIL.Image.Image | None = None,
         mask: PIL.Image.Image | None = None,
+        control_images: dict[str, PIL.Image.Image] | None = None,
     ) -> list[PIL.Image.Image]:
         """Generate `params.num_images` images; image i uses seed `params.seed + i`.
 
-        `init_image` / `mask` are the pictures behind `params.init_image` / `params.mask`.
+        `init_image` / `mask` are the pictures behind `params.init_image` / `params.mask`;
+        `control_images` those named in `params.controlnets` / `params.ip_adapter`, by name.
 
         `on_step(step, total)` runs after every denoising step (1-based). An exception it raises
         stops the run and propagates unchanged; that is how a worker cancels a job.
         `on_preview(step, total, images)` gets cheap latent→RGB previews every `params.preview_every`
         steps (never on the last step: the real images follow).
         """
-        [outcome] = self.generate_batch([BatchItem(params, on_step, on_preview, init_image, mask)])
+        item = BatchItem(params, on_step, on_preview, init_image, mask, control_images or {})
+        [outcome] = self.generate_batch([item])
         if outcome.error is not None:
             raise outcome.error
         return outcome.images
@@ -260,6 +290,7 @@ class Engine:
                 f"supported: {', '.join(SUPPORTED_SAMPLERS[info.family])}"
             )
         self._check_stages(items, info)
+        self._check_controls(items, info)
         pipe = self._cache.get(info.name)
         multiple = size_multiple(pipe)
         for what, (width, height) in (
@@ -292,8 +323,24 @@ class Engine:
             refiner = self._cache.get(params.refiner.model)
             return refiner, build_scheduler(info.family, params.sampler, refiner.scheduler.config)
 
+        def load_control(name: str) -> tuple[str, object]:
+            control = self._controls[name]
+            return control.kind, self._control_models.get(control)
+
+        ip = params.ip_adapter
+        ip_info = self._controls[ip.model] if ip is not None else None
+
+        def encode_images(pictures: list[PIL.Image.Image]) -> torch.Tensor:
+            assert ip_info is not None
+            return self._control_models.encode_images(ip_info, pictures)
+
         try:
-            with torch.inference_mode():
+            adapter = (
+                ip_adapter_loaded(pipe, ip_info, ip)
+                if ip is not None and ip_info is not None
+                else contextlib.nullcontext()
+            )
+            with torch.inference_mode(), adapter:
                 return denoise_batch(
                     pipe,
                     info.family,
@@ -306,6 +353,9 @@ class Engine:
                     encode=encode,
                     encode_upscaled=encode_upscaled,
                     load_refiner=load_refiner,
+                    load_control=load_control,
+                    annotate=self._annotators,
+                    encode_images=encode_images,
                 )
         except Exception as error:
             if is_out_of_memory(error):
@@ -339,6 +389,18 @@ class Engine:
             problem = refiner_problem(params, info, self._models)
             if problem is not None:
                 raise EngineError(problem)
+
+    def _check_controls(self, items: list[BatchItem], info: ModelInfo) -> None:
+        """Every control model a request names is registered, of the base model's family, and its
+        pictures were loaded (the API checks the same, naming the field)."""
+        for item in items:
+            p = item.params
+            for field, problem in control_problems(p, self._controls, info):
+                raise EngineError(f"{field}: {problem}")
+            refs = [u.image for u in p.controlnets or []] + (p.ip_adapter.images if p.ip_adapter else [])
+            missing = [ref for ref in refs if ref not in item.control_images]
+            if missing:
+                raise EngineError(f"control pictures not loaded: {missing[0]} (BatchItem.control_images)")
 
     def _activate_loras(self, info: ModelInfo, pipe: DiffusionPipeline, params: GenerationParams) -> None:
         """The batch's LoRA set (the same for every item: it is in batch_key) becomes the active one."""
@@ -395,6 +457,8 @@ def engine_from_settings(
         warmup_on_load=settings.warmup if warmup is None else warmup,
         optimizations=engine_optimizations(settings),
         loras=lambda: registered_loras(settings),
+        controls=scan_controls(settings.models_dir, builtin=settings.builtin_models),
+        annotators=scan_annotators(settings.models_dir),
     )
 
 

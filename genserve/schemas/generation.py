@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from genserve.schemas.control import MAX_CONTROL_UNITS, ControlNetUnit, IPAdapterOptions, ip_adapter_key
 from genserve.schemas.image_inputs import HiresOptions, InpaintOptions, OutpaintOptions, RefinerOptions
 from genserve.schemas.lora import MAX_LORAS, LoraRef, extract_lora_tags, lora_key, merge_loras
 from genserve.schemas.text import SafeText
@@ -90,6 +91,13 @@ class GenerationParams(BaseModel):
             self.prompt, self.loras = prompt, merged
         return self
 
+    # Control by pictures (schemas/control.py): per row, so they stay out of batch_key, except the
+    # IP-Adapter's model and scale.
+    controlnets: list[ControlNetUnit] | None = Field(
+        None, max_length=MAX_CONTROL_UNITS, description="ControlNet / T2I-Adapter units, applied together."
+    )
+    ip_adapter: IPAdapterOptions | None = Field(None, description="Image prompt (IP-Adapter).")
+
 
 def batch_key(params: GenerationParams) -> tuple:
     """What must match for requests to share one batch on the GPU.
@@ -102,6 +110,8 @@ def batch_key(params: GenerationParams) -> tuple:
     fix runs a second pass with its own options, so those must match; a refiner must be the same
     model, but each row hands over at its own switch_at (and joins the refiner there). The LoRA set
     (names and weights, sorted) is in: a batch runs with one set of adapters active.
+    ControlNets and T2I-Adapters add per-row residuals, so they stay out; an IP-Adapter's model and
+    scale are in (one attention-processor scale per batch), its reference pictures are not.
     """
     return (
         params.model,
@@ -112,6 +122,7 @@ def batch_key(params: GenerationParams) -> tuple:
         _options_key(params.hires),
         None if params.refiner is None else params.refiner.model,
         lora_key(params.loras),
+        ip_adapter_key(params.ip_adapter),
     )
 
 

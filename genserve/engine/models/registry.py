@@ -137,6 +137,9 @@ class ModelInfo:
         return self.default_sampler or GenerationParams.model_fields["sampler"].default
 
 
+# Folders of the models directory that hold control models, not base models (models/controls.py).
+CONTROL_MODEL_DIRS = frozenset({"controlnet", "t2i_adapter", "ipadapter", "annotators"})
+
 # Models shipped inside the package (the trained default, genserve-shapes); see builtin_models/.
 BUILTIN_MODELS_DIR = Path(__file__).resolve().parents[2] / "builtin_models"
 
@@ -166,7 +169,7 @@ def _scan_dir(models_dir: Path, *, quiet_if_missing: bool) -> dict[str, ModelInf
         return {}
     models: dict[str, ModelInfo] = {}
     for entry in sorted(models_dir.iterdir()):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or (entry.is_dir() and entry.name in CONTROL_MODEL_DIRS):
             continue
         if entry.name == "lora":  # the LoRA folder: models/loras.py
             continue
