@@ -82,9 +82,7 @@ def test_one_request_equals_diffusers_controlnet_pipeline(
 ) -> None:
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-    ours = run(
-        engine, params(sampler=sampler, controlnets=[unit(scale=scale, start=start, end=end)])
-    )
+    ours = run(engine, params(sampler=sampler, controlnets=[unit(scale=scale, start=start, end=end)]))
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
         models / "tiny-sd15",
         controlnet=ControlNetModel.from_pretrained(models / "controlnet" / "cn-sd15"),
@@ -169,7 +167,9 @@ def test_two_controlnets_are_a_sum(engine: Engine) -> None:
     ours = run(engine, params(controlnets=[unit(scale=0.6), unit("cn-sd15-b", B, scale=0.9)]))
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
         models_dir / "tiny-sd15",
-        controlnet=[ControlNetModel.from_pretrained(models_dir / "controlnet" / n) for n in ("cn-sd15", "cn-sd15-b")],
+        controlnet=[
+            ControlNetModel.from_pretrained(models_dir / "controlnet" / n) for n in ("cn-sd15", "cn-sd15-b")
+        ],
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -235,7 +235,7 @@ def test_soft_injection_weights() -> None:
 
 
 def test_control_mode_leaves_the_unconditional_half_alone(engine: Engine) -> None:
-    """"ControlNet is more important": residuals only on the conditional rows of the CFG pair."""
+    """ "ControlNet is more important": residuals only on the conditional rows of the CFG pair."""
     model = engine._control_models.get(engine._controls["cn-sd15"])
     from genserve.engine.conditioning.control import RowControl
 

@@ -19,6 +19,7 @@ from genserve.api.routes import (
     a1111,
     admin,
     batches,
+    controls,
     estimate,
     health,
     images,
@@ -80,7 +81,20 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
     for module in (health, web):
         app.include_router(module.router)
     # Everything else needs an API key when auth is on; the key is the caller's identity.
-    modules = (jobs, videos, batches, models, images, uploads, estimate, openai, openai_videos, a1111, admin)
+    modules = (
+        jobs,
+        videos,
+        batches,
+        models,
+        controls,
+        images,
+        uploads,
+        estimate,
+        openai,
+        openai_videos,
+        a1111,
+        admin,
+    )
     for module in modules:
         app.include_router(module.router, dependencies=[Depends(get_principal)])
 

@@ -26,6 +26,7 @@ from genserve.artifacts.inputs import (
 )
 from genserve.config import Limits
 from genserve.schemas import GenerationParams, LimitError
+from genserve.schemas.control import nested_picture_refs, with_nested_pictures
 from genserve.schemas.image_inputs import InpaintOptions, is_image_hash
 
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w-]+=[\w.-]+)*;base64,", re.IGNORECASE)
@@ -88,7 +89,22 @@ def store_pictures(params: P, inputs: InputStore, limits: Limits) -> P:
         "mask" in refs and "init_image" in refs and params.outpaint is None
     ):  # outpainting repaints its new area whatever the mask
         _check_mask_marks_something(inputs.get(refs["mask"]), params.inpaint)
-    return params.model_copy(update=refs) if refs else params
+    params = params.model_copy(update=refs) if refs else params
+    return store_control_pictures(params, inputs, limits)
+
+
+def store_control_pictures(params: P, inputs: InputStore, limits: Limits) -> P:
+    """The pictures inside controlnets / ip_adapter stored and named by id (422 naming e.g.
+    `controlnets[0].image`)."""
+    refs: dict[str, str] = {}
+    for field, value in nested_picture_refs(params):
+        if is_image_hash(value):
+            stored_size(inputs, value, field)
+            continue
+        data = decode_payload(value, field, limits.max_upload_bytes)
+        check_picture(data, field, limits)
+        refs[field] = inputs.put(data)
+    return with_nested_pictures(params, refs) if refs else params  # type: ignore[return-value]
 
 
 def _check_mask_marks_something(data: bytes, options: InpaintOptions | None) -> None:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from genserve.api.pictures import PICTURE_FIELDS, size_from_picture, stored_size
 from genserve.artifacts.inputs import InputStore
 from genserve.config import Settings
+from genserve.engine.models.loras import registered_loras
 from genserve.engine.models.registry import ModelInfo, sampler_supported
 from genserve.engine.stages.plan import (
     output_size,
@@ -65,6 +66,7 @@ def resolve_params(
     if not sampler_supported(info.family, params.sampler):
         raise LimitError("sampler", f"sampler '{params.sampler}' is not supported for {info.family} models")
     _check_refiner(params.model_copy(update={"model": model_name}), info, models, settings)
+    _check_loras(params, info, settings)
     width, height = _size(params, info, settings, pictures)
     resolved = params.model_copy(
         update={
@@ -97,6 +99,24 @@ def _check_refiner(
         raise LimitError(
             "refiner", f"refiner model '{params.refiner.model}' is not in the allowed list {allowed}"
         )
+
+
+def _check_loras(params: GenerationParams, info: ModelInfo, settings: Settings) -> None:
+    """Every LoRA is registered, loadable and made for the model's family (422 naming loras[i].name)."""
+    if not params.loras:
+        return
+    loras = registered_loras(settings)
+    for i, ref in enumerate(params.loras):
+        lora = loras.get(ref.name)
+        if lora is None:
+            raise LimitError(f"loras[{i}].name", f"LoRA '{ref.name}' is not registered; see GET /v1/loras")
+        if (reason := lora.unsupported_reason()) is not None:
+            raise LimitError(f"loras[{i}].name", reason)
+        if lora.family != info.family:
+            raise LimitError(
+                f"loras[{i}].name",
+                f"LoRA '{ref.name}' is for {lora.family} models; model '{info.name}' is {info.family}",
+            )
 
 
 def _check_hires(params: GenerationParams, info: ModelInfo, settings: Settings) -> None:

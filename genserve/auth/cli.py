@@ -51,6 +51,9 @@ def create(
     model: Annotated[
         list[str] | None, typer.Option("--model", help="Allowed model; repeat (default: all).")
     ] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option("--lora", help="Allowed LoRA; repeat (default: all).")
+    ] = None,
     max_size: Annotated[str | None, typer.Option(help="Largest WIDTHxHEIGHT the key may ask for.")] = None,
     store: StoreOption = None,
     data_dir: DataDirOption = None,
@@ -67,6 +70,7 @@ def create(
         images_per_day=images_per_day,
         gpu_seconds_per_day=gpu_seconds_per_day,
         allowed_models=model or None,
+        allowed_loras=lora or None,
         max_width=max_width,
         max_height=max_height,
     )

@@ -165,7 +165,13 @@ def submit_as(
         resolved = resolve_params(generation, models, settings, services.inputs)
         limits = principal.limits
         multiple = size_multiple(models[resolved.model].family)
-        check_key_limits(resolved, limits.allowed_models, (limits.max_width, limits.max_height), multiple)
+        check_key_limits(
+            resolved,
+            limits.allowed_models,
+            (limits.max_width, limits.max_height),
+            multiple,
+            allowed_loras=limits.allowed_loras,
+        )
         if _has_quota(principal):
             seconds = estimated_seconds(resolved, models[resolved.model].family, services.store)
             _check_quota(principal, services, resolved.num_images, seconds)
@@ -186,8 +192,13 @@ def admit_batch(principal: Principal, items: list[RenderItem], services: Service
     groups: dict[tuple, list[RenderItem]] = {}
     for item in items:
         groups.setdefault(batch_key(item.params), []).append(item)
-    for group in groups.values():  # the key covers model and size
-        check_key_limits(group[0].params, limits.allowed_models, (limits.max_width, limits.max_height))
+    for group in groups.values():  # the key covers model, size and the LoRA set
+        check_key_limits(
+            group[0].params,
+            limits.allowed_models,
+            (limits.max_width, limits.max_height),
+            allowed_loras=limits.allowed_loras,
+        )
     if not _has_quota(principal):
         return
     request_ids = {item.key: request_id_for(item, principal.key_id) for item in items}

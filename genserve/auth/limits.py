@@ -133,7 +133,11 @@ class RedisRateLimiter:
 
 
 def check_key_limits(
-    params: GenerationParams, allowed_models: list[str] | None, max_size: tuple, size_multiple: int = 8
+    params: GenerationParams,
+    allowed_models: list[str] | None,
+    max_size: tuple,
+    size_multiple: int = 8,
+    allowed_loras: list[str] | None = None,
 ) -> None:
     """The key's own model and resolution limits on resolved params, the refiner and the hires pass's
     size included; LimitError (422) names the field. `size_multiple`: the family's hires rounding."""
@@ -149,6 +153,11 @@ def check_key_limits(
         raise LimitError(
             "refiner", f"this API key may use only the models {allowed_models}, not '{params.refiner.model}'"
         )
+    for i, ref in enumerate(params.loras or []):
+        if allowed_loras is not None and ref.name not in allowed_loras:
+            raise LimitError(
+                f"loras[{i}].name", f"this API key may use only the LoRAs {allowed_loras}, not '{ref.name}'"
+            )
     max_width, max_height = max_size
     if max_width is not None and (params.width or 0) > max_width:
         raise LimitError("width", f"width {params.width} exceeds this API key's maximum width {max_width}")

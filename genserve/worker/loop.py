@@ -27,6 +27,7 @@ from genserve.artifacts.s3 import make_input_store, make_video_store
 from genserve.config import Settings
 from genserve.engine.engine import Engine, EngineError
 from genserve.engine.loop.denoise import BatchItem, ItemOutcome
+from genserve.engine.models.controls import scan_controls
 from genserve.engine.models.registry import registered_models
 from genserve.engine.speed.gpu_metrics import publish_gpu_metrics
 from genserve.engine.video.pipelines import VideoEngine
@@ -42,6 +43,7 @@ from genserve.scheduler.calibrate import device_name
 from genserve.scheduler.cost import steady_step_seconds
 from genserve.scheduler.policy import SchedulerState, batch_limit, plan_batch, record_served
 from genserve.schemas import GenerationParams
+from genserve.schemas.control import nested_picture_refs
 from genserve.store.calibration import CalibrationStore
 from genserve.store.jobs import JobRecord, JobStore
 from genserve.worker.lease import JobCanceled, LeaseKeeper, LeaseLost
@@ -404,8 +406,12 @@ class Worker:
         if not jobs:
             return unloadable
         first = params[jobs[0].id]
-        if not self.engine.knows(first.model):
-            self.engine.update_models(registered_models(self.settings))
+        if not self.engine.knows(first.model) or any(p.controlnets or p.ip_adapter for p in params.values()):
+            # new models, or control models added since start (a cheap rescan of their folders)
+            self.engine.update_models(
+                registered_models(self.settings) if not self.engine.knows(first.model) else {},
+                scan_controls(self.settings.models_dir, builtin=self.settings.builtin_models),
+            )
         events = EventBuffer(self.store)
         reporters = {job.id: ProgressReporter(job.id, self.leases, events) for job in jobs}
         items = [
@@ -460,6 +466,11 @@ class Worker:
                     ref = getattr(params[job.id], field)
                     if ref is not None:
                         loaded[field] = self._picture(field, ref)
+                controls = {
+                    ref: self._picture(field, ref) for field, ref in nested_picture_refs(params[job.id])
+                }
+                if controls:
+                    loaded["control_images"] = controls
             except PictureUnavailable as error:
                 log.warning("input picture unavailable", extra={"job_id": job.id, "error": str(error)})
                 failed[job.id] = self._finish_failed(job, str(error))

@@ -28,6 +28,7 @@ from genserve.api.deps import ServicesDep
 from genserve.api.submission import trace_id_from
 from genserve.artifacts.png import A1111_SAMPLER_NAMES, a1111_parameters, extra_parameters
 from genserve.auth.deps import Principal, PrincipalDep, submit_as
+from genserve.engine.models.loras import registered_loras
 from genserve.schemas import GenerationParams, JobCreate, JobState, LimitError
 from genserve.store.jobs import JobRecord, JobStore
 
@@ -398,6 +399,22 @@ def sd_models(services: ServicesDep, principal: PrincipalDep) -> list[dict]:
             "config": None,
         }
         for info in sorted(services.catalog.models().values(), key=lambda m: m.name)
+        if allowed is None or info.name in allowed
+    ]
+
+
+@router.get("/loras", operation_id="a1111_loras")
+def loras(services: ServicesDep, principal: PrincipalDep) -> list[dict]:
+    """The LoRAs this caller may name in `<lora:name:weight>`, in A1111's shape."""
+    allowed = principal.limits.allowed_loras
+    return [
+        {
+            "name": info.name,
+            "alias": info.name,
+            "path": info.path.name,  # the file name only: where it lives is the server's business
+            "metadata": {"family": info.family, "format": info.format, "supported": info.supported},
+        }
+        for info in sorted(registered_loras(services.settings).values(), key=lambda lora: lora.name)
         if allowed is None or info.name in allowed
     ]
 

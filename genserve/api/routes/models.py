@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from genserve.api.deps import ServicesDep
 from genserve.auth.deps import PrincipalDep
+from genserve.engine.models.loras import registered_loras
 
 router = APIRouter(tags=["models"])
 
@@ -41,6 +42,11 @@ class ModelPublic(BaseModel):
     default_frames: int | None = None
     default_fps: int | None = None
     base_model: str | None = None
+    # Upscalers and face restorers (kind 'upscaler' / 'face_restorer', engine/models/upscalers.py):
+    # spandrel's architecture id and the scale (None until a worker has loaded it, for a pickle
+    # whose name does not say). Their family is 'upscale' and their sizes 0.
+    architecture: str | None = None
+    scale: int | None = None
 
 
 class ModelList(BaseModel):
@@ -84,4 +90,58 @@ def list_models(services: ServicesDep, principal: PrincipalDep) -> ModelList:
             for info in sorted(services.catalog.models().values(), key=lambda m: m.name)
             if allowed is None or info.name in allowed
         ]
+        + upscaler_models(services, loaded)
     )
+
+
+class LoraPublic(BaseModel):
+    name: str
+    family: str  # sd15, sdxl or sd3: the models it applies to
+    format: str  # diffusers or kohya; loha, lokr and tucker are listed but refused (supported: false)
+    supported: bool
+    base_model: str | None = None  # the model it was trained on, where its card names one
+    description: str | None = None
+    license: str | None = None
+    size_bytes: int
+
+
+class LoraList(BaseModel):
+    object: str = "list"
+    data: list[LoraPublic]
+
+
+@router.get("/v1/loras", response_model=LoraList, operation_id="list_loras")
+def list_loras(services: ServicesDep, principal: PrincipalDep) -> LoraList:
+    """The LoRAs this caller may name in `loras` or `<lora:name:weight>` (an API key may be limited)."""
+    allowed = principal.limits.allowed_loras
+    return LoraList(
+        data=[
+            LoraPublic(
+                name=info.name,
+                family=info.family,
+                format=info.format,
+                supported=info.supported,
+                base_model=info.base_model,
+                description=info.description,
+                license=info.license,
+                size_bytes=info.size_bytes,
+            )
+            for info in sorted(registered_loras(services.settings).values(), key=lambda lora: lora.name)
+            if allowed is None or info.name in allowed
+        ]
+    )
+
+
+def upscaler_models(services: ServicesDep, loaded: set[str]) -> list[ModelPublic]:
+    """Upscalers and face restorers in <models_dir>/upscale/ (and the built-in one)."""
+    from genserve.engine.models.upscalers import scan_upscalers
+
+    found = scan_upscalers(services.settings.models_dir, builtin=services.settings.builtin_models)
+    return [
+        ModelPublic(
+            id=info.name, name=info.name, family="upscale", format=info.format, native_width=0, native_height=0,
+            dtype=info.dtype, loaded=info.name in loaded, default=False, default_cfg_scale=0.0, default_steps=0,
+            default_sampler="", kind=info.kind, license=info.license, architecture=info.architecture, scale=info.scale,
+        )  # fmt: skip
+        for info in sorted(found.values(), key=lambda i: i.name)
+    ]

@@ -181,3 +181,21 @@ def control_problems(params: Any, controls: dict[str, ControlInfo], base: Any) -
         if problem is not None:
             found.append(("ip_adapter.model", problem))
     return found
+
+
+def preprocessor_names(models_dir: Path) -> list[str]:
+    """Every preprocessor a unit may name: the weight-free ones and the annotators found."""
+    from genserve.engine.conditioning.preprocess import ALIASES, PREPROCESSORS
+
+    return sorted({*PREPROCESSORS, *ALIASES, *scan_annotators(models_dir)})
+
+
+def preprocessor_problem(name: str, models_dir: Path) -> str | None:
+    from genserve.engine.conditioning.preprocess import canonical_name
+
+    key = canonical_name(name)
+    known = preprocessor_names(models_dir)
+    annotators = scan_annotators(models_dir)
+    if key in known or (key.startswith("depth") and "depth" in annotators):
+        return None
+    return f"unknown preprocessor '{name}'; known: {', '.join(known)} (GET /v1/preprocessors)"
