@@ -10,8 +10,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -23,6 +24,13 @@ from genserve.batch.cli import batch_app
 from genserve.config import Settings, is_loopback
 from genserve.distributed.worker_cli import worker as distributed_worker
 from genserve.schemas import SAMPLER_NAMES, GenerationParams, LimitError
+
+if TYPE_CHECKING:  # torch, numpy and PIL load only for the commands that run a model
+    import numpy as np
+    import PIL.Image
+
+    from genserve.engine.video.pipelines import VideoRequest
+    from genserve.schemas.video import VideoParams, VideoSegment
 
 app = typer.Typer(help="genserve: a self-hosted image generation server.", no_args_is_help=True)
 app.add_typer(batch_app, name="batch")
@@ -283,7 +291,7 @@ def _print_validation(error: Exception) -> None:
         console.print(f"[red]{'.'.join(map(str, item['loc'])) or 'request'}: {item['msg']}[/red]")
 
 
-def _video_params(**fields: object) -> object:  # VideoParams; schemas imported lazily like the rest
+def _video_params(**fields: object) -> VideoParams:
     from pydantic import ValidationError
 
     from genserve.schemas.video import VideoParams
@@ -306,7 +314,7 @@ def _video_progress() -> Progress:
     )
 
 
-def _video_local(params: object, output: Path) -> dict:
+def _video_local(params: VideoParams, output: Path) -> dict:
     """Make the clip in this process: the worker's phases, with segments run one after another."""
     from genserve.api.video_submission import resolve_video
     from genserve.engine.models.loading import resolve_device, resolve_dtype
@@ -332,7 +340,7 @@ def _video_local(params: object, output: Path) -> dict:
     with _video_progress() as progress:
         task = progress.add_task("denoise", total=resolved.steps, detail="")
 
-        def make(request: object, where: str) -> object:
+        def make(request: VideoRequest, where: str) -> np.ndarray:
             def on_step(step: int, steps: int) -> None:
                 detail = f"{where}step {step}/{steps}"
                 progress.update(task, description="denoise", completed=step, total=steps, detail=detail)
@@ -354,7 +362,9 @@ def _video_local(params: object, output: Path) -> dict:
             def stage(name: str) -> None:
                 progress.update(task, description=name, completed=0, total=1, detail="")
 
-            delivered = deliver_clip(frames, seams, resolved, device=device, on_stage=stage)
+            delivered = deliver_clip(
+                frames, seams, resolved, device=device, on_stage=stage, prefer_nvenc=settings.video_nvenc
+            )
             progress.update(task, completed=1, total=1)
         except (ValueError, RuntimeError, OSError) as error:
             console.print(f"[red]video failed: {type(error).__name__}: {error}[/red]")
@@ -363,7 +373,7 @@ def _video_local(params: object, output: Path) -> dict:
     return delivered
 
 
-def _read_keyframes(params: object) -> dict[str, object]:
+def _read_keyframes(params: VideoParams) -> dict[str, PIL.Image.Image]:
     """Each keyframe's picture (named by its file here), read once before anything runs."""
     import PIL.Image
 
@@ -378,8 +388,11 @@ def _read_keyframes(params: object) -> dict[str, object]:
 
 
 def _video_request(
-    params: object, pictures: dict, video: object = None, keyframes: list | None = None
-) -> object:
+    params: VideoParams,
+    pictures: dict[str, PIL.Image.Image],
+    video: np.ndarray | None = None,
+    keyframes: list | None = None,
+) -> VideoRequest:
     """The engine's request: keyframe pictures at the clip's size."""
     import PIL.Image
 
@@ -396,7 +409,7 @@ def _video_request(
     return VideoRequest(params=params, keyframes=keyframes, video=video, preview_every=0)
 
 
-def _segment_request(segment: object, pictures: dict, before: object) -> object:
+def _segment_request(segment: VideoSegment, pictures: dict, before: np.ndarray | None) -> VideoRequest:
     """A segment's request; a continuing one starts from the segment before it (worker/video.py)."""
     import PIL.Image
 
@@ -408,7 +421,9 @@ def _segment_request(segment: object, pictures: dict, before: object) -> object:
     return _video_request(params, pictures, video=before[-segment.overlap :])  # a clip condition
 
 
-def stitch_segments(clips: list, params: object, segments: list) -> tuple[object, list[int]]:
+def stitch_segments(
+    clips: list[np.ndarray], params: VideoParams, segments: list[VideoSegment]
+) -> tuple[np.ndarray, list[int]]:
     """A long clip from its segments' frames, as the worker's stitch makes it: keyframe pairs and
     image-to-video chains share one boundary frame, clip continuations crossfade `overlap` frames."""
     from genserve.engine.video.stitch import stitch
@@ -424,7 +439,15 @@ def stitch_segments(clips: list, params: object, segments: list) -> tuple[object
     return frames, [seam for seam in seams if seam < len(frames)]
 
 
-def deliver_clip(frames: object, seams: list[int], params: object, *, device: str, on_stage: object) -> dict:
+def deliver_clip(
+    frames: np.ndarray,
+    seams: list[int],
+    params: VideoParams,
+    *,
+    device: str,
+    on_stage: Callable[[str], None],
+    prefer_nvenc: bool = False,
+) -> dict:
     """Phases 4-6 of a clip (post, interpolate, encode) and its report; `data` holds the file."""
     from genserve.engine.video.encode import encode_clip
     from genserve.engine.video.interpolate import interpolate
@@ -445,7 +468,7 @@ def deliver_clip(frames: object, seams: list[int], params: object, *, device: st
         fps *= post.interpolate
     on_stage("encode")
     out = params.output
-    encoded = encode_clip(frames, fps, out.container, out.codec, out.crf)
+    encoded = encode_clip(frames, fps, out.container, out.codec, out.crf, prefer_nvenc=prefer_nvenc)
     return {
         "data": encoded.data,
         "frames": int(len(frames)),
@@ -459,7 +482,7 @@ def deliver_clip(frames: object, seams: list[int], params: object, *, device: st
     }
 
 
-def _video_remote(params: object, output: Path, server: str) -> dict:
+def _video_remote(params: VideoParams, output: Path, server: str) -> dict:
     """Submit to a server's /v1/video/jobs, follow the job's events with a bar, download the file."""
     import base64
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import LiveServer
-from tests.test_web_ui import CHROMIUM, _is_http_error, _unavailable
+from tests.test_web_ui import CHROMIUM, SHOTS, _is_http_error, _unavailable
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,8 @@ def test_video_tab_makes_a_clip_with_live_progress_and_a_player(playwright_api, 
         report = card.locator(".video-report").inner_text()
         assert "Frames" in report and "9" in report and "flicker index" in report
         expect(page.locator("#video-form-error")).to_be_hidden()
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=SHOTS / "video.png")  # for a person to look at, never compared
 
         # A reload on #video opens the tab again and lists the clip.
         page.reload()

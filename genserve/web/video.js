@@ -575,7 +575,9 @@ export class VideoStudio {
       ["Seconds", report.seconds],
       ["Size", report.width && `${report.width}×${report.height}`],
       ["Codec", report.codec && `${report.codec} (${report.container})`],
-      ...Object.entries(report.metrics ?? {}).map(([name, value]) => [name.replaceAll("_", " "), value]),
+      ...Object.entries(report.metrics ?? {})
+        .filter(([name]) => name !== "frames") // already above
+        .map(([name, value]) => [name.replaceAll("_", " "), value]),
     ].filter(([, value]) => value !== undefined && value !== null);
     return h(
       "dl",
