@@ -11,6 +11,7 @@ from genserve.api.pictures import PICTURE_FIELDS, size_from_picture, stored_size
 from genserve.artifacts.inputs import InputStore
 from genserve.config import Settings
 from genserve.engine.models.loras import registered_loras
+from genserve.engine.models.controls import control_problems, preprocessor_problem, registered_controls
 from genserve.engine.models.registry import ModelInfo, sampler_supported
 from genserve.engine.stages.plan import (
     output_size,
@@ -30,6 +31,7 @@ from genserve.schemas import (
     LimitError,
     check_limits,
 )
+from genserve.schemas.control import nested_picture_refs
 from genserve.schemas.generation import MAX_SEED, SAMPLER_NAMES
 from genserve.schemas.image_inputs import is_image_hash
 from genserve.store.calibration import CalibrationStore
@@ -66,6 +68,7 @@ def resolve_params(
     if not sampler_supported(info.family, params.sampler):
         raise LimitError("sampler", f"sampler '{params.sampler}' is not supported for {info.family} models")
     _check_refiner(params.model_copy(update={"model": model_name}), info, models, settings)
+    _check_controls(params, info, settings)
     _check_loras(params, info, settings)
     width, height = _size(params, info, settings, pictures)
     resolved = params.model_copy(
@@ -117,6 +120,21 @@ def _check_loras(params: GenerationParams, info: ModelInfo, settings: Settings) 
                 f"loras[{i}].name",
                 f"LoRA '{ref.name}' is for {lora.family} models; model '{info.name}' is {info.family}",
             )
+
+
+def _check_controls(params: GenerationParams, info: ModelInfo, settings: Settings) -> None:
+    """Control models exist, fit the base model's family, their preprocessors are known and their
+    pictures are stored (422 naming e.g. controlnets[0].model)."""
+    if not params.controlnets and params.ip_adapter is None:
+        return
+    for field, problem in control_problems(params, registered_controls(settings), info):
+        raise LimitError(field, problem)
+    for i, unit in enumerate(params.controlnets or []):
+        if (problem := preprocessor_problem(unit.preprocessor, settings.models_dir)) is not None:
+            raise LimitError(f"controlnets[{i}].preprocessor", problem)
+    for field, value in nested_picture_refs(params):
+        if not is_image_hash(value):
+            raise LimitError(field, f"{field} must be stored first; send it to POST /v1/jobs or /v1/uploads")
 
 
 def _check_hires(params: GenerationParams, info: ModelInfo, settings: Settings) -> None:

@@ -26,7 +26,14 @@ from genserve.api.deps import Services
 from genserve.api.pictures import store_pictures
 from genserve.api.submission import estimated_seconds, resolve_params, submit
 from genserve.auth.keys import KeyLimits, KeyStore, Role
-from genserve.auth.limits import RateLimited, RateLimiter, RedisRateLimiter, check_key_limits, check_quota
+from genserve.auth.limits import (
+    RateLimited,
+    RateLimiter,
+    RedisRateLimiter,
+    check_allowed_controls,
+    check_key_limits,
+    check_quota,
+)
 from genserve.batch.expand import RenderItem
 from genserve.batch.runner import request_id_for
 from genserve.config import Settings
@@ -172,6 +179,7 @@ def submit_as(
             multiple,
             allowed_loras=limits.allowed_loras,
         )
+        check_allowed_controls(resolved, limits.allowed_controls)
         if _has_quota(principal):
             seconds = estimated_seconds(resolved, models[resolved.model].family, services.store)
             _check_quota(principal, services, resolved.num_images, seconds)
@@ -199,6 +207,8 @@ def admit_batch(principal: Principal, items: list[RenderItem], services: Service
             (limits.max_width, limits.max_height),
             allowed_loras=limits.allowed_loras,
         )
+        for item in group:
+            check_allowed_controls(item.params, limits.allowed_controls)
     if not _has_quota(principal):
         return
     request_ids = {item.key: request_id_for(item, principal.key_id) for item in items}

@@ -43,6 +43,7 @@ api_keys = sa.Table(
     sa.Column("images_per_day", sa.Integer),
     sa.Column("gpu_seconds_per_day", sa.Float),
     sa.Column("allowed_models", sa.JSON),
+    sa.Column("allowed_controls", sa.JSON),
     sa.Column("allowed_loras", sa.JSON),
     sa.Column("max_width", sa.Integer),
     sa.Column("max_height", sa.Integer),
@@ -58,6 +59,7 @@ class KeyLimits:
     allowed_models: list[str] | None = None
     max_width: int | None = None
     max_height: int | None = None
+    allowed_controls: list[str] | None = None  # ControlNets, T2I-Adapters, IP-Adapters; None: all
     allowed_loras: list[str] | None = None  # LoRA names (GET /v1/loras); None: all
 
 

@@ -132,6 +132,18 @@ class RedisRateLimiter:
         _refuse_if_waiting(wait, rate, burst)
 
 
+def check_allowed_controls(params: GenerationParams, allowed: list[str] | None) -> None:
+    """The key may use every control model the request names (422 naming the field)."""
+    if allowed is None:
+        return
+    named = [(f"controlnets[{i}].model", unit.model) for i, unit in enumerate(params.controlnets or [])]
+    if params.ip_adapter is not None:
+        named.append(("ip_adapter.model", params.ip_adapter.model))
+    for field, name in named:
+        if name not in allowed:
+            raise LimitError(field, f"this API key may use only the control models {allowed}, not '{name}'")
+
+
 def check_key_limits(
     params: GenerationParams,
     allowed_models: list[str] | None,

@@ -29,6 +29,9 @@ class KeyLimitsModel(BaseModel):
     allowed_models: list[str] | None = Field(None, description="Models this key may use; all if omitted.")
     max_width: int | None = Field(None, ge=8, description="Largest width this key may ask for.")
     max_height: int | None = Field(None, ge=8, description="Largest height this key may ask for.")
+    allowed_controls: list[str] | None = Field(
+        None, description="ControlNets, T2I-Adapters and IP-Adapters this key may use; all if omitted."
+    )
     allowed_loras: list[str] | None = Field(None, description="LoRAs this key may use; all if omitted.")
 
 
