@@ -31,6 +31,7 @@ from genserve.api.routes import (
     videos,
     web,
 )
+from genserve.api.routes import a1111_extras, upscale
 from genserve.artifacts.s3 import make_image_store
 from genserve.auth.deps import get_principal, install_auth
 from genserve.auth.keys import KeyStore
@@ -96,6 +97,8 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
         admin,
     )
     for module in modules:
+        app.include_router(module.router, dependencies=[Depends(get_principal)])
+    for module in (upscale, a1111_extras):  # upscaling and face restoration (engine/upscale/)
         app.include_router(module.router, dependencies=[Depends(get_principal)])
 
     @app.exception_handler(LimitError)

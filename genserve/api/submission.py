@@ -8,6 +8,7 @@ import secrets
 from datetime import UTC, datetime, timedelta
 
 from genserve.api.pictures import PICTURE_FIELDS, size_from_picture, stored_size
+from genserve.api.upscale_submission import check_post_options
 from genserve.artifacts.inputs import InputStore
 from genserve.config import Settings
 from genserve.engine.models.loras import registered_loras
@@ -85,6 +86,7 @@ def resolve_params(
     )
     check_limits(resolved, settings.limits)
     _check_hires(resolved, info, settings)
+    check_post_options(resolved, settings)  # upscale, face_restore, a hires model upscaler
     return GenerationParams.model_validate(resolved.model_dump())
 
 

@@ -50,6 +50,8 @@ from genserve.engine.speed.optimize import (
     WarmupRun,
     apply_optimizations,
 )
+from genserve.engine.models.upscalers import UpscalerInfo, face_detectors, scan_upscalers
+from genserve.engine.upscale.stage import PostStage, post_process_batch, register_hires_upscaler
 from genserve.engine.stages.plan import output_size, refiner_problem, schedule_error
 from genserve.schemas.generation import GenerationParams, batch_key
 
@@ -90,6 +92,8 @@ class Engine:
         offload_to_cpu: bool = True,
         warmup_on_load: bool = False,
         optimizations: EngineOptimizations | None = None,
+        upscalers: Mapping[str, UpscalerInfo] | None = None,
+        face_detector: Path | None = None,
         loras: Mapping[str, LoraInfo] | Callable[[], Mapping[str, LoraInfo]] | None = None,
         lora_cache_size: int = 8,
         controls: Mapping[str, ControlInfo] | None = None,
@@ -106,6 +110,8 @@ class Engine:
         self._optimizations = optimizations or EngineOptimizations()
         self._applied: dict[str, AppliedOptimizations] = {}
         self._encodings = EncodingCache()  # VAE encodings of input pictures, by model and pixels
+        # Upscalers and face restorers (engine/upscale/): after decode, and the hires fix's model upscalers.
+        self.post = PostStage(upscalers, device=self._device, dtype=self._dtype, face_detector=face_detector)
         # LoRAs by name (a registry, or a callable that rescans one; default: the built-in ones) and
         # the adapters loaded into each cached pipeline.
         self._loras = loras if callable(loras) else (builtin_loras if loras is None else lambda: loras)
@@ -290,6 +296,7 @@ class Engine:
                 f"supported: {', '.join(SUPPORTED_SAMPLERS[info.family])}"
             )
         self._check_stages(items, info)
+        register_hires_upscaler(self.post, params)
         self._check_controls(items, info)
         pipe = self._cache.get(info.name)
         multiple = size_multiple(pipe)
@@ -341,7 +348,7 @@ class Engine:
                 else contextlib.nullcontext()
             )
             with torch.inference_mode(), adapter:
-                return denoise_batch(
+                outcomes = denoise_batch(
                     pipe,
                     info.family,
                     scheduler,
@@ -357,6 +364,8 @@ class Engine:
                     annotate=self._annotators,
                     encode_images=encode_images,
                 )
+                post_process_batch(self.post, items, outcomes)
+                return outcomes
         except Exception as error:
             if is_out_of_memory(error):
                 self._release_cached_memory()
@@ -456,6 +465,8 @@ def engine_from_settings(
         offload_to_cpu=settings.offload_to_cpu,
         warmup_on_load=settings.warmup if warmup is None else warmup,
         optimizations=engine_optimizations(settings),
+        upscalers=scan_upscalers(settings.models_dir, builtin=settings.builtin_models),
+        face_detector=next(iter(face_detectors(settings.models_dir)), None),
         loras=lambda: registered_loras(settings),
         controls=scan_controls(settings.models_dir, builtin=settings.builtin_models),
         annotators=scan_annotators(settings.models_dir),

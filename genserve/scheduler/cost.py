@@ -521,3 +521,27 @@ def parse_grid(text: str) -> ReferenceGrid:
         else:
             steps[row["model"], row["px"], row["images"]] = row["ms_step"]
     return ReferenceGrid(steps, decode)
+
+
+# Upscaling and face restoration (engine/upscale/): seconds per output megapixel of a model
+# upscaler, and per face restored. CPU: genserve-shapes-2x measured by benchmarks/upscale_tiles.py
+# (one thread); GPU: rough guesses for a 4x ESRGAN and a GFPGAN pass (not measured). `genserve
+# calibrate --upscaler NAME` measures the upscaler on this machine and stores it as a StepTiming row
+# under model "upscale:<name>" (1024x1024, batch 1, step_s = seconds per output megapixel).
+UPSCALE_MODEL_PREFIX = "upscale:"
+UPSCALE_S_PER_MEGAPIXEL = {"cpu": 1.0, "cuda": 0.2}
+FACE_RESTORE_S = {"cpu": 8.0, "cuda": 0.05}
+
+
+def upscale_seconds(
+    pixels_out: int, *, device: str = "cuda", faces: int = 0, s_per_megapixel: float | None = None
+) -> float:
+    """Seconds to upscale to `pixels_out` pixels and restore `faces` faces on `device`."""
+    kind = "cpu" if _is_cpu(device) else "cuda"
+    rate = s_per_megapixel if s_per_megapixel is not None else UPSCALE_S_PER_MEGAPIXEL[kind]
+    return pixels_out / 1e6 * rate + faces * FACE_RESTORE_S[kind]
+
+
+def upscale_timing(name: str, device: str, s_per_megapixel: float, samples: int, source: str = CALIBRATED) -> StepTiming:
+    """An upscaler's measured rate, as a row of the calibration table."""
+    return StepTiming(device, UPSCALE_MODEL_PREFIX + name, 1024, 1024, 1, 0.0, s_per_megapixel, source, samples)

@@ -10,6 +10,7 @@ from genserve.schemas.control import MAX_CONTROL_UNITS, ControlNetUnit, IPAdapte
 from genserve.schemas.image_inputs import HiresOptions, InpaintOptions, OutpaintOptions, RefinerOptions
 from genserve.schemas.lora import MAX_LORAS, LoraRef, extract_lora_tags, lora_key, merge_loras
 from genserve.schemas.text import SafeText
+from genserve.schemas.upscale import FaceRestoreOptions, UpscaleOptions
 
 if TYPE_CHECKING:
     from genserve.config import Limits
@@ -71,6 +72,11 @@ class GenerationParams(BaseModel):
     outpaint: OutpaintOptions | None = Field(None, description="Extend init_image's canvas and fill it.")
     hires: HiresOptions | None = Field(None, description="A second, larger pass of the same job.")
     refiner: RefinerOptions | None = Field(None, description="SDXL: finish with a refiner model.")
+    # After decode, per request (engine/upscale/), so out of batch_key.
+    upscale: UpscaleOptions | None = Field(None, description="Upscale the images with an upscaler model (tiled).")
+    face_restore: FaceRestoreOptions | None = Field(
+        None, description="Restore faces (GFPGAN, RestoreFormer) found by the face detector, before upscale."
+    )
     # LoRAs (schemas/lora.py): the set with its weights is part of batch_key. A1111's
     # `<lora:name:weight>` prompt tags are moved here when the params are read.
     loras: list[LoraRef] | None = Field(

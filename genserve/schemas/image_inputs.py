@@ -8,7 +8,7 @@ survives a restart and database rows stay small.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -72,7 +72,10 @@ class HiresOptions(BaseModel):
     scale: float | None = Field(None, gt=1, le=4, description="Upscale factor; or give width and height.")
     width: int | None = Field(None, ge=8, multiple_of=8)
     height: int | None = Field(None, ge=8, multiple_of=8)
-    upscaler: LatentUpscaler | PixelUpscaler = Field("latent", description="Latent or pixel upscaler.")
+    upscaler: LatentUpscaler | PixelUpscaler | Annotated[str, Field(min_length=1, max_length=200)] = Field(
+        "latent",
+        description="Latent or pixel upscaler, or an upscaler model's name (kind 'upscaler' in GET /v1/models).",
+    )
     steps: int | None = Field(
         None, ge=1, description="Steps the second pass runs (exactly); the first pass's if omitted."
     )

@@ -43,11 +43,13 @@ from genserve.scheduler.calibrate import device_name
 from genserve.scheduler.cost import steady_step_seconds
 from genserve.scheduler.policy import SchedulerState, batch_limit, plan_batch, record_served
 from genserve.schemas import GenerationParams
+from genserve.schemas.upscale import UpscaleParams
 from genserve.schemas.control import nested_picture_refs
 from genserve.store.calibration import CalibrationStore
 from genserve.store.jobs import JobRecord, JobStore
 from genserve.worker.lease import JobCanceled, LeaseKeeper, LeaseLost
 from genserve.worker.overlap import BatchFinisher, BatchPrefetcher
+from genserve.worker.upscale import UpscaleContext, refresh_upscalers, run_upscale_job
 from genserve.worker.video import VideoContext, run_video_job
 
 log = logging.getLogger(__name__)
@@ -184,6 +186,18 @@ class Worker:
         log.info("job finished", extra={**context, "attempt": job.attempt, "outcome": outcome})
         return outcome
 
+    def run_upscale(self, job: JobRecord) -> str:
+        """An upscale job (POST /v1/upscale): one picture, alone, on this engine's PostStage."""
+        started = time.perf_counter()
+        context = {"job_id": job.id, "trace_id": job.trace_id, "worker_id": self.worker_id, "kind": job.kind}
+        refresh_upscalers(self.engine.post, self.settings, [UpscaleParams.model_validate(job.params)])
+        with tracing.batch_spans([job]):
+            upscale = UpscaleContext(self.store, self.leases, self.inputs, self.images, self.engine.post, self.worker_id)
+            outcome = run_upscale_job(upscale, job)
+        JOB_SECONDS.labels("upscale", outcome).observe(time.perf_counter() - started)
+        log.info("job finished", extra={**context, "attempt": job.attempt, "outcome": outcome})
+        return outcome
+
     def announce(self) -> None:
         """Refresh this worker's row: readiness and loaded models for /readyz and /v1/models."""
         self.store.worker_heartbeat(
@@ -315,11 +329,15 @@ class Worker:
         With a `finisher`, the images are stored and the jobs ended on its thread; the batch's
         leases and trace spans stay open until then. With a `prefetcher`, the next batch is
         claimed as this one begins its last step."""
+        if jobs and jobs[0].kind == "upscale":  # one picture, alone (worker/upscale.py)
+            self.run_upscale(jobs[0])
+            return
         if jobs and jobs[0].kind != "image":  # the scheduler gives a video job a batch of its own
             self.run_video(jobs[0])
             return
         started = time.perf_counter()
         params = {job.id: GenerationParams.model_validate(job.params) for job in jobs}
+        refresh_upscalers(self.engine.post, self.settings, params.values())  # upscale, face_restore, hires
         outcomes: dict[str, str] = {}
         for job in jobs:
             # Canceled between being listed and claimed, or (prefetched) while waiting for this run.

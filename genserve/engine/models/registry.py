@@ -88,6 +88,9 @@ INPAINT_UNET_CHANNELS = 9
 DEFAULT_NATIVE_SIZE: dict[Family, int] = {"sd15": 512, "sdxl": 1024, "sd3": 1024}
 SD2_NATIVE_SIZE = 768
 
+# Subfolders of a models directory that hold other kinds of models (engine/models/upscalers.py).
+NON_MODEL_FOLDERS = ("upscale", "facerestore", "facedetect")
+
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # real headers are a few MB; anything larger is not safetensors
 
@@ -169,6 +172,8 @@ def _scan_dir(models_dir: Path, *, quiet_if_missing: bool) -> dict[str, ModelInf
         return {}
     models: dict[str, ModelInfo] = {}
     for entry in sorted(models_dir.iterdir()):
+        if entry.is_dir() and entry.name in NON_MODEL_FOLDERS:  # upscalers, face models
+            continue
         if entry.name.startswith(".") or (entry.is_dir() and entry.name in CONTROL_MODEL_DIRS):
             continue
         if entry.name == "lora":  # the LoRA folder: models/loras.py
