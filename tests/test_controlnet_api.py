@@ -19,7 +19,6 @@ from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine
 from genserve.engine.models.control_fixtures import write_tiny_controlnet, write_tiny_t2i_adapter
-from genserve.engine.models.controls import scan_controls
 from genserve.engine.models.registry import scan_models
 from genserve.store.jobs import JobStore
 from genserve.worker.loop import Worker

@@ -11,8 +11,8 @@ from genserve.api.pictures import PICTURE_FIELDS, size_from_picture, stored_size
 from genserve.api.upscale_submission import check_post_options
 from genserve.artifacts.inputs import InputStore
 from genserve.config import Settings
-from genserve.engine.models.loras import registered_loras
 from genserve.engine.models.controls import control_problems, preprocessor_problem, registered_controls
+from genserve.engine.models.loras import registered_loras
 from genserve.engine.models.registry import ModelInfo, sampler_supported
 from genserve.engine.stages.plan import (
     output_size,
