@@ -17,6 +17,8 @@ from genserve.api.deps import ModelCatalog, Services
 from genserve.api.input_guard import InputGuard, InputProblem, fastapi_shape
 from genserve.api.routes import (
     a1111,
+    a1111_controlnet,
+    a1111_extras,
     admin,
     batches,
     controls,
@@ -28,10 +30,10 @@ from genserve.api.routes import (
     openai,
     openai_videos,
     uploads,
+    upscale,
     videos,
     web,
 )
-from genserve.api.routes import a1111_extras, upscale
 from genserve.artifacts.s3 import make_image_store
 from genserve.auth.deps import get_principal, install_auth
 from genserve.auth.keys import KeyStore
@@ -94,6 +96,7 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
         openai,
         openai_videos,
         a1111,
+        a1111_controlnet,
         admin,
     )
     for module in modules:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from genserve import __version__
+from genserve.api.a1111_controlnet import SCRIPT_NAMES, controlnet_fields
 from genserve.api.a1111_inputs import A1111_FIELDS, HiresFields, Img2ImgFields, hires_fields, img2img_fields
 from genserve.api.compat import data_url_payload, image_b64, wait_for_job
 from genserve.api.deps import ServicesDep
@@ -166,6 +167,7 @@ def _job_body(body: ProcessingRequest, model: str | None, task_id: str) -> JobCr
     else:
         assert isinstance(body, Txt2ImgRequest)
         extra = hires_fields(body, _sampler, _model_name)
+    extra.update(controlnet_fields(body.model_extra or {}, extra.get("init_image")))
     try:
         return _to_job(body, model, task_id, extra)
     except ValidationError as error:
@@ -421,8 +423,8 @@ def loras(services: ServicesDep, principal: PrincipalDep) -> list[dict]:
 
 @router.get("/scripts", operation_id="a1111_scripts")
 def scripts() -> dict:
-    """No scripts or extensions (clients probe this for ControlNet and the like)."""
-    return {"txt2img": [], "img2img": []}
+    """The ControlNet extension (alwayson_scripts.controlnet), as clients probe for it."""
+    return {"txt2img": SCRIPT_NAMES, "img2img": SCRIPT_NAMES}
 
 
 @router.get("/samplers", operation_id="a1111_samplers")
