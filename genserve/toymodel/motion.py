@@ -16,8 +16,11 @@ diffusers `UNetMotionModel` that also keeps genserve-shapes' "text" addition emb
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import random
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -232,14 +235,64 @@ class TextAugmentedTimeEmbedding(nn.Module):
         return emb + self.text_embedding(text).to(emb.dtype)
 
 
+class MotionTextConditioning(nn.Module):
+    """The prompt, pooled, as one bias per motion module, added to the module's normalised input.
+
+    AnimateDiff's motion modules see no text: in genserve-shapes' frozen UNet the motion words
+    reached them only indirectly, and after 800 steps the shapes moved but in random directions. This
+    small head (attention pooling over the prompt's tokens, an MLP, one zero-initialised projection
+    per motion module) tells every temporal transformer which motion was asked for. It only shifts
+    the temporal attention's input, never the spatial stream (the residual), so with zero heads the
+    model is exactly AnimateDiff's.
+    """
+
+    def __init__(self, text_dim: int, channels: list[int], hidden: int = 256) -> None:
+        super().__init__()
+        self.config = {"text_dim": text_dim, "channels": list(channels), "hidden": hidden}
+        self.score = nn.Linear(text_dim, 1)
+        self.mlp = nn.Sequential(nn.Linear(text_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in channels)
+        for head in self.heads:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, text: torch.Tensor) -> list[torch.Tensor]:
+        weights = self.score(text).softmax(dim=1)
+        hidden = self.mlp((weights * text).sum(1))
+        return [head(hidden) for head in self.heads]
+
+
+def motion_module_norms(unet: nn.Module) -> list[nn.GroupNorm]:
+    """The input norm of every motion module, in a fixed order."""
+    return [
+        m.norm
+        for name, m in unet.named_modules()
+        if name.endswith(tuple(f"motion_modules.{i}" for i in range(8)))
+    ]
+
+
 class ShapesUNetMotionModel(UNetMotionModel):
-    """A `UNetMotionModel` that keeps genserve-shapes' text addition embedding.
+    """A `UNetMotionModel` that keeps genserve-shapes' text addition embedding, and optionally tells
+    its motion modules the prompt (`MotionTextConditioning`).
 
     genserve-shapes adds an attention-pooled summary of the prompt to the timestep embedding
     (`addition_embed_type="text"`); UNetMotionModel only knows SDXL's "text_time" and
     `from_unet2d` drops it, so the spatial layers would run without the colour signal they were
     trained with. Build it with `build_motion_unet`.
     """
+
+    def attach_motion_text(self, conditioning: MotionTextConditioning) -> None:
+        self.motion_text = conditioning
+        self._motion_biases: list[torch.Tensor] | None = None
+        for index, norm in enumerate(motion_module_norms(self)):
+            norm.register_forward_hook(functools.partial(self._add_motion_bias, index))
+
+    def _add_motion_bias(
+        self, index: int, module: nn.Module, inputs: Any, output: torch.Tensor
+    ) -> torch.Tensor:
+        if self._motion_biases is None:
+            return output
+        return output + self._motion_biases[index][:, :, None, None, None].to(output.dtype)
 
     def forward(  # type: ignore[override]
         self,
@@ -252,18 +305,59 @@ class ShapesUNetMotionModel(UNetMotionModel):
         augmented = isinstance(self.time_embedding, TextAugmentedTimeEmbedding)
         if augmented:
             self.time_embedding.text = encoder_hidden_states
+        motion_text = getattr(self, "motion_text", None)
+        if motion_text is not None:
+            per_clip = encoder_hidden_states
+            if per_clip.shape[0] != sample.shape[0]:  # one copy per frame: keep one per clip
+                per_clip = per_clip[:: per_clip.shape[0] // sample.shape[0]]
+            self._motion_biases = motion_text(per_clip.to(motion_text.score.weight.dtype))
         try:
             return super().forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
         finally:
             if augmented:
                 self.time_embedding.text = None
+            self._motion_biases = None
 
 
-def build_motion_unet(unet: UNet2DConditionModel, adapter: MotionAdapter) -> ShapesUNetMotionModel:
-    """`UNetMotionModel.from_unet2d(unet, adapter)` plus the base UNet's text addition embedding."""
+MOTION_TEXT_FILE = "motion_text_conditioning.safetensors"
+
+
+def new_motion_text(unet: ShapesUNetMotionModel) -> MotionTextConditioning:
+    channels = [norm.num_channels for norm in motion_module_norms(unet)]
+    return MotionTextConditioning(unet.config.cross_attention_dim, channels)
+
+
+def save_motion_text(conditioning: MotionTextConditioning, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in conditioning.state_dict().items()}
+    save_file(state, str(folder / MOTION_TEXT_FILE), metadata={"config": json.dumps(conditioning.config)})
+
+
+def load_motion_text(folder: Path) -> MotionTextConditioning | None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(folder) / MOTION_TEXT_FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    conditioning = MotionTextConditioning(**config)
+    conditioning.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return conditioning
+
+
+def build_motion_unet(
+    unet: UNet2DConditionModel, adapter: MotionAdapter, motion_text: MotionTextConditioning | None = None
+) -> ShapesUNetMotionModel:
+    """`UNetMotionModel.from_unet2d(unet, adapter)` plus the base UNet's text addition embedding and,
+    if given, the motion text conditioning."""
     model = ShapesUNetMotionModel.from_unet2d(unet, adapter)
     if unet.config.addition_embed_type == "text":
         model.time_embedding = TextAugmentedTimeEmbedding(
             model.time_embedding, copy.deepcopy(unet.add_embedding)
         )
+    if motion_text is not None:
+        model.attach_motion_text(motion_text)
     return model.to(unet.dtype)

@@ -73,8 +73,10 @@ class MotionTrainConfig:
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.995
     motion_heads: int = 8
+    motion_text: bool = True  # MotionTextConditioning: the prompt told to the motion modules
     checkpoint_every_s: float = 300.0
     cpu_threads: int = 1
+    init_from: Path | None = None  # a motion.pt checkpoint to start from (see `init_from`)
 
 
 # 1. Models
@@ -118,7 +120,8 @@ def extend_text_encoder(text_encoder: CLIPTextModel, vocab_size: int, seed: int)
 
 
 def motion_parameters(unet: nn.Module) -> list[nn.Parameter]:
-    return [p for name, p in unet.named_parameters() if "motion_modules" in name]
+    """The motion modules' and the motion text conditioning's parameters (the trained part)."""
+    return [p for name, p in unet.named_parameters() if "motion_modules" in name or "motion_text" in name]
 
 
 def extract_adapter(unet: nn.Module, template: MotionAdapter) -> MotionAdapter:
@@ -177,6 +180,8 @@ def new_state(
     adapter = build_adapter(base_unet, config)
     zero_init_motion_outputs(adapter)
     unet = motion.build_motion_unet(base_unet, adapter).float()
+    if config.motion_text:
+        unet.attach_motion_text(motion.new_motion_text(unet))
     unet.requires_grad_(False)
     for p in motion_parameters(unet):
         p.requires_grad_(True)
@@ -300,7 +305,9 @@ def train(
 
 def save_checkpoint(config: MotionTrainConfig, state: MotionState, rngs: dict) -> None:
     payload = {
-        "motion": {k: v for k, v in state.unet.state_dict().items() if "motion_modules" in k},
+        "motion": {
+            k: v for k, v in state.unet.state_dict().items() if "motion_modules" in k or "motion_text" in k
+        },
         "text_encoder": state.text_encoder.state_dict(),
         "ema": state.ema,
         "optimizer": state.optimizer.state_dict(),
@@ -336,6 +343,22 @@ def load_checkpoint(config: MotionTrainConfig, state: MotionState, rngs: dict) -
     return True
 
 
+def init_from(path: Path, state: MotionState) -> int:
+    """Start from another run's weights (motion modules, text encoder; a fresh optimizer and EMA).
+
+    Used to add the motion text conditioning to a run trained without it: the new part starts at
+    zero, so the model starts exactly where that run was."""
+    payload = torch.load(path, weights_only=False)
+    missing, unexpected = state.unet.load_state_dict(payload["motion"], strict=False)
+    assert not unexpected, unexpected
+    state.text_encoder.load_state_dict(payload["text_encoder"])
+    with torch.no_grad():
+        for e, p in zip(state.ema, state.trained(), strict=True):
+            e.copy_(p)
+    logger.info("initialised from %s (its step %d)", path, payload["step"])
+    return int(payload["step"])
+
+
 def export(
     config: MotionTrainConfig, state: MotionState, template: MotionAdapter, tokenizer: PreTrainedTokenizerBase
 ) -> None:
@@ -347,6 +370,8 @@ def export(
     try:
         adapter = extract_adapter(state.unet, template)
         adapter.to(torch.float16).save_pretrained(out, safe_serialization=True)
+        if getattr(state.unet, "motion_text", None) is not None:
+            motion.save_motion_text(state.unet.motion_text, out)
         state.text_encoder.to(torch.float16).save_pretrained(out / "text_encoder", safe_serialization=True)
         state.text_encoder.to(torch.float32)
     finally:
@@ -383,7 +408,8 @@ def run(config: MotionTrainConfig) -> None:
     tokenizer = motion.build_motion_tokenizer()
     state, template = new_state(config, tokenizer)
     rngs = {"python": random.Random(config.seed + 4), "torch": torch.Generator().manual_seed(config.seed + 4)}
-    load_checkpoint(config, state, rngs)
+    if not load_checkpoint(config, state, rngs) and config.init_from is not None:
+        init_from(config.init_from, state)
     state = train(config, clips, latents, scaling_factor, tokenizer, state, rngs)
     export(config, state, template, tokenizer)
     logger.info(
@@ -403,6 +429,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--clips", type=int)
     parser.add_argument("--batch", type=int)
+    parser.add_argument("--init-from", type=Path, help="start from another run's motion.pt (fresh optimizer)")
     parser.add_argument("--cpu-threads", type=int, help="torch threads (default 1: the machine is shared)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -414,6 +441,7 @@ def main() -> None:
         "clips": args.clips,
         "batch": args.batch,
         "cpu_threads": args.cpu_threads,
+        "init_from": args.init_from,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     logger.info("config: %s", config)

@@ -1,0 +1,119 @@
+"""The built-in video model, genserve-shapes-motion: its clips grammar, its measuring tape and its
+held-out quality bar (issue 20)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from genserve.toymodel import dataset, motion
+from genserve.toymodel.motion_eval import (
+    BASE_MODEL,
+    MOTION_MODEL,
+    evaluate_motion,
+    flicker_bar,
+    held_out_clips,
+    measure_clip,
+    training_flicker,
+)
+
+# The held-out evaluation in the test: 14 prompts (every motion twice) x 2 seeds, at TEST_STEPS.
+TEST_PROMPTS = 14
+TEST_STEPS = 20
+
+
+def test_clips_stay_inside_the_picture_and_move_as_named():
+    rng = random.Random(0)
+    for i in range(200):
+        clip = motion.sample_clip(rng, motion.training_triples(), motion.MOTIONS[i % len(motion.MOTIONS)])
+        track = motion.clip_track(clip)
+        assert (track[:, :2] - track[:, 2:] > 0).all() and (track[:, :2] + track[:, 2:] < 1).all(), clip
+        dx, dy, dr = track[-1] - track[0]
+        expected = {"left": dx < -0.29, "right": dx > 0.29, "up": dy < -0.29, "down": dy > 0.29}
+        expected |= {"growing": dr > 0.08, "shrinking": dr < -0.08, "still": not (dx or dy or dr)}
+        assert expected[clip.motion], clip
+
+
+def test_captions_name_shape_colours_and_motion_and_every_word_is_known():
+    rng = random.Random(1)
+    tokenizer = motion.build_motion_tokenizer()
+    unk = tokenizer.convert_tokens_to_ids("[UNK]")
+    for i in range(300):
+        clip = motion.sample_clip(rng, motion.training_triples(), motion.MOTIONS[i % len(motion.MOTIONS)])
+        caption = motion.motion_caption_for(clip, rng)
+        words = caption.split()
+        assert clip.fg in words and clip.bg in words, caption
+        assert any(w in words for w in dataset.SHAPE_WORDS[clip.shape]), caption
+        assert any(p in caption for p in motion.MOTION_PHRASES[clip.motion]) or "still" in words, caption
+        assert unk not in tokenizer(caption).input_ids, caption
+        assert len(tokenizer(caption).input_ids) <= tokenizer.model_max_length
+
+
+def test_reversed_clip_is_the_opposite_motion():
+    clip = motion.sample_clip(random.Random(2), motion.training_triples(), "left")
+    back = clip.reversed()
+    assert back.motion == "right" and back.start == clip.end and back.end == clip.start
+    np.testing.assert_array_equal(motion.render_clip(back), motion.render_clip(clip)[::-1])
+
+
+def test_motion_tokenizer_keeps_the_image_models_ids():
+    from transformers import PreTrainedTokenizerFast
+
+    base = PreTrainedTokenizerFast.from_pretrained(BASE_MODEL / "tokenizer")
+    extended = motion.build_motion_tokenizer()
+    assert all(extended.get_vocab()[word] == i for word, i in base.get_vocab().items())
+    committed = PreTrainedTokenizerFast.from_pretrained(MOTION_MODEL / "tokenizer")
+    assert committed.get_vocab() == extended.get_vocab()
+
+
+def test_held_out_prompts_cover_every_motion_and_are_never_trained_on():
+    clips = held_out_clips(TEST_PROMPTS)
+    assert sorted(c.motion for c in clips) == sorted(motion.MOTIONS * 2)
+    held_out = set(motion.held_out_triples())
+    assert all((c.shape, c.fg, c.bg) in held_out for c in clips)
+    assert not held_out & set(motion.training_triples())
+    split = json.loads((MOTION_MODEL / "eval" / "heldout.json").read_text())
+    assert [tuple(t) for t in split["held_out_triples"]] == motion.held_out_triples()
+
+
+def test_the_measuring_tape_reads_drawn_clips_exactly():
+    """Drawn clips (no model) get their motion, shape and colours right, so a miss is the model's."""
+    from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
+
+    classifier = load_classifier(BASE_MODEL / "eval" / CLASSIFIER_FILE)
+    rng = random.Random(3)
+    for i in range(70):
+        clip = motion.sample_clip(rng, dataset.all_triples(), motion.MOTIONS[i % 7])
+        frames = motion.render_clip(clip)
+        m = measure_clip(frames, clip, classify_shapes(classifier, list(frames)))
+        assert m.motion == clip.motion, (clip, m)
+        assert m.shape_frames >= 0.9 and m.colour_frames == 1.0, (clip, m)
+    mean, worst = training_flicker()
+    assert 0 < mean < worst and flicker_bar() == pytest.approx(2 * mean)
+
+
+def test_committed_motion_model_is_small_and_loads_offline():
+    from diffusers import MotionAdapter
+
+    size = sum(f.stat().st_size for f in MOTION_MODEL.rglob("*") if f.is_file())
+    assert size < 30 * 2**20, f"{size / 2**20:.1f} MB"
+    adapter = MotionAdapter.from_pretrained(MOTION_MODEL, local_files_only=True)
+    assert adapter.config.block_out_channels == [64, 128, 128]
+    card = (MOTION_MODEL / "README.md").read_text()
+    assert "base_model: genserve-shapes" in card and "family: animatediff" in card
+
+
+def test_held_out_motion_quality_bar():
+    """Issue 20's bars on held-out prompts (shape/colour triples never seen moving nor drawn) x 2 seeds:
+    the tracked motion matches the prompt in >= 80% of clips, shape and colours hold in >= 90% of
+    frames, and the mean flicker index stays under the bar set from drawn clips."""
+    report, results = evaluate_motion(TEST_PROMPTS, steps=TEST_STEPS)
+    print(report.summary())
+    assert report.clips == 2 * TEST_PROMPTS
+    assert report.direction >= 0.80, report.summary()
+    assert report.shape_frames >= 0.90, report.summary()
+    assert report.colour_frames >= 0.90, report.summary()
+    assert report.flicker < report.flicker_bar, report.summary()
