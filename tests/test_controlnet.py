@@ -318,3 +318,18 @@ def test_preprocessor_runs_before_the_control(engine: Engine) -> None:
     with_pre = run(engine, params(controlnets=[unit(preprocessor="canny")]))
     given = pixels(engine.generate(params(controlnets=[unit(image=B)]), control_images={B: edges})[0])
     assert np.abs(with_pre - given).max() == 0
+
+
+def test_deepcache_runs_full_steps_for_controlled_rows(models: Path, engine: Engine) -> None:
+    """DeepCache's shallow steps would drop the deep control residuals: controlled rows get full steps."""
+    from genserve.engine.speed.optimize import EngineOptimizations
+
+    cached = Engine(
+        scan_models(models),
+        device="cpu",
+        dtype="float32",
+        controls=scan_controls(models),
+        optimizations=EngineOptimizations(deepcache=3),
+    )
+    p = params(controlnets=[unit(scale=0.9)])
+    assert np.abs(run(cached, p) - run(engine, p)).max() <= 1

@@ -91,3 +91,76 @@ def evaluate(
     maps = [control_map(s) for s, _ in cases] if with_control else None
     images = generate([layout_free_caption(s) for s, _ in cases], maps, [seed for _, seed in cases])
     return score([s for s, _ in cases], images, classify(images))
+
+
+def engine_generator(
+    base: str = "genserve-shapes", control: str = "genserve-shapes-canny", batch: int = 40, scale: float = 1.0
+) -> ControlGenerate:
+    """A `ControlGenerate` through genserve's serving path: the built-in models, the Engine, a batch of
+    rows (with and without control rows share it), the model card's steps, sampler and CFG."""
+    import hashlib
+
+    import PIL.Image
+
+    from genserve.engine.engine import Engine
+    from genserve.engine.loop.denoise import BatchItem
+    from genserve.engine.models.controls import scan_controls
+    from genserve.engine.models.registry import BUILTIN_MODELS_DIR, read_model_info
+    from genserve.schemas.generation import GenerationParams
+
+    info = read_model_info(BUILTIN_MODELS_DIR / base)
+    engine = Engine(
+        {info.name: info}, device="cpu", dtype="float32", controls=scan_controls(BUILTIN_MODELS_DIR)
+    )
+
+    def generate(
+        captions: Sequence[str], maps: Sequence[np.ndarray] | None, seeds: Sequence[int]
+    ) -> list[np.ndarray]:
+        items = []
+        for k, (caption, seed) in enumerate(zip(captions, seeds, strict=True)):
+            units, images = None, {}
+            if maps is not None:
+                ref = "sha256:" + hashlib.sha256(maps[k].tobytes()).hexdigest()
+                images = {ref: PIL.Image.fromarray(maps[k])}
+                units = [{"model": control, "image": ref, "scale": scale}]
+            params = GenerationParams(
+                prompt=caption,
+                model=info.name,
+                seed=seed,
+                steps=info.request_steps,
+                sampler=info.request_sampler,
+                cfg_scale=info.request_cfg_scale,
+                width=info.native_width,
+                height=info.native_height,
+                controlnets=units,
+            )
+            items.append(BatchItem(params, control_images=images))
+        out: list[np.ndarray] = []
+        for start in range(0, len(items), batch):
+            for outcome in engine.generate_batch(items[start : start + batch]):
+                out.extend(np.asarray(image.convert("RGB")) for image in outcome.images)
+        return out
+
+    return generate
+
+
+def evaluate_builtin(count: int = 40, seeds: Sequence[int] = (0,)) -> tuple[ControlReport, ControlReport]:
+    """(with control, without) on the held-out cases, through the Engine with the built-in models."""
+    import torch
+
+    from genserve.engine.models.registry import BUILTIN_MODELS_DIR
+    from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
+
+    classifier = load_classifier(BUILTIN_MODELS_DIR / "genserve-shapes" / "eval" / CLASSIFIER_FILE).eval()
+    generate = engine_generator()
+    scenes = control_scenes(count)
+    with torch.inference_mode():
+        classify = lambda images: classify_shapes(classifier, images)  # noqa: E731
+        controlled = evaluate(generate, classify, scenes, seeds)
+        plain = evaluate(generate, classify, scenes, seeds, with_control=False)
+    return controlled, plain
+
+
+if __name__ == "__main__":
+    for name, report in zip(("with control", "without"), evaluate_builtin(), strict=True):
+        print(f"{name}: {report.summary()}")

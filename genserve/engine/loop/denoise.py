@@ -86,8 +86,10 @@ def run_rows(
         if all(rows[r].done(index) for r in alive):
             break  # every row handed over (to a refiner) already
         active = [r for r in sorted(alive) if rows[r].active(index)]
-        if active != computed:
-            begin_run(denoiser)  # DeepCache (opt-in): a new set of rows needs a full step; else a no-op
+        if active != computed or any(rows[r].controls for r in active):
+            # DeepCache (opt-in): a new set of rows needs a full step, and so does every step with
+            # control residuals (its shallow steps would drop the deep blocks'); else a no-op
+            begin_run(denoiser)
             computed = active
         if active:
             _step(pipe, family, rows, active, cond, scales, timesteps, index)
