@@ -37,6 +37,9 @@ def models(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     write_tiny_controlnet(root / "tiny-sd15", root / "controlnet" / "cn-sd15-b", "sd15", seed=2)
     write_tiny_controlnet(root / "tiny-sdxl", root / "controlnet" / "cn-sdxl", "sdxl", seed=3)
     write_tiny_t2i_adapter(root / "tiny-sd15", root / "t2i_adapter" / "t2i-sd15", "sd15", seed=4)
+    from genserve.engine.models.fixtures import write_tiny_pipeline
+
+    write_tiny_pipeline("sd15", root / "tiny-sd15-inpaint", inpainting=True)
     return root
 
 
@@ -333,3 +336,19 @@ def test_deepcache_runs_full_steps_for_controlled_rows(models: Path, engine: Eng
     )
     p = params(controlnets=[unit(scale=0.9)])
     assert np.abs(run(cached, p) - run(engine, p)).max() <= 1
+
+
+def test_controlnet_on_a_9_channel_inpainting_model(engine: Engine) -> None:
+    """The ControlNet sees the 4 latent channels of a 9-channel inpainting UNet's input."""
+    mask = PIL.Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    p = params("tiny-sd15-inpaint", init_image=B, mask=A, strength=1.0)
+    pictures = {"init_image": IMAGES[B], "mask": mask}
+    plain = pixels(engine.generate(p, **pictures)[0])
+    controlled = pixels(
+        engine.generate(
+            p.model_copy(update={"controlnets": [unit(image=B)]}), control_images=IMAGES, **pictures
+        )[0]
+    )
+    assert np.abs(controlled - plain).max() > 0
+    assert np.abs(controlled[:8] - plain[:8]).max() <= 1  # outside the mask: pasted back unchanged

@@ -120,8 +120,10 @@ def step_extras(
         model = unit0.model
         sub_added = None if added is None else {k: v.index_select(0, positions) for k, v in added.items()}
         images = torch.cat([u.image for _, u in entries]).to(device=model_input.device, dtype=model.dtype)
+        # A 9-channel inpainting UNet's input carries mask channels; the ControlNet sees the latents.
+        latents = model_input[:, : model.config.in_channels]
         res_down, res_mid = model(
-            model_input.index_select(0, positions).to(model.dtype),
+            latents.index_select(0, positions).to(model.dtype),
             t,
             encoder_hidden_states=embeds.index_select(0, positions).to(model.dtype),
             controlnet_cond=images,
