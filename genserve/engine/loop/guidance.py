@@ -59,6 +59,11 @@ def predict_noise(
             step = extras(model_input, t, embeds, added)
             kwargs = step.kwargs
             added = {**(added or {}), **step.added} or None
+        if cond.mask is not None:  # rows padded to a longer prompt: the padding is hidden from them
+            kwargs = {
+                **kwargs,
+                "encoder_attention_mask": torch.cat([cond.mask, cond.mask]) if cfg else cond.mask,
+            }
         output = pipe.unet(
             model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False, **kwargs
         )[0]
