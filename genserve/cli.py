@@ -23,6 +23,7 @@ from genserve.auth.cli import keys_app
 from genserve.batch.cli import batch_app
 from genserve.config import Settings, is_loopback
 from genserve.distributed.worker_cli import worker as distributed_worker
+from genserve.engine.models.upscalers import DEFAULT_UPSCALER
 from genserve.schemas import SAMPLER_NAMES, GenerationParams, LimitError
 
 if TYPE_CHECKING:  # torch, numpy and PIL load only for the commands that run a model
@@ -131,6 +132,7 @@ def _generate_local(params: GenerationParams, output: Path) -> list[Path]:
     from genserve.artifacts.png import encode_png
     from genserve.engine.engine import Engine, EngineError, engine_optimizations
     from genserve.engine.models.registry import registered_models
+    from genserve.engine.models.upscalers import scan_upscalers
 
     settings = Settings()
     models = registered_models(settings)
@@ -147,6 +149,7 @@ def _generate_local(params: GenerationParams, output: Path) -> list[Path]:
         dtype=settings.dtype,
         threads=settings.torch_threads,
         optimizations=engine_optimizations(settings.model_copy(update={"optimizations": levers})),
+        upscalers=scan_upscalers(settings.models_dir, builtin=settings.builtin_models),
     )
     with _progress() as progress:
         task = progress.add_task(f"{params.model} seed {params.seed}", total=params.steps)
@@ -234,6 +237,12 @@ def generate(
     ] = None,
     num_images: Annotated[int, typer.Option(help="Number of images (seeds seed, seed+1, ...).")] = 1,
     server: Annotated[str | None, typer.Option(help="Run on a genserve server at this URL instead.")] = None,
+    upscale: Annotated[
+        float | None, typer.Option(help="Upscale the images ×N after decode with --upscaler (tiled).")
+    ] = None,
+    upscaler: Annotated[
+        str | None, typer.Option(help="Upscaler model for --upscale (default: genserve-shapes-2x).")
+    ] = None,
 ) -> None:
     """Generate images locally, or on a server with --server."""
     from pydantic import ValidationError
@@ -250,6 +259,7 @@ def generate(
             width=width,
             height=height,
             num_images=num_images,
+            upscale=None if upscale is None else {"model": upscaler or DEFAULT_UPSCALER, "scale": upscale},
             **{name: value for name, value in chosen.items() if value is not None},
         )
     except ValidationError as error:
@@ -686,6 +696,9 @@ def calibrate(
     store: Annotated[
         str | None, typer.Option("--store", help="Store URL (default: the configured store).")
     ] = None,
+    upscaler: Annotated[
+        str | None, typer.Option(help="Measure this upscaler's seconds per output megapixel instead.")
+    ] = None,
 ) -> None:
     """Measure the cost model's O and t_step on this machine and store them for `plan` and the server."""
     from genserve.engine.engine import Engine, EngineError, engine_optimizations
@@ -695,6 +708,9 @@ def calibrate(
     from genserve.store.calibration import CalibrationStore
 
     settings = _settings(models_dir=models_dir, store_url=store, device=device)
+    if upscaler is not None:
+        _calibrate_upscaler(settings, upscaler, repeats)
+        return
     models = registered_models(settings)
     name = model or settings.default_model
     if name not in models:
@@ -742,6 +758,31 @@ def calibrate(
         )
     Console().print(table)
     console.print(f"stored {len(timings)} timings in {_display_url(settings.resolved_store_url)}")
+
+
+def _calibrate_upscaler(settings: Settings, name: str, repeats: int) -> None:
+    """`genserve calibrate --upscaler NAME`: seconds per output megapixel, stored for `plan --upscale`."""
+    from genserve.engine.models.loading import resolve_device, resolve_dtype
+    from genserve.engine.models.upscalers import scan_upscalers
+    from genserve.engine.upscale.stage import PostStage
+    from genserve.scheduler.calibrate import calibrate_upscaler
+    from genserve.store.calibration import CalibrationStore
+
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+    post = PostStage(scan_upscalers(settings.models_dir, builtin=settings.builtin_models), device=device,
+                     dtype=resolve_dtype(settings.dtype, device))  # fmt: skip
+    try:
+        timing = calibrate_upscaler(post, name, repeats=repeats)
+    except Exception as error:  # unknown name, spandrel missing, a file it cannot load
+        console.print(f"[red]calibration failed: {error}[/red]")
+        raise typer.Exit(1) from None
+    CalibrationStore.from_url(settings.resolved_store_url).save(timing)
+    console.print(f"{name} on {timing.device}: {timing.step_s:.4f} s per output megapixel "
+                  f"(stored in {_display_url(settings.resolved_store_url)})")  # fmt: skip
 
 
 def _read_timings(url: str) -> list:  # list[StepTiming]; the store module is imported lazily
@@ -799,6 +840,10 @@ def plan(
         str, typer.Option(help="--video: keyframe_parallel, extend or free_noise.")
     ] = "keyframe_parallel",
     clips: Annotated[int | None, typer.Option(min=1, help="--video: clips to plan for.")] = None,
+    upscale: Annotated[
+        float | None, typer.Option(help="Add an upscale ×N after decode (calibrate --upscaler measures it).")
+    ] = None,
+    upscaler: Annotated[str | None, typer.Option(help="The upscaler for --upscale.")] = None,
 ) -> None:
     """Time per image, images/hour, cost per 1,000 images and GPU-hours, from the cost model; with
     --video, GPU-seconds, seconds of video, and cost per clip and per video-second."""
@@ -849,6 +894,16 @@ def plan(
     table.add_row("  O, per-batch overhead", f"{result.overhead_s:.4f} s")
     table.add_row("  t_step, per step of the batch", f"{result.step_s:.5f} s")
     table.add_row("time per image", f"{result.seconds_per_image:.3f} s")
+    if upscale is not None:
+        from genserve.engine.models.upscalers import DEFAULT_UPSCALER
+        from genserve.scheduler.cost import upscale_rate, upscale_seconds
+
+        chosen = upscaler or DEFAULT_UPSCALER
+        rate, source = upscale_rate(timings, chosen, device)
+        out_pixels = round(width * upscale) * round(height * upscale)
+        extra = upscale_seconds(out_pixels, device=device, s_per_megapixel=rate)
+        table.add_row(f"  + upscale ×{upscale:g} with {chosen} ({rate:.4f} s/MP, {source})", f"{extra:.3f} s")
+        table.add_row("time per image with the upscale", f"{result.seconds_per_image + extra:.3f} s")
     table.add_row("images/hour", f"{result.images_per_hour:,.0f}")
     if result.cost_per_1000 is not None:
         table.add_row(

@@ -108,3 +108,17 @@ def test_webuiapi_extras(server):
     with pytest.raises(RuntimeError, match="422"):
         api.extra_single_image(Image.new("RGB", (8, 8)), upscaler_1="nope")
     assert httpx.get(f"{server.url}/sdapi/v1/upscalers").status_code == 200
+
+
+def test_the_hires_fix_upscales_with_a_model(server):
+    with server.client() as client:
+        body = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64,
+                "hires": {"scale": 2, "upscaler": "compact-2x", "strength": 0.5}}  # fmt: skip
+        created = client.post("/v1/jobs", json=body)
+        assert created.status_code == 202, created.text
+        job = wait_job(client, created.json()["id"])
+        assert job["state"] == "succeeded", job["error"]
+        picture = Image.open(io.BytesIO(client.get(job["images"][0]["url"]).content))
+        unknown = client.post("/v1/jobs", json={**body, "hires": {"scale": 2, "upscaler": "nope"}})
+    assert picture.size == (128, 128)
+    assert unknown.status_code == 422 and "hires" in unknown.text

@@ -59,7 +59,11 @@ PICTURE_KEY_FIELDS = ("init_image", "mask", "strength")
 
 def item_key(params: GenerationParams) -> str:
     fields = KEY_FIELDS + (PICTURE_KEY_FIELDS if params.init_image is not None else ())
-    canonical = json.dumps({name: getattr(params, name) for name in fields}, sort_keys=True)
+    key = {name: getattr(params, name) for name in fields}
+    for name in ("upscale", "face_restore"):  # only when set, so other items keep their keys
+        if getattr(params, name, None) is not None:
+            key[name] = getattr(params, name).model_dump()
+    canonical = json.dumps(key, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -216,6 +220,8 @@ def expand(
                         sampler=row["sampler"],
                         num_images=1,
                         preview_every=0,  # nobody watches previews of a batch
+                        upscale=spec.post.upscale if spec.post else None,
+                        face_restore=spec.post.face_restore if spec.post else None,
                     ),
                     models,
                     settings,

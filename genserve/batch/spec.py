@@ -28,6 +28,9 @@ A video batch renders every item as a clip (a video job, as POST /v1/video/jobs 
     video: {num_frames: 25, fps: 8, mode: t2v, post: {interpolate: 2}, output: {container: webm}}
     variants: {seed: [1, 2], size: ["512x320"], model: [genserve-shapes-motion]}
 
+An image batch may upscale or restore faces on every image: `post: {upscale: {model:
+genserve-shapes-2x, scale: 2}, face_restore: {model: GFPGANv1.4, visibility: 0.8}}`.
+
 `video` applies to every item; `variants.steps` and `variants.cfg_scale` (the guidance) are the
 model's defaults unless given, and sampler and strength do not apply. In mode i2v each prompt item's
 `init_image` is its first frame. Files take the container's extension.
@@ -54,6 +57,7 @@ from pydantic import (
 )
 
 from genserve.schemas.generation import MAX_SEED, SamplerName
+from genserve.schemas.upscale import ImagePost
 from genserve.schemas.video import LongOptions, OutputOptions, PostOptions
 
 
@@ -192,11 +196,14 @@ class BatchSpec(BaseModel):
     retries: int = Field(3, ge=1, le=20, description="Attempts per item before it is recorded as failed.")
     priority: int = Field(-1, ge=-10, le=10)
     video: VideoOptions | None = Field(None, description="kind: video: the clip every item makes.")
+    post: ImagePost | None = Field(None, description="kind: image: upscale / face_restore every image.")
 
     @model_validator(mode="after")
     def _video_goes_with_kind(self) -> BatchSpec:
         if self.video is not None and self.kind != "video":
             raise ValueError("video options need kind: video")
+        if self.post is not None and self.kind != "image":
+            raise ValueError("post (upscale, face_restore) is for kind: image; a video has video.post")
         if self.kind == "video" and self.video is None:
             self.video = VideoOptions()
         return self

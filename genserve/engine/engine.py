@@ -44,15 +44,15 @@ from genserve.engine.models.loading import load_pipeline, resolve_device, resolv
 from genserve.engine.models.loras import LoraInfo, builtin_loras, registered_loras
 from genserve.engine.models.registry import SUPPORTED_SAMPLERS, ModelInfo, sampler_supported
 from genserve.engine.models.samplers import build_scheduler
+from genserve.engine.models.upscalers import UpscalerInfo, face_detectors, scan_upscalers
 from genserve.engine.speed.optimize import (
     AppliedOptimizations,
     EngineOptimizations,
     WarmupRun,
     apply_optimizations,
 )
-from genserve.engine.models.upscalers import UpscalerInfo, face_detectors, scan_upscalers
-from genserve.engine.upscale.stage import PostStage, post_process_batch, register_hires_upscaler
 from genserve.engine.stages.plan import output_size, refiner_problem, schedule_error
+from genserve.engine.upscale.stage import PostStage, post_process_batch, register_hires_upscaler
 from genserve.schemas.generation import GenerationParams, batch_key
 
 if TYPE_CHECKING:

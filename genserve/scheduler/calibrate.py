@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 
 from genserve.artifacts.png import encode_png
 from genserve.engine.engine import Engine
-from genserve.scheduler.cost import CALIBRATED, StepTiming
+from genserve.engine.upscale.stage import PostStage
+from genserve.scheduler.cost import CALIBRATED, StepTiming, upscale_timing
 from genserve.schemas.generation import GenerationParams
 
 # Classifier-free guidance on, as in serving (cfg_scale > 1 doubles the denoiser's batch).
@@ -147,3 +148,26 @@ def _from_inside_runs(runs: Sequence[tuple[int, float, list[float]]]) -> tuple[f
     step = statistics.median(intervals)
     overhead = statistics.median(seconds - steps * step for steps, seconds, _ in runs)
     return step, max(0.0, overhead)
+
+
+def calibrate_upscaler(
+    post: PostStage, name: str, size: tuple[int, int] = (256, 256), repeats: int = 3, scale: float | None = None
+) -> StepTiming:
+    """Seconds per output megapixel of upscaler `name` (median of `repeats` after one untimed run),
+    on a noise picture of `size`, tiled as serving tiles it."""
+    import numpy as np
+    import PIL.Image
+
+    from genserve.schemas.upscale import UpscaleOptions
+
+    info = post.info(name, "upscaler")
+    options = UpscaleOptions(model=name, scale=scale or float(info.scale or 2))
+    picture = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    post.upscale(picture, options)  # loads the model and warms up
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        out = post.upscale(picture, options)
+        seconds.append(time.perf_counter() - started)
+    megapixels = out.width * out.height / 1e6
+    return upscale_timing(name, device_name(post.device), statistics.median(seconds) / megapixels, repeats)

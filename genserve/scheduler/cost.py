@@ -545,3 +545,11 @@ def upscale_seconds(
 def upscale_timing(name: str, device: str, s_per_megapixel: float, samples: int, source: str = CALIBRATED) -> StepTiming:
     """An upscaler's measured rate, as a row of the calibration table."""
     return StepTiming(device, UPSCALE_MODEL_PREFIX + name, 1024, 1024, 1, 0.0, s_per_megapixel, source, samples)
+
+
+def upscale_rate(timings: Sequence[StepTiming], upscaler: str, device: str) -> tuple[float, str]:
+    """(seconds per output megapixel, source) for `upscaler` on `device`: calibrated, else the default."""
+    for timing in timings:
+        if timing.model == UPSCALE_MODEL_PREFIX + upscaler and timing.device == device:
+            return timing.step_s, timing.source
+    return UPSCALE_S_PER_MEGAPIXEL["cpu" if _is_cpu(device) else "cuda"], "default"

@@ -51,3 +51,12 @@ class UpscaleParams(BaseModel):
 class UpscaleJobCreate(UpscaleParams):
     request_id: SafeText | None = Field(None, max_length=200, description="Idempotency key.")
     priority: int = Field(0, ge=-10, le=10, description="Higher runs first.")
+
+
+class ImagePost(BaseModel):
+    """A batch spec's `post:` section: what every image item gets after decode."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    upscale: UpscaleOptions | None = None
+    face_restore: FaceRestoreOptions | None = None

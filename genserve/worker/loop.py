@@ -43,8 +43,8 @@ from genserve.scheduler.calibrate import device_name
 from genserve.scheduler.cost import steady_step_seconds
 from genserve.scheduler.policy import SchedulerState, batch_limit, plan_batch, record_served
 from genserve.schemas import GenerationParams
-from genserve.schemas.upscale import UpscaleParams
 from genserve.schemas.control import nested_picture_refs
+from genserve.schemas.upscale import UpscaleParams
 from genserve.store.calibration import CalibrationStore
 from genserve.store.jobs import JobRecord, JobStore
 from genserve.worker.lease import JobCanceled, LeaseKeeper, LeaseLost

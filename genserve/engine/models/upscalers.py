@@ -192,3 +192,14 @@ def pickle_keys(path: Path, limit: int = 200_000) -> list[str]:
                 if not strings:
                     raise UnknownUpscaler(f"{path.name}: not a torch checkpoint ({error})") from None
     return strings
+
+
+DEFAULT_UPSCALER = "genserve-shapes-2x"  # built in: genserve-shapes' pictures, 64 → 128
+
+
+def default_upscaler(upscalers: dict[str, UpscalerInfo]) -> str | None:
+    """The upscaler a client that names none gets: the built-in one, else the first by name."""
+    if DEFAULT_UPSCALER in upscalers:
+        return DEFAULT_UPSCALER
+    names = sorted(name for name, info in upscalers.items() if info.kind == "upscaler")
+    return names[0] if names else None

@@ -12,11 +12,10 @@ import torch
 
 from genserve.engine.errors import EngineError
 from genserve.engine.models.upscalers import UpscalerInfo
-from genserve.engine.upscale.faces import Face, YuNetDetector, descriptor_restorer, restore_faces
+from genserve.engine.upscale.faces import FACE_SIZE, Face, YuNetDetector, descriptor_restorer, restore_faces
 from genserve.engine.upscale.models import DescriptorCache, upscale_picture
 from genserve.engine.upscale.tiles import TileProgress
 from genserve.schemas.upscale import FaceRestoreOptions, UpscaleOptions
-
 
 # Upscaler names that are plain resampling, no model (A1111's "Lanczos" and "Nearest").
 RESAMPLERS = {"lanczos": PIL.Image.Resampling.LANCZOS, "nearest": PIL.Image.Resampling.NEAREST}
@@ -36,6 +35,7 @@ class PostStage:
         self.face_detector = face_detector
         self._cache = DescriptorCache(device, dtype)
         self._detector: YuNetDetector | None = None
+        self.face_size = FACE_SIZE  # the aligned crop restorers are trained on (tests use less)
 
     def update(self, upscalers: Mapping[str, UpscalerInfo], face_detector: Path | None = None) -> None:
         self.upscalers = dict(upscalers)
@@ -87,7 +87,8 @@ class PostStage:
         descriptor = self._cache.get(self.info(options.model, "face_restorer"))
         if faces is None:
             faces = self._find_faces(picture)
-        return restore_faces(picture, faces, descriptor_restorer(descriptor), visibility=options.visibility)
+        restorer = descriptor_restorer(descriptor)
+        return restore_faces(picture, faces, restorer, visibility=options.visibility, size=self.face_size)
 
     def apply(
         self,
