@@ -111,12 +111,14 @@ def test_video_with_server_submits_follows_events_and_downloads(env, tmp_path, m
     settings = Settings(workers=0, heartbeat_seconds=0.5)
     client = TestClient(create_app(settings, supervise_workers=False), base_url="http://genserve")
 
-    def work() -> None:  # run what is queued once the CLI has submitted it
+    def work() -> None:  # run what is queued once the CLI has submitted it, until it has ended
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if client.get("/v1/video/jobs").json()["total"]:
-                run_queue(settings)
+            jobs = client.get("/v1/video/jobs").json()["items"]
+            if jobs and jobs[0]["state"] in ("succeeded", "failed", "canceled"):
                 return
+            if jobs:
+                run_queue(settings)
             time.sleep(0.1)
 
     monkeypatch.setattr(httpx, "Client", lambda **kwargs: client)
