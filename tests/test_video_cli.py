@@ -104,6 +104,7 @@ def test_video_with_server_submits_follows_events_and_downloads(env, tmp_path, m
 
     from genserve.api.app import create_app
     from genserve.config import Settings
+    from genserve.store.jobs import JobStore
     from tests.test_video_api import run_queue
 
     for key, value in env.items():
@@ -112,14 +113,16 @@ def test_video_with_server_submits_follows_events_and_downloads(env, tmp_path, m
     client = TestClient(create_app(settings, supervise_workers=False), base_url="http://genserve")
 
     def work() -> None:  # run what is queued once the CLI has submitted it, until it has ended
+        store = JobStore.from_url(settings.resolved_store_url)  # the client is the CLI's alone
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            jobs = client.get("/v1/video/jobs").json()["items"]
-            if jobs and jobs[0]["state"] in ("succeeded", "failed", "canceled"):
-                return
+            jobs, _ = store.list_jobs(kinds=("video",))
+            if jobs and jobs[0].state in ("succeeded", "failed", "canceled"):
+                break
             if jobs:
                 run_queue(settings)
             time.sleep(0.1)
+        store.close()
 
     monkeypatch.setattr(httpx, "Client", lambda **kwargs: client)
     picture = io.BytesIO()
