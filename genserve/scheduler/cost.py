@@ -525,11 +525,12 @@ def parse_grid(text: str) -> ReferenceGrid:
 
 # Upscaling and face restoration (engine/upscale/): seconds per output megapixel of a model
 # upscaler, and per face restored. CPU: genserve-shapes-2x measured by benchmarks/upscale_tiles.py
-# (one thread); GPU: rough guesses for a 4x ESRGAN and a GFPGAN pass (not measured). `genserve
+# (one thread, 0.52 CPU-seconds per output megapixel, 2026-12-04; a 4x ESRGAN is ~100x heavier:
+# calibrate it); GPU: rough guesses for a 4x ESRGAN and a GFPGAN pass (not measured). `genserve
 # calibrate --upscaler NAME` measures the upscaler on this machine and stores it as a StepTiming row
 # under model "upscale:<name>" (1024x1024, batch 1, step_s = seconds per output megapixel).
 UPSCALE_MODEL_PREFIX = "upscale:"
-UPSCALE_S_PER_MEGAPIXEL = {"cpu": 1.0, "cuda": 0.2}
+UPSCALE_S_PER_MEGAPIXEL = {"cpu": 0.55, "cuda": 0.2}
 FACE_RESTORE_S = {"cpu": 8.0, "cuda": 0.05}
 
 

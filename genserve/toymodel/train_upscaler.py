@@ -173,7 +173,7 @@ def save(model: nn.Module, out: Path, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, out / f"{NAME}.safetensors", metadata={"genserve": json.dumps(report)})
-    (out / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{NAME}.training.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:
