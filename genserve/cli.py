@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -329,6 +328,7 @@ def _video_local(params: VideoParams, output: Path) -> dict:
     from genserve.api.video_submission import resolve_video
     from genserve.engine.models.loading import resolve_device, resolve_dtype
     from genserve.engine.models.registry import registered_models
+    from genserve.engine.video.deliver import finish_clip, stitch_segments
     from genserve.engine.video.pipelines import VideoEngine
 
     settings = Settings()
@@ -369,18 +369,18 @@ def _video_local(params: VideoParams, output: Path) -> dict:
             else:
                 frames, seams = make(_video_request(resolved, pictures), ""), []
 
-            def stage(name: str) -> None:
+            def stage(name: str, data: dict) -> None:
                 progress.update(task, description=name, completed=0, total=1, detail="")
 
-            delivered = deliver_clip(
+            encoded, report = finish_clip(
                 frames, seams, resolved, device=device, on_stage=stage, prefer_nvenc=settings.video_nvenc
             )
             progress.update(task, completed=1, total=1)
         except (ValueError, RuntimeError, OSError) as error:
             console.print(f"[red]video failed: {type(error).__name__}: {error}[/red]")
             raise typer.Exit(1) from None
-    output.write_bytes(delivered.pop("data"))
-    return delivered
+    output.write_bytes(encoded.data)
+    return report
 
 
 def _read_keyframes(params: VideoParams) -> dict[str, PIL.Image.Image]:
@@ -429,67 +429,6 @@ def _segment_request(segment: VideoSegment, pictures: dict, before: np.ndarray |
     if params.mode == "i2v":  # image-to-video: start from the last frame
         return _video_request(params, pictures, keyframes=[(0, PIL.Image.fromarray(before[-1]))])
     return _video_request(params, pictures, video=before[-segment.overlap :])  # a clip condition
-
-
-def stitch_segments(
-    clips: list[np.ndarray], params: VideoParams, segments: list[VideoSegment]
-) -> tuple[np.ndarray, list[int]]:
-    """A long clip from its segments' frames, as the worker's stitch makes it: keyframe pairs and
-    image-to-video chains share one boundary frame, clip continuations crossfade `overlap` frames."""
-    from genserve.engine.video.stitch import stitch
-
-    long = params.long
-    follower = segments[-1] if len(segments) > 1 else None
-    overlap = follower.overlap if follower is not None and follower.continues else 0
-    shared = long.strategy == "keyframe_parallel" or overlap == 1
-    frames, seams = stitch(
-        clips, overlap=0 if shared else overlap, shared_boundary=shared, colour_match=long.colour_match
-    )
-    frames = frames[: params.num_frames]
-    return frames, [seam for seam in seams if seam < len(frames)]
-
-
-def deliver_clip(
-    frames: np.ndarray,
-    seams: list[int],
-    params: VideoParams,
-    *,
-    device: str,
-    on_stage: Callable[[str], None],
-    prefer_nvenc: bool = False,
-) -> dict:
-    """Phases 4-6 of a clip (post, interpolate, encode) and its report; `data` holds the file."""
-    from genserve.engine.video.encode import encode_clip
-    from genserve.engine.video.interpolate import interpolate
-    from genserve.engine.video.metrics import temporal_metrics
-    from genserve.engine.video.post import deflicker, temporal_denoise
-
-    post, fps = params.post, params.fps or 8
-    if post.deflicker or post.denoise:
-        on_stage("post")
-        if post.denoise:
-            frames = temporal_denoise(frames)
-        if post.deflicker:
-            frames = deflicker(frames)
-    if post.interpolate > 1:
-        on_stage("interpolate")
-        frames = interpolate(frames, post.interpolate, device=device)
-        seams = [seam * post.interpolate for seam in seams]
-        fps *= post.interpolate
-    on_stage("encode")
-    out = params.output
-    encoded = encode_clip(frames, fps, out.container, out.codec, out.crf, prefer_nvenc=prefer_nvenc)
-    return {
-        "data": encoded.data,
-        "frames": int(len(frames)),
-        "fps": fps,
-        "seconds": round(len(frames) / fps, 3),
-        "width": int(frames.shape[2]),
-        "height": int(frames.shape[1]),
-        "container": encoded.container,
-        "codec": encoded.codec,
-        "metrics": temporal_metrics(frames, seams=seams),
-    }
 
 
 def _video_remote(params: VideoParams, output: Path, server: str) -> dict:

@@ -24,13 +24,10 @@ from genserve.artifacts.png import preview_data_url
 from genserve.artifacts.videos import VideoStore
 from genserve.config import Settings
 from genserve.engine.models.registry import ModelInfo
+from genserve.engine.video.deliver import finish_clip, stitch_segments
 from genserve.engine.video.encode import encode_clip, filmstrip, first_frame_png
-from genserve.engine.video.interpolate import interpolate
-from genserve.engine.video.metrics import temporal_metrics
 from genserve.engine.video.pipelines import VideoEngine, VideoRequest
 from genserve.engine.video.plan import output_seconds
-from genserve.engine.video.post import deflicker, temporal_denoise
-from genserve.engine.video.stitch import stitch
 from genserve.metrics import VIDEO_SECONDS_MADE, VIDEO_STAGE_SECONDS
 from genserve.schemas.video import VideoParams, VideoSegment
 from genserve.store.jobs import JobRecord, JobStore
@@ -210,68 +207,34 @@ class VideoJob:
         started = time.perf_counter()
         self._event("stage", {"stage": "stitch", "segments": len(parts)})
         clips = [self.context.videos.load_frames(f"{part.id}.npz") for part in parts]
-        long = self.params.long
-        assert long is not None
-        first_follower = VideoSegment.model_validate(parts[-1].params) if len(parts) > 1 else None
-        overlap = first_follower.overlap if first_follower is not None and first_follower.continues else 0
-        # Keyframe pairs and image-to-video chains share one boundary frame; clip continuations
-        # re-create `overlap` frames, which are crossfaded.
-        shared = long.strategy == "keyframe_parallel" or overlap == 1
-        frames, seams = stitch(
-            clips, overlap=0 if shared else overlap, shared_boundary=shared, colour_match=long.colour_match
-        )
-        frames = frames[: self.params.num_frames]
+        segments = [VideoSegment.model_validate(part.params) for part in parts]
+        frames, seams = stitch_segments(clips, self.params, segments)
         self._time("stitch", started)
-        return frames, [seam for seam in seams if seam < len(frames)]
+        return frames, seams
 
     # -- 4-7: post, interpolate, encode, measure, store --------------------------------------------
 
     def _deliver(self, frames: np.ndarray, seams: list[int]) -> list[str]:
-        params, post = self.params, self.params.post
-        if post.deflicker or post.denoise:
-            started = time.perf_counter()
-            self._event("stage", {"stage": "post"})
-            if post.denoise:
-                frames = temporal_denoise(frames)
-            if post.deflicker:
-                frames = deflicker(frames)
-            self._time("post", started)
-        fps = params.fps or 8
-        if post.interpolate > 1:
-            started = time.perf_counter()
-            self._event("stage", {"stage": "interpolate", "multiplier": post.interpolate})
-            frames = interpolate(
-                frames, post.interpolate, device=self.context.engine.device, on_progress=self._on_pairs
-            )
-            seams = [seam * post.interpolate for seam in seams]
-            fps *= post.interpolate
-            self._time("interpolate", started)
-        started = time.perf_counter()
-        self._event("stage", {"stage": "encode", "container": params.output.container})
-        encoded = encode_clip(
-            frames, fps, params.output.container, params.output.codec, params.output.crf,
+        params = self.params
+        thumbnail = self._thumbnail(frames)
+        encoded, report = finish_clip(
+            frames, seams, params,
+            device=self.context.engine.device,
             prefer_nvenc=self.context.settings.video_nvenc,
+            on_stage=lambda stage, data: self._event("stage", {"stage": stage, **data}),
+            on_pairs=self._on_pairs,
         )  # fmt: skip
-        self._time("encode", started)
+        for stage, seconds in report["timings"].items():
+            VIDEO_STAGE_SECONDS.labels(params.model or "", stage).observe(seconds)
+        report["timings"] = {**self.timings, **report["timings"]}
         name = f"{self.job.id}.{params.output.container}"
         self.context.videos.save(name, encoded.data)
-        thumbnail = self._thumbnail(frames)
-        record = {
-            "frames": int(len(frames)),
-            "fps": fps,
-            "seconds": round(len(frames) / fps, 3),
-            "width": int(frames.shape[2]),
-            "height": int(frames.shape[1]),
-            "container": encoded.container,
-            "codec": encoded.codec,
-            "encoder": encoded.encoder,
-            "bytes": len(encoded.data),
-            "timings": self.timings,
-            "metrics": temporal_metrics(frames, seams=seams),
-        }
-        self.context.videos.save_record(f"{self.job.id}.json", record)
+        self.context.videos.save_record(f"{self.job.id}.json", report)
         VIDEO_SECONDS_MADE.labels(params.model or "").inc(output_seconds(params))
-        self._event("video_ready", {"url": f"/v1/video/files/{name}", "frames": record["frames"], "fps": fps})
+        self._event(
+            "video_ready",
+            {"url": f"/v1/video/files/{name}", "frames": report["frames"], "fps": report["fps"]},
+        )
         return [name, thumbnail]
 
     def _on_pairs(self, done: int, total: int) -> None:
