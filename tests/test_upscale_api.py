@@ -122,3 +122,15 @@ def test_the_hires_fix_upscales_with_a_model(server):
         unknown = client.post("/v1/jobs", json={**body, "hires": {"scale": 2, "upscaler": "nope"}})
     assert picture.size == (128, 128)
     assert unknown.status_code == 422 and "hires" in unknown.text
+
+
+def test_an_upscale_job_can_be_canceled(server):
+    body = {"image": _png_b64((400, 400)), "upscale": {"model": "compact-2x", "scale": 4, "tile": 32}}
+    with server.client() as client:
+        job_id = client.post("/v1/upscale", json=body).json()["id"]
+        canceled = client.delete(f"/v1/upscale/{job_id}")
+        assert canceled.status_code == 200
+        events = read_events(client, job_id)
+        assert client.get(f"/v1/upscale/{job_id}").json()["state"] == "canceled"
+        assert client.get("/v1/upscale/nope").status_code == 404
+    assert events[-1].type == "canceled"

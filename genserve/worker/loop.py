@@ -206,7 +206,8 @@ class Worker:
             pid=os.getpid(),
             state=self.state,
             models_loaded=self.engine.loaded_models()
-            + (self._video_engine.loaded_models() if self._video_engine is not None else []),
+            + (self._video_engine.loaded_models() if self._video_engine is not None else [])
+            + self.engine.post.loaded(),  # upscalers and face restorers
         )
 
     def _announce_forever(self, stop: threading.Event) -> None:

@@ -96,3 +96,10 @@ def get_upscale_job(job_id: str, services: ServicesDep, principal: PrincipalDep)
     if job is None or job.kind != UPSCALE_KIND or not principal.owns(job):
         raise HTTPException(404, f"upscale job {job_id} not found")
     return to_upscale_public(job, principal)
+
+
+@router.delete("/v1/upscale/{job_id}", response_model=UpscaleJobPublic, operation_id="cancel_upscale_job")
+def cancel_upscale_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> UpscaleJobPublic:
+    """Cancel: a queued upscale at once, a running one before its next batch of tiles."""
+    get_upscale_job(job_id, services, principal)
+    return to_upscale_public(services.store.request_cancel(job_id), principal)
