@@ -145,3 +145,11 @@ def test_style_only_sets_instantstyle_blocks(engine: Engine) -> None:
     styled = run(engine, params(ip_adapter=ip([A], 0.7, style_only=True)))
     full = run(engine, params(ip_adapter=ip([A], 0.7)))
     assert np.abs(styled - full).max() > 0
+
+
+def test_hires_second_pass_keeps_the_image_prompt(engine: Engine) -> None:
+    """The IP-Adapter stays loaded for the hires pass, whose rows carry the same embeddings."""
+    hires = {"scale": 1.5, "steps": 3, "strength": 0.5}
+    with_ip = run(engine, params(steps=4, hires=hires, ip_adapter=ip([A])))
+    plain = run(engine, params(steps=4, hires=hires))
+    assert with_ip.shape == (96, 96, 3) and np.abs(with_ip - plain).max() > 0

@@ -72,6 +72,7 @@ def hires_rows(
                 start=start,
                 latents=latents.to(device=device, dtype=dtype),
                 extra=extra,
+                image_embeds=row.image_embeds,  # the IP-Adapter stays loaded for the second pass
             )
         )
     return out
