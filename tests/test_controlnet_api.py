@@ -238,3 +238,14 @@ def test_key_allowed_controls(tmp_path: Path) -> None:
             GenerationParams(prompt="x", ip_adapter={"model": "ip", "images": [sha]}), ["cn-sd15"]
         )
     assert refused.value.field == "ip_adapter.model"
+
+
+def test_keys_cli_sets_allowed_controls(tmp_path: Path) -> None:
+    from genserve.auth.keys import KeyStore
+    from tests.helpers import keys_cli
+
+    created = keys_cli(tmp_path, "create", "dora", "--control", "cn-sd15", "--control", "ip-sd15")
+    assert created.exit_code == 0, created.output
+    keys = KeyStore.from_url(f"sqlite:///{tmp_path / 'genserve.db'}")
+    [key] = keys.list()
+    assert key.limits.allowed_controls == ["cn-sd15", "ip-sd15"]

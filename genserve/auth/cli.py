@@ -54,6 +54,12 @@ def create(
     lora: Annotated[
         list[str] | None, typer.Option("--lora", help="Allowed LoRA; repeat (default: all).")
     ] = None,
+    control: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--control", help="Allowed ControlNet / T2I-Adapter / IP-Adapter; repeat (default: all)."
+        ),
+    ] = None,
     max_size: Annotated[str | None, typer.Option(help="Largest WIDTHxHEIGHT the key may ask for.")] = None,
     store: StoreOption = None,
     data_dir: DataDirOption = None,
@@ -71,6 +77,7 @@ def create(
         gpu_seconds_per_day=gpu_seconds_per_day,
         allowed_models=model or None,
         allowed_loras=lora or None,
+        allowed_controls=control or None,
         max_width=max_width,
         max_height=max_height,
     )
