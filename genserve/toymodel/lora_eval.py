@@ -17,6 +17,7 @@ White backgrounds are left out of the held-out scenes here: a white frame on whi
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -68,3 +69,58 @@ def frame_training_scenes(count: int, seed: int) -> list[dataset.Scene]:
     rng = random.Random(seed)
     triples = dataset.training_triples(dataset.held_out_triples())
     return [dataset.sample_scene(rng, triples) for _ in range(count)]
+
+
+def engine_frame_report(
+    folder: Path,
+    lora: str = "shapes-white-frame",
+    weight: float = 1.0,
+    seeds: tuple[int, ...] = (0,),
+    steps: int = 20,
+    batch: int = 12,
+) -> dict[str, float]:
+    """Held-out frame and fidelity figures through genserve's Engine, with and without the LoRA.
+
+    `framed` is the fraction of images with a white frame (`is_framed`); background, foreground
+    and shape are measured on the inside of the frame (`unframed`) against each scene's caption.
+    """
+    import torch
+
+    from genserve.engine.engine import Engine
+    from genserve.engine.loop.denoise import BatchItem
+    from genserve.engine.models.registry import read_model_info
+    from genserve.schemas.generation import GenerationParams
+    from genserve.toymodel.evaluate import score
+    from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
+
+    info = read_model_info(folder)
+    engine = Engine({info.name: info}, device="cpu", dtype="float32")
+    classifier = load_classifier(folder / "eval" / CLASSIFIER_FILE)
+    jobs = [(scene, seed) for scene in held_out_frame_scenes() for seed in seeds]
+    figures: dict[str, float] = {"images": float(len(jobs))}
+    for label, loras in (("base", None), ("lora", [{"name": lora, "weight": weight}])):
+        images: list[np.ndarray] = []
+        for start in range(0, len(jobs), batch):
+            items = [
+                BatchItem(
+                    GenerationParams(
+                        prompt=dataset.canonical_caption(scene),
+                        model=info.name,
+                        seed=seed,
+                        steps=steps,
+                        width=info.native_width,
+                        height=info.native_height,
+                        loras=loras,
+                    )
+                )
+                for scene, seed in jobs[start : start + batch]
+            ]
+            with torch.inference_mode():
+                for outcome in engine.generate_batch(items):
+                    images.extend(np.asarray(image.convert("RGB")) for image in outcome.images)
+        inner = [unframed(image) for image in images]
+        fidelity = score([scene for scene, _ in jobs], inner, classify_shapes(classifier, inner))
+        figures[f"{label}_framed"] = float(np.mean([is_framed(image) for image in images]))
+        figures[f"{label}_frame_fraction"] = float(np.mean([frame_fraction(image) for image in images]))
+        figures.update({f"{label}_{key}": value for key, value in fidelity.items() if key != "position"})
+    return figures
