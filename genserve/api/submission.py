@@ -8,7 +8,7 @@ import secrets
 from datetime import UTC, datetime, timedelta
 
 from genserve.api.pictures import PICTURE_FIELDS, size_from_picture, stored_size
-from genserve.api.upscale_submission import check_post_options
+from genserve.api.upscale_submission import check_post_options, post_seconds
 from genserve.artifacts.inputs import InputStore
 from genserve.config import Settings
 from genserve.engine.models.controls import control_problems, preprocessor_problem, registered_controls
@@ -279,6 +279,8 @@ def estimated_seconds(params: GenerationParams, family: str, store: JobStore) ->
     )
     strength = params.strength if params.init_image is not None else None
     seconds = seconds_per_batch(timing, steps_run(params.steps, strength), encodes=strength is not None)
+    if params.upscale is not None or params.face_restore is not None:  # after decode (engine/upscale/)
+        seconds += post_seconds(params, output_size(params, family), calibration.all(device=device), device)
     return seconds + second_stage_seconds(params, family, calibration, device, params.num_images)
 
 

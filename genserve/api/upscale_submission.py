@@ -117,3 +117,18 @@ def submit_upscale(
         trace_id=trace_id,
         kind=UPSCALE_KIND,
     )
+
+
+def post_seconds(params: object, size: tuple[int, int], timings: list, device: str) -> float:
+    """An image job's upscale and face restoration, for all its images (the cost model's rates:
+    calibrated for this upscaler on `device`, else the default)."""
+    from genserve.scheduler.cost import upscale_rate
+
+    upscale, faces = getattr(params, "upscale", None), getattr(params, "face_restore", None)
+    if upscale is None and faces is None:
+        return 0.0
+    images = getattr(params, "num_images", 1)
+    scale = upscale.scale if upscale is not None else 1.0
+    pixels = round(size[0] * scale) * round(size[1] * scale)
+    rate = upscale_rate(timings, upscale.model, device)[0] if upscale is not None else 0.0
+    return images * upscale_seconds(pixels, device=device, faces=1 if faces else 0, s_per_megapixel=rate)
