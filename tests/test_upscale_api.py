@@ -134,3 +134,12 @@ def test_an_upscale_job_can_be_canceled(server):
         assert client.get(f"/v1/upscale/{job_id}").json()["state"] == "canceled"
         assert client.get("/v1/upscale/nope").status_code == 404
     assert events[-1].type == "canceled"
+
+
+def test_a1111_hires_fix_takes_an_upscaler_model_by_name(server):
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler", steps=2)
+    result = api.txt2img(prompt="a red circle", width=64, height=64, steps=2, enable_hr=True, hr_scale=2,
+                         hr_upscaler="compact-2x", denoising_strength=0.5)  # fmt: skip
+    assert result.images[0].size == (128, 128)
+    with pytest.raises(RuntimeError, match="is not available; use one of: .*Nearest, compact-2x"):
+        api.txt2img(prompt="x", width=64, height=64, steps=2, enable_hr=True, hr_upscaler="R-ESRGAN 4x+")

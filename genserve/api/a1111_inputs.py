@@ -7,6 +7,7 @@ the field they sent.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -124,17 +125,20 @@ def inpaint_options(body: Img2ImgFields) -> InpaintOptions:
     )
 
 
-def hires_fields(body: HiresFields, sampler: Any, model_name: Any) -> dict[str, Any]:
+def hires_fields(
+    body: HiresFields, sampler: Any, model_name: Any, upscalers: Collection[str] = ()
+) -> dict[str, Any]:
     """The schema's `hires` and `refiner` for a txt2img request; `sampler` and `model_name` turn
-    A1111's display names into genserve's."""
+    A1111's display names into genserve's; `upscalers` are the upscaler models hr_upscaler may name."""
     fields: dict[str, Any] = {}
     if body.enable_hr:
         for name in ("hr_checkpoint_name", "hr_prompt", "hr_negative_prompt"):
             if getattr(body, name):
                 raise LimitError(name, f"{name} is not supported: the second pass uses the first's")
-        upscaler = HR_UPSCALERS.get((body.hr_upscaler or "latent").strip().lower())
+        asked = (body.hr_upscaler or "latent").strip()
+        upscaler = HR_UPSCALERS.get(asked.lower()) or (asked if asked in upscalers else None)
         if upscaler is None:
-            names = ", ".join(sorted({name.title() for name in HR_UPSCALERS}))
+            names = ", ".join(sorted({name.title() for name in HR_UPSCALERS}) + sorted(upscalers))
             raise LimitError(
                 "hr_upscaler", f"hr_upscaler '{body.hr_upscaler}' is not available; use one of: {names}"
             )

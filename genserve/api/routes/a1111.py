@@ -13,6 +13,7 @@ import json
 import re
 import threading
 import uuid
+from collections.abc import Collection
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request
@@ -27,6 +28,7 @@ from genserve.api.a1111_inputs import A1111_FIELDS, HiresFields, Img2ImgFields, 
 from genserve.api.compat import data_url_payload, image_b64, wait_for_job
 from genserve.api.deps import ServicesDep
 from genserve.api.submission import trace_id_from
+from genserve.api.upscale_submission import registered_upscalers
 from genserve.artifacts.png import A1111_SAMPLER_NAMES, a1111_parameters, extra_parameters
 from genserve.auth.deps import Principal, PrincipalDep, submit_as
 from genserve.engine.models.loras import registered_loras
@@ -160,13 +162,15 @@ def _unsupported(body: ProcessingRequest) -> None:
         raise LimitError("script_name", "scripts are not supported by genserve")
 
 
-def _job_body(body: ProcessingRequest, model: str | None, task_id: str) -> JobCreate:
+def _job_body(
+    body: ProcessingRequest, model: str | None, task_id: str, upscalers: Collection[str] = ()
+) -> JobCreate:
     _unsupported(body)
     if isinstance(body, Img2ImgRequest):
         extra = img2img_fields(body)
     else:
         assert isinstance(body, Txt2ImgRequest)
-        extra = hires_fields(body, _sampler, _model_name)
+        extra = hires_fields(body, _sampler, _model_name, upscalers)
     extra.update(controlnet_fields(body.model_extra or {}, extra.get("init_image")))
     try:
         return _to_job(body, model, task_id, extra)
@@ -279,7 +283,8 @@ async def _process(
     override = (body.override_settings or {}).get("sd_model_checkpoint")
     chosen = override or _options(request).get(_caller(request, principal, client_id))
     task_id = body.force_task_id or uuid.uuid4().hex
-    job_body = _job_body(body, _model_name(chosen) if chosen else None, task_id)
+    upscalers = [n for n, i in registered_upscalers(services.settings).items() if i.kind == "upscaler"]
+    job_body = _job_body(body, _model_name(chosen) if chosen else None, task_id, upscalers)
     trace_id = trace_id_from(traceparent)
     try:
         job, _ = await run_in_threadpool(submit_as, principal, job_body, services, client_id, trace_id)
