@@ -93,3 +93,21 @@ def test_a_face_restorer_needs_the_operator_detector(models_dir: Path, tmp_path:
         YuNetDetector(bogus)
     with pytest.raises(EngineError, match="not registered"):
         stage.restore_faces(PIL.Image.new("RGB", (64, 64)), FaceRestoreOptions(model="gfpgan"), [])
+
+
+def test_gfpgan_at_full_size_restores_a_512_crop() -> None:
+    """spandrel's GFPGAN is hard-coded full size (86M parameters): random weights, one face, once."""
+    from spandrel import ModelLoader
+    from spandrel.architectures.GFPGAN import GFPGAN
+
+    from genserve.engine.upscale.faces import descriptor_restorer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    descriptor = ModelLoader().load_from_state_dict(GFPGAN().state_dict()).eval()
+    assert (descriptor.architecture.id, descriptor.purpose, descriptor.size_requirements.minimum) == ("GFPGAN", "FaceSR", 512)
+    picture = PIL.Image.new("RGB", (256, 256), (120, 90, 80))
+    face = _face_at(128, 128, 0.25, 5)
+    out = np.asarray(restore_faces(picture, [face], descriptor_restorer(descriptor))).astype(int)
+    assert (np.abs(out - np.asarray(picture).astype(int)).sum(axis=2) > 0)[128, 128]
+    assert np.array_equal(out[:20, :20], np.asarray(picture)[:20, :20])

@@ -129,3 +129,16 @@ def test_tile_size_respects_the_size_requirements() -> None:
 
     assert upscale_models.tile_size(Fake(), "cpu", 200) == 192
     assert upscale_models.tile_size(Fake(), "cpu", 50) == 96
+
+
+def test_half_precision_only_on_a_gpu_and_where_the_architecture_allows() -> None:
+    class Descriptor:
+        supports_half, supports_bfloat16 = True, False
+
+    assert upscale_models.model_dtype(Descriptor(), "cpu", torch.float16) == torch.float32
+    assert upscale_models.model_dtype(Descriptor(), "cuda", torch.float16) == torch.float16
+    assert upscale_models.model_dtype(Descriptor(), "cuda", torch.bfloat16) == torch.float16  # no bf16: fp16
+    Descriptor.supports_half = False  # RestoreFormer, GFPGAN: bfloat16 only
+    Descriptor.supports_bfloat16 = True
+    assert upscale_models.model_dtype(Descriptor(), "cuda", torch.float16) == torch.float32
+    assert upscale_models.model_dtype(Descriptor(), "cuda", torch.bfloat16) == torch.bfloat16
