@@ -112,7 +112,9 @@ def main() -> None:
         "repeats": args.repeats,
         "summary": summary,
         "speedup_cpu": round(speedup, 3),
-        "speedup_wall": round(summary["batched"]["tiles_per_second"] / summary["one_at_a_time"]["tiles_per_second"], 3),
+        "speedup_wall": round(
+            summary["batched"]["tiles_per_second"] / summary["one_at_a_time"]["tiles_per_second"], 3
+        ),
         "rounds": rounds,
         "command": f"python benchmarks/upscale_tiles.py --threads {args.threads}",
     }

@@ -23,7 +23,9 @@ def test_post_upscale_reaches_every_item(tmp_path: Path) -> None:
     if "genserve-shapes-2x" not in scan_upscalers(settings.models_dir, builtin=True):
         pytest.skip("the built-in upscaler is not trained yet")
     base = {"prompts": ["a red circle", "a blue star"], "variants": {"seed": [1]}}
-    spec, where = load_spec({**base, "post": {"upscale": {"model": "genserve-shapes-2x", "scale": 2}}}, tmp_path)
+    spec, where = load_spec(
+        {**base, "post": {"upscale": {"model": "genserve-shapes-2x", "scale": 2}}}, tmp_path
+    )
     items = expand(spec, where, registered_models(settings), settings)
     assert [item.params.upscale.model for item in items] == ["genserve-shapes-2x"] * 2
     plain, _ = load_spec(base, tmp_path)

@@ -28,10 +28,15 @@ SIZE = 128
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    model = RestoreFormer(n_embed=32, embed_dim=32, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=32, head_size=2)
+    model = RestoreFormer(
+        n_embed=32, embed_dim=32, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=32, head_size=2
+    )
     root = tmp_path_factory.mktemp("models")
     (root / "upscale").mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "upscale" / "tiny-restoreformer.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        root / "upscale" / "tiny-restoreformer.safetensors",
+    )
     return root
 
 
@@ -61,7 +66,9 @@ def test_restore_changes_the_face_only(models_dir: Path) -> None:
     rng = np.random.default_rng(0)
     picture = PIL.Image.fromarray(rng.integers(0, 255, (160, 240, 3), dtype=np.uint8))
     face = _face_at(120, 80, 0.12, -8)  # a face about 60 pixels wide
-    out = np.asarray(stage.restore_faces(picture, FaceRestoreOptions(model="tiny-restoreformer"), [face])).astype(int)
+    out = np.asarray(
+        stage.restore_faces(picture, FaceRestoreOptions(model="tiny-restoreformer"), [face])
+    ).astype(int)
     before = np.asarray(picture).astype(int)
     changed = np.abs(out - before).sum(axis=2) > 0
     x, y, w, h = face.box
@@ -69,7 +76,9 @@ def test_restore_changes_the_face_only(models_dir: Path) -> None:
     assert not changed[:, :40].any() and not changed[:, 200:].any()  # far from the face: untouched
     none = stage.restore_faces(picture, FaceRestoreOptions(model="tiny-restoreformer", visibility=0), [face])
     assert np.array_equal(np.asarray(none), np.asarray(picture))
-    half = np.asarray(stage.restore_faces(picture, FaceRestoreOptions(model="tiny-restoreformer", visibility=0.5), [face])).astype(int)
+    half = np.asarray(
+        stage.restore_faces(picture, FaceRestoreOptions(model="tiny-restoreformer", visibility=0.5), [face])
+    ).astype(int)
     centre = (int(y + h * 0.4), int(x + w * 0.5))
     assert abs((half[centre] - before[centre]) - (out[centre] - before[centre]) / 2).max() <= 2
 
@@ -105,7 +114,11 @@ def test_gfpgan_at_full_size_restores_a_512_crop() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     descriptor = ModelLoader().load_from_state_dict(GFPGAN().state_dict()).eval()
-    assert (descriptor.architecture.id, descriptor.purpose, descriptor.size_requirements.minimum) == ("GFPGAN", "FaceSR", 512)
+    assert (descriptor.architecture.id, descriptor.purpose, descriptor.size_requirements.minimum) == (
+        "GFPGAN",
+        "FaceSR",
+        512,
+    )
     picture = PIL.Image.new("RGB", (256, 256), (120, 90, 80))
     face = _face_at(128, 128, 0.25, 5)
     out = np.asarray(restore_faces(picture, [face], descriptor_restorer(descriptor))).astype(int)

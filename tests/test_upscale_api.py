@@ -31,7 +31,10 @@ def server(tmp_path_factory):
     (models / "upscale").mkdir()
     torch.manual_seed(0)
     compact = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2)
-    save_file({k: v.contiguous() for k, v in compact.state_dict().items()}, models / "upscale" / "compact-2x.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in compact.state_dict().items()},
+        models / "upscale" / "compact-2x.safetensors",
+    )
     save_file({"nothing.weight": torch.zeros(1)}, models / "upscale" / "mystery.safetensors")
     live = LiveServer(models_dir=models, data_dir=tmp_path_factory.mktemp("data")).start()
     yield live
@@ -84,7 +87,13 @@ def test_unknown_names_are_422_naming_the_field(server):
 
 def test_an_image_job_is_upscaled_after_decode(server):
     with server.client() as client:
-        body = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "upscale": {"model": "compact-2x", "scale": 2}}
+        body = {
+            "prompt": "a red circle",
+            "steps": 2,
+            "width": 64,
+            "height": 64,
+            "upscale": {"model": "compact-2x", "scale": 2},
+        }
         created = client.post("/v1/jobs", json=body)
         assert created.status_code == 202, created.text
         job = wait_job(client, created.json()["id"])
@@ -95,14 +104,22 @@ def test_an_image_job_is_upscaled_after_decode(server):
 
 def test_webuiapi_extras(server):
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
-    single = api.extra_single_image(Image.new("RGB", (40, 30), (10, 200, 10)), upscaler_1="compact-2x", upscaling_resize=2)
+    single = api.extra_single_image(
+        Image.new("RGB", (40, 30), (10, 200, 10)), upscaler_1="compact-2x", upscaling_resize=2
+    )
     assert single.images[0].size == (80, 60)
     batch = api.extra_batch_images(
-        [Image.new("RGB", (20, 20), "red"), Image.new("RGB", (24, 16), "blue")], upscaler_1="Lanczos", upscaling_resize=3
+        [Image.new("RGB", (20, 20), "red"), Image.new("RGB", (24, 16), "blue")],
+        upscaler_1="Lanczos",
+        upscaling_resize=3,
     )
     assert [image.size for image in batch.images] == [(60, 60), (72, 48)]
     exact = api.extra_single_image(
-        Image.new("RGB", (40, 30)), resize_mode=1, upscaling_resize_w=100, upscaling_resize_h=100, upscaler_1="compact-2x"
+        Image.new("RGB", (40, 30)),
+        resize_mode=1,
+        upscaling_resize_w=100,
+        upscaling_resize_h=100,
+        upscaler_1="compact-2x",
     )
     assert exact.images[0].size == (100, 100)
     with pytest.raises(RuntimeError, match="422"):

@@ -50,8 +50,8 @@ def test_weights_are_a_partition_over_the_picture() -> None:
     width, height, overlap, scale = 100, 70, 16, 2
     total = torch.zeros(height * scale, width * scale)
     for t in tile_grid(width, height, 40, overlap):
-        total[t.top * scale : (t.top + t.height) * scale, t.left * scale : (t.left + t.width) * scale] += feather(
-            t, width, height, overlap, scale
+        total[t.top * scale : (t.top + t.height) * scale, t.left * scale : (t.left + t.width) * scale] += (
+            feather(t, width, height, overlap, scale)
         )
     assert total.min() > 0.3
 
@@ -63,7 +63,9 @@ def _esrgan():
 # Compact's receptive field is 4 input pixels (4 convolutions), within overlap/4 = 4: exact up to
 # rounding. Tiny ESRGAN's (~20 convolutions) reaches further; with overlap 32 (margin 8) what its
 # zero padding leaks into the blend stays far below one level of 8-bit colour (1/255).
-@pytest.mark.parametrize(("make", "tile", "overlap", "tolerance"), [(_compact, 32, 16, 1e-5), (_esrgan, 48, 32, 1e-3)])
+@pytest.mark.parametrize(
+    ("make", "tile", "overlap", "tolerance"), [(_compact, 32, 16, 1e-5), (_esrgan, 48, 32, 1e-3)]
+)
 def test_tiled_equals_untiled(make, tile: int, overlap: int, tolerance: float) -> None:  # noqa: ANN001
     descriptor = make()
     torch.manual_seed(1)
@@ -79,7 +81,9 @@ def test_tiled_equals_untiled(make, tile: int, overlap: int, tolerance: float) -
         tiled = upscale_tiled(model, image, 2, tile=tile, overlap=overlap, batch=4)
     assert tiled.shape == whole.shape == (1, 3, 144, 176)
     tiles = len(tile_grid(88, 72, tile, overlap))
-    assert tiles > 4 and calls == [4] * (tiles // 4) + ([tiles % 4] if tiles % 4 else [])  # batches of equal tiles
+    assert tiles > 4 and calls == [4] * (tiles // 4) + (
+        [tiles % 4] if tiles % 4 else []
+    )  # batches of equal tiles
     assert whole.std().item() > 1e-3  # the model does not collapse to a constant
     assert (tiled - whole).abs().max().item() < tolerance
 

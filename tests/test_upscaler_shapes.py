@@ -37,7 +37,9 @@ def test_beats_bicubic_by_2_db_on_held_out_scenes(upscalers) -> None:
         # tile 32 with its 8-pixel overlap: the tiled serving path, not one call
         upscaled = upscale_picture(descriptor, low, HIGH, HIGH, device="cpu", tile=32)
         ours.append(psnr(np.asarray(upscaled), np.asarray(high)))
-        bicubic.append(psnr(np.asarray(low.resize((HIGH, HIGH), PIL.Image.Resampling.BICUBIC)), np.asarray(high)))
+        bicubic.append(
+            psnr(np.asarray(low.resize((HIGH, HIGH), PIL.Image.Resampling.BICUBIC)), np.asarray(high))
+        )
     gain = np.mean(ours) - np.mean(bicubic)
     assert gain >= 2.0, f"PSNR {np.mean(ours):.2f} dB vs bicubic {np.mean(bicubic):.2f} dB"
 

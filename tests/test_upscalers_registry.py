@@ -17,8 +17,15 @@ from genserve.engine.models.upscalers import pickle_keys, read_upscaler_info, sc
 
 def _compact_state(scale: int = 2, feat: int = 4) -> dict[str, torch.Tensor]:
     # Real-ESRGAN Compact's layout: conv, PReLU, (conv, PReLU) × num_conv, conv to 3·scale² channels.
-    state = {"body.0.weight": torch.zeros(feat, 3, 3, 3), "body.0.bias": torch.zeros(feat), "body.1.weight": torch.zeros(feat)}
-    state["body.2.weight"], state["body.2.bias"] = torch.zeros(3 * scale * scale, feat, 3, 3), torch.zeros(3 * scale * scale)
+    state = {
+        "body.0.weight": torch.zeros(feat, 3, 3, 3),
+        "body.0.bias": torch.zeros(feat),
+        "body.1.weight": torch.zeros(feat),
+    }
+    state["body.2.weight"], state["body.2.bias"] = (
+        torch.zeros(3 * scale * scale, feat, 3, 3),
+        torch.zeros(3 * scale * scale),
+    )
     return state
 
 
@@ -33,17 +40,29 @@ def models_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_scan_lists_upscalers_with_architecture_and_scale(models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_scan_lists_upscalers_with_architecture_and_scale(
+    models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING):
         found = scan_upscalers(models_dir)
     assert set(found) == {"compact-4x", "legacy_x2"}
-    assert (found["compact-4x"].architecture, found["compact-4x"].scale, found["compact-4x"].format) == ("Compact", 4, "safetensors")
+    assert (found["compact-4x"].architecture, found["compact-4x"].scale, found["compact-4x"].format) == (
+        "Compact",
+        4,
+        "safetensors",
+    )
     # A pickle has no shapes in what we read without unpickling: the scale comes from the name.
-    assert (found["legacy_x2"].architecture, found["legacy_x2"].scale, found["legacy_x2"].format) == ("Compact", 2, "pickle")
+    assert (found["legacy_x2"].architecture, found["legacy_x2"].scale, found["legacy_x2"].format) == (
+        "Compact",
+        2,
+        "pickle",
+    )
     assert "mystery.safetensors" in caplog.text and "no architecture" in caplog.text
 
 
-def test_the_image_model_scan_leaves_the_upscale_folder_alone(models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_image_model_scan_leaves_the_upscale_folder_alone(
+    models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING):
         assert scan_models(models_dir) == {}
     assert "upscale" not in caplog.text

@@ -28,12 +28,16 @@ def registered_upscalers(settings: Settings) -> dict[str, UpscalerInfo]:
     return scan_upscalers(settings.models_dir, builtin=settings.builtin_models)
 
 
-def check_upscaler(options: UpscaleOptions | None, upscalers: dict[str, UpscalerInfo], field: str = "upscale") -> None:
+def check_upscaler(
+    options: UpscaleOptions | None, upscalers: dict[str, UpscalerInfo], field: str = "upscale"
+) -> None:
     if options is not None and options.model not in _PIXEL_RESAMPLERS:
         _check_name(options.model, "upscaler", upscalers, field)
 
 
-def check_face_restore(options: FaceRestoreOptions | None, upscalers: dict[str, UpscalerInfo], settings: Settings) -> None:
+def check_face_restore(
+    options: FaceRestoreOptions | None, upscalers: dict[str, UpscalerInfo], settings: Settings
+) -> None:
     if options is None:
         return
     _check_name(options.model, "face_restorer", upscalers, "face_restore")
@@ -49,7 +53,11 @@ def check_post_options(params: object, settings: Settings) -> None:
     """An image job's `upscale`, `face_restore` and hires model upscaler name registered models."""
     upscale, faces = getattr(params, "upscale", None), getattr(params, "face_restore", None)
     hires = getattr(params, "hires", None)
-    model_hires = hires is not None and hires.upscaler not in LATENT_UPSCALERS and hires.upscaler not in _PIXEL_RESAMPLERS
+    model_hires = (
+        hires is not None
+        and hires.upscaler not in LATENT_UPSCALERS
+        and hires.upscaler not in _PIXEL_RESAMPLERS
+    )
     if upscale is None and faces is None and not model_hires:
         return
     upscalers = registered_upscalers(settings)
@@ -67,7 +75,9 @@ def _check_name(name: str, kind: str, upscalers: dict[str, UpscalerInfo], field:
         raise LimitError(field, f"{what} '{name}' is not registered (known: {known}); see GET /v1/models")
 
 
-def store_image(body: UpscaleJobCreate, inputs: InputStore, settings: Settings) -> tuple[UpscaleJobCreate, tuple[int, int]]:
+def store_image(
+    body: UpscaleJobCreate, inputs: InputStore, settings: Settings
+) -> tuple[UpscaleJobCreate, tuple[int, int]]:
     """The body with its picture stored (named by its hash), and the picture's size."""
     if is_image_hash(body.image):
         return body, stored_size(inputs, body.image, "image")
@@ -102,7 +112,9 @@ def submit_upscale(
     check_face_restore(params.face_restore, upscalers, settings)
     width, height = output_size(size, params)
     if width * height > MAX_OUTPUT_PIXELS:
-        raise LimitError("upscale", f"the output would be {width}x{height}; at most {MAX_OUTPUT_PIXELS} pixels")
+        raise LimitError(
+            "upscale", f"the output would be {width}x{height}; at most {MAX_OUTPUT_PIXELS} pixels"
+        )
     seconds = estimated_upscale_seconds(size, params, settings)
     canonical = json.dumps(params.model_dump(), sort_keys=True)
     return store.submit(

@@ -151,7 +151,11 @@ def _from_inside_runs(runs: Sequence[tuple[int, float, list[float]]]) -> tuple[f
 
 
 def calibrate_upscaler(
-    post: PostStage, name: str, size: tuple[int, int] = (256, 256), repeats: int = 3, scale: float | None = None
+    post: PostStage,
+    name: str,
+    size: tuple[int, int] = (256, 256),
+    repeats: int = 3,
+    scale: float | None = None,
 ) -> StepTiming:
     """Seconds per output megapixel of upscaler `name` (median of `repeats` after one untimed run),
     on a noise picture of `size`, tiled as serving tiles it."""
@@ -162,7 +166,9 @@ def calibrate_upscaler(
 
     info = post.info(name, "upscaler")
     options = UpscaleOptions(model=name, scale=scale or float(info.scale or 2))
-    picture = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    picture = PIL.Image.fromarray(
+        np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    )
     post.upscale(picture, options)  # loads the model and warms up
     seconds = []
     for _ in range(repeats):

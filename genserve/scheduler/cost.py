@@ -543,9 +543,13 @@ def upscale_seconds(
     return pixels_out / 1e6 * rate + faces * FACE_RESTORE_S[kind]
 
 
-def upscale_timing(name: str, device: str, s_per_megapixel: float, samples: int, source: str = CALIBRATED) -> StepTiming:
+def upscale_timing(
+    name: str, device: str, s_per_megapixel: float, samples: int, source: str = CALIBRATED
+) -> StepTiming:
     """An upscaler's measured rate, as a row of the calibration table."""
-    return StepTiming(device, UPSCALE_MODEL_PREFIX + name, 1024, 1024, 1, 0.0, s_per_megapixel, source, samples)
+    return StepTiming(
+        device, UPSCALE_MODEL_PREFIX + name, 1024, 1024, 1, 0.0, s_per_megapixel, source, samples
+    )
 
 
 def upscale_rate(timings: Sequence[StepTiming], upscaler: str, device: str) -> tuple[float, str]:

@@ -73,7 +73,9 @@ class GenerationParams(BaseModel):
     hires: HiresOptions | None = Field(None, description="A second, larger pass of the same job.")
     refiner: RefinerOptions | None = Field(None, description="SDXL: finish with a refiner model.")
     # After decode, per request (engine/upscale/), so out of batch_key.
-    upscale: UpscaleOptions | None = Field(None, description="Upscale the images with an upscaler model (tiled).")
+    upscale: UpscaleOptions | None = Field(
+        None, description="Upscale the images with an upscaler model (tiled)."
+    )
     face_restore: FaceRestoreOptions | None = Field(
         None, description="Restore faces (GFPGAN, RestoreFormer) found by the face detector, before upscale."
     )

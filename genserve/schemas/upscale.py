@@ -15,10 +15,14 @@ class UpscaleOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: SafeText = Field(..., min_length=1, description="An upscaler from GET /v1/models (kind 'upscaler').")
+    model: SafeText = Field(
+        ..., min_length=1, description="An upscaler from GET /v1/models (kind 'upscaler')."
+    )
     scale: float = Field(2.0, gt=1, le=MAX_UPSCALE, description="Output size ÷ input size (the model runs "
                          "as many times as it takes, at most 3, then Lanczos to the exact size).")  # fmt: skip
-    tile: int | None = Field(None, ge=32, le=2048, description="Tile side in input pixels; the device's default if omitted.")
+    tile: int | None = Field(
+        None, ge=32, le=2048, description="Tile side in input pixels; the device's default if omitted."
+    )
 
 
 class FaceRestoreOptions(BaseModel):
@@ -26,7 +30,9 @@ class FaceRestoreOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: SafeText = Field(..., min_length=1, description="A face restorer from GET /v1/models (kind 'face_restorer').")
+    model: SafeText = Field(
+        ..., min_length=1, description="A face restorer from GET /v1/models (kind 'face_restorer')."
+    )
     visibility: float = Field(1.0, ge=0, le=1, description="How much of the restored face is blended in.")
 
 
@@ -35,7 +41,9 @@ class UpscaleParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    image: SafeText = Field(..., description="The picture: base64, a data URL, or an id from POST /v1/uploads.")
+    image: SafeText = Field(
+        ..., description="The picture: base64, a data URL, or an id from POST /v1/uploads."
+    )
     upscale: UpscaleOptions | None = None
     face_restore: FaceRestoreOptions | None = None
     # Face restoration runs first (on the smaller picture) unless this is set, as A1111's `upscale_first`.

@@ -192,7 +192,9 @@ class Worker:
         context = {"job_id": job.id, "trace_id": job.trace_id, "worker_id": self.worker_id, "kind": job.kind}
         refresh_upscalers(self.engine.post, self.settings, [UpscaleParams.model_validate(job.params)])
         with tracing.batch_spans([job]):
-            upscale = UpscaleContext(self.store, self.leases, self.inputs, self.images, self.engine.post, self.worker_id)
+            upscale = UpscaleContext(
+                self.store, self.leases, self.inputs, self.images, self.engine.post, self.worker_id
+            )
             outcome = run_upscale_job(upscale, job)
         JOB_SECONDS.labels("upscale", outcome).observe(time.perf_counter() - started)
         log.info("job finished", extra={**context, "attempt": job.attempt, "outcome": outcome})

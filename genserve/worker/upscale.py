@@ -52,7 +52,11 @@ def run_upscale_job(context: UpscaleContext, job: JobRecord) -> str:
 
         started = time.perf_counter()
         result = context.post.apply(
-            picture, params.upscale, params.face_restore, upscale_first=params.upscale_first, on_progress=on_tiles
+            picture,
+            params.upscale,
+            params.face_restore,
+            upscale_first=params.upscale_first,
+            on_progress=on_tiles,
         )
         context.leases.check(job.id)
         image_id = image_id_for(job.id, 0)
@@ -101,4 +105,7 @@ def refresh_upscalers(post: PostStage, settings: Settings, params: Iterable[obje
         any(getattr(p, "face_restore", None) for p in params) and post.face_detector is None
     ):
         detectors = face_detectors(settings.models_dir)
-        post.update(scan_upscalers(settings.models_dir, builtin=settings.builtin_models), detectors[0] if detectors else None)
+        post.update(
+            scan_upscalers(settings.models_dir, builtin=settings.builtin_models),
+            detectors[0] if detectors else None,
+        )

@@ -81,7 +81,11 @@ def upscalers(services: ServicesDep, principal: PrincipalDep) -> list[dict[str, 
 
 @router.post("/extra-single-image", operation_id="a1111_extra_single_image")
 async def extra_single_image(
-    body: ExtrasSingleRequest, request: Request, services: ServicesDep, principal: PrincipalDep, client_id: ClientId = None
+    body: ExtrasSingleRequest,
+    request: Request,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    client_id: ClientId = None,
 ) -> dict[str, Any]:
     [image] = await _run(request, services, principal, client_id, body, [body.image])
     return {"html_info": "", "image": image}
@@ -89,27 +93,44 @@ async def extra_single_image(
 
 @router.post("/extra-batch-images", operation_id="a1111_extra_batch_images")
 async def extra_batch_images(
-    body: ExtrasBatchRequest, request: Request, services: ServicesDep, principal: PrincipalDep, client_id: ClientId = None
+    body: ExtrasBatchRequest,
+    request: Request,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    client_id: ClientId = None,
 ) -> dict[str, Any]:
     images = await _run(request, services, principal, client_id, body, [item.data for item in body.imageList])
     return {"html_info": "", "images": images}
 
 
 async def _run(
-    request: Request, services: Any, principal: Principal, client_id: str | None, body: ExtrasRequest, pictures: list[str]
+    request: Request,
+    services: Any,
+    principal: Principal,
+    client_id: str | None,
+    body: ExtrasRequest,
+    pictures: list[str],
 ) -> list[str]:
     jobs = []
     for picture in pictures:  # queued together, so one worker can take them back to back
         create = _job_body(body, picture, services)
         job, _ = await run_in_threadpool(
-            submit_upscale, create, services.settings, services.store, services.inputs, principal.client_id(client_id)
+            submit_upscale,
+            create,
+            services.settings,
+            services.store,
+            services.inputs,
+            principal.client_id(client_id),
         )
         jobs.append(job)
     out = []
     for job in jobs:
         done = await wait_for_job(request, services.store, job.id, _WAIT_SECONDS)
         if done is None or done.state != JobState.succeeded or not done.image_ids:
-            raise LimitError("image", f"upscale job {job.id} {done.state if done else 'vanished'}: {done.error if done else ''}")
+            raise LimitError(
+                "image",
+                f"upscale job {job.id} {done.state if done else 'vanished'}: {done.error if done else ''}",
+            )
         png = services.images.path(done.image_ids[0]).read_bytes()
         out.append(base64.b64encode(_fit(png, body)).decode())
     return out
@@ -129,9 +150,13 @@ def _job_body(body: ExtrasRequest, picture: str, services: Any) -> UpscaleJobCre
     face_restore = None
     if body.gfpgan_visibility > 0 or body.codeformer_visibility > 0:
         face_restore = _face_restorer(body, services)
-    if upscale is None and face_restore is None:  # A1111 returns the picture as it is; so do we, through a 1x job
+    if (
+        upscale is None and face_restore is None
+    ):  # A1111 returns the picture as it is; so do we, through a 1x job
         upscale = UpscaleOptions(model="lanczos", scale=1.0001)
-    return UpscaleJobCreate(image=picture, upscale=upscale, face_restore=face_restore, upscale_first=body.upscale_first)
+    return UpscaleJobCreate(
+        image=picture, upscale=upscale, face_restore=face_restore, upscale_first=body.upscale_first
+    )
 
 
 def _face_restorer(body: ExtrasRequest, services: Any) -> FaceRestoreOptions:
@@ -139,7 +164,10 @@ def _face_restorer(body: ExtrasRequest, services: Any) -> FaceRestoreOptions:
     if body.codeformer_visibility > 0:
         chosen = [i for i in restorers if i.architecture == "CodeFormer"]
         if not chosen:
-            raise LimitError("codeformer_visibility", "no CodeFormer model is installed (it is non-commercial; see docs/upscale.md)")
+            raise LimitError(
+                "codeformer_visibility",
+                "no CodeFormer model is installed (it is non-commercial; see docs/upscale.md)",
+            )
         return FaceRestoreOptions(model=chosen[0].name, visibility=body.codeformer_visibility)
     chosen = sorted(restorers, key=lambda i: (i.architecture != "GFPGAN", i.name))
     if not chosen:
@@ -168,7 +196,9 @@ def _fit(png: bytes, body: ExtrasRequest) -> bytes:
             scale = max(target[0] / image.width, target[1] / image.height)
             size = (max(target[0], round(image.width * scale)), max(target[1], round(image.height * scale)))
             left, top = (size[0] - target[0]) // 2, (size[1] - target[1]) // 2
-            fitted = image.resize(size, PIL.Image.Resampling.LANCZOS).crop((left, top, left + target[0], top + target[1]))
+            fitted = image.resize(size, PIL.Image.Resampling.LANCZOS).crop(
+                (left, top, left + target[0], top + target[1])
+            )
         else:
             fitted = image.resize(target, PIL.Image.Resampling.LANCZOS)
         buffer = io.BytesIO()

@@ -139,9 +139,22 @@ def upscaler_models(services: ServicesDep, loaded: set[str]) -> list[ModelPublic
     found = scan_upscalers(services.settings.models_dir, builtin=services.settings.builtin_models)
     return [
         ModelPublic(
-            id=info.name, name=info.name, family="upscale", format=info.format, native_width=0, native_height=0,
-            dtype=info.dtype, loaded=info.name in loaded, default=False, default_cfg_scale=0.0, default_steps=0,
-            default_sampler="", kind=info.kind, license=info.license, architecture=info.architecture, scale=info.scale,
+            id=info.name,
+            name=info.name,
+            family="upscale",
+            format=info.format,
+            native_width=0,
+            native_height=0,
+            dtype=info.dtype,
+            loaded=info.name in loaded,
+            default=False,
+            default_cfg_scale=0.0,
+            default_steps=0,
+            default_sampler="",
+            kind=info.kind,
+            license=info.license,
+            architecture=info.architecture,
+            scale=info.scale,
         )  # fmt: skip
         for info in sorted(found.values(), key=lambda i: i.name)
     ]

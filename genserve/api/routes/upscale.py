@@ -55,7 +55,11 @@ def to_upscale_public(job: JobRecord, principal: Principal) -> UpscaleJobPublic:
 
 
 def submit_upscale_as(
-    principal: Principal, body: UpscaleJobCreate, services: ServicesDep, client_id: str | None, trace_id: str | None
+    principal: Principal,
+    body: UpscaleJobCreate,
+    services: ServicesDep,
+    client_id: str | None,
+    trace_id: str | None,
 ) -> tuple[JobRecord, bool]:
     if principal.authenticated:
         body = body.model_copy(update={"request_id": principal.scoped_request_id(body.request_id)})
@@ -67,7 +71,9 @@ def submit_upscale_as(
     return job, created
 
 
-@router.post("/v1/upscale", status_code=202, response_model=UpscaleJobPublic, operation_id="create_upscale_job")
+@router.post(
+    "/v1/upscale", status_code=202, response_model=UpscaleJobPublic, operation_id="create_upscale_job"
+)
 async def create_upscale_job(
     body: UpscaleJobCreate,
     services: ServicesDep,

@@ -56,7 +56,9 @@ class YuNetDetector:
         try:
             self._detector = cv2.FaceDetectorYN.create(str(path), "", (320, 320), score_threshold)
         except cv2.error as error:
-            raise EngineError(f"{Path(path).name}: OpenCV cannot load it as a YuNet face detector: {error}") from None
+            raise EngineError(
+                f"{Path(path).name}: OpenCV cannot load it as a YuNet face detector: {error}"
+            ) from None
 
     def detect(self, picture: PIL.Image.Image) -> list[Face]:
         rgb = np.asarray(picture.convert("RGB"))
@@ -64,7 +66,9 @@ class YuNetDetector:
         _, found = self._detector.detect(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         if found is None:
             return []
-        return [Face(tuple(row[:4]), row[4:14].reshape(5, 2).astype(np.float32), float(row[14])) for row in found]
+        return [
+            Face(tuple(row[:4]), row[4:14].reshape(5, 2).astype(np.float32), float(row[14])) for row in found
+        ]
 
 
 def align_matrix(landmarks: np.ndarray, size: int = FACE_SIZE) -> np.ndarray:
@@ -102,13 +106,17 @@ def restore_faces(
         if eyes < MIN_EYE_DISTANCE or visibility <= 0:
             continue
         matrix = align_matrix(face.landmarks, size)
-        crop = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
+        crop = cv2.warpAffine(
+            image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101
+        )
         with torch.inference_mode():
             restored = restorer(torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0).contiguous())
         restored_np = restored[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
         inverse = cv2.invertAffineTransform(matrix)
         back = cv2.warpAffine(restored_np, inverse, (width, height), flags=cv2.INTER_LINEAR)
-        weight = cv2.warpAffine(mask, inverse, (width, height), flags=cv2.INTER_LINEAR)[..., None] * visibility
+        weight = (
+            cv2.warpAffine(mask, inverse, (width, height), flags=cv2.INTER_LINEAR)[..., None] * visibility
+        )
         out = out * (1.0 - weight) + back * weight
     return PIL.Image.fromarray((out.clip(0, 1) * 255.0).round().astype(np.uint8))
 

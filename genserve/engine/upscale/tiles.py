@@ -25,7 +25,6 @@ TileProgress = Callable[[int, int], None]
 ModelCall = Callable[[torch.Tensor], torch.Tensor]
 
 
-
 @dataclass(frozen=True)
 class Tile:
     """A tile's box at input coordinates: (left, top) and its side lengths."""
@@ -84,7 +83,10 @@ def feather(tile: Tile, width: int, height: int, overlap: int, scale: int) -> to
     ramp, margin = overlap * scale, (overlap // 4) * scale
     sides = (tile.left > 0, tile.left + tile.width < width, tile.top > 0, tile.top + tile.height < height)
     w, h = tile.width * scale, tile.height * scale
-    left, right, top, bottom = (min(ramp, half) if has else 0 for has, half in zip(sides, (w // 2, w // 2, h // 2, h // 2), strict=True))
+    left, right, top, bottom = (
+        min(ramp, half) if has else 0
+        for has, half in zip(sides, (w // 2, w // 2, h // 2, h // 2), strict=True)
+    )
     return _ramp(h, top, bottom, margin)[:, None] * _ramp(w, left, right, margin)[None, :]
 
 
