@@ -441,3 +441,15 @@ def test_kill_9_of_a_worker_mid_segment_costs_that_segment_only(video_models_dir
             store.close()
     finally:
         server.stop()
+
+
+def test_the_image_job_routes_point_a_video_job_to_its_own(settings):
+    with api(settings) as client:
+        video = client.post(
+            "/v1/video/jobs", json={"prompt": "x", "num_frames": 9, "width": 32, "height": 32}
+        ).json()
+        response = client.get(f"/v1/jobs/{video['id']}")
+        assert response.status_code == 404 and f"/v1/video/jobs/{video['id']}" in response.json()["detail"]
+        assert client.delete(f"/v1/jobs/{video['id']}").status_code == 404
+        assert client.get("/v1/jobs").json()["total"] == 0  # image jobs only
+        assert client.get("/v1/video/jobs").json()["total"] == 1

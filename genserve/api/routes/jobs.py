@@ -94,15 +94,27 @@ def _get_job_or_404(services: ServicesDep, job_id: str, principal: Principal) ->
     return job
 
 
+# Where jobs that are not pictures are read; their events are at /v1/jobs/{id}/events all the same.
+_RESOURCE = {"video": "/v1/video/jobs", "segment": "/v1/video/jobs", "upscale": "/v1/upscale"}
+
+
+def _image_job_or_404(services: ServicesDep, job_id: str, principal: Principal) -> JobRecord:
+    job = _get_job_or_404(services, job_id, principal)
+    if job.kind != "image":
+        where = job.parent_id if job.kind == "segment" else job.id
+        raise HTTPException(404, f"job {job_id} is a {job.kind} job: see {_RESOURCE[job.kind]}/{where}")
+    return job
+
+
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic, operation_id="get_job")
 def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
-    return _public(_get_job_or_404(services, job_id, principal), services, principal)
+    return _public(_image_job_or_404(services, job_id, principal), services, principal)
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobPublic, operation_id="cancel_job")
 def cancel_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
     """Cancel: a queued job at once, a running one at its next denoising step."""
-    _get_job_or_404(services, job_id, principal)
+    _image_job_or_404(services, job_id, principal)
     job = services.store.request_cancel(job_id)
     return _public(job, services, principal)
 
