@@ -14,9 +14,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # torch first, from the CUDA wheel index matching the base image; then genserve and its dependencies.
-ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_SPEC="torch==2.13.0 torchvision==0.28.0"
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu126
-RUN python3 -m venv $VIRTUAL_ENV && pip install --upgrade pip && pip install --index-url $TORCH_INDEX "$TORCH_SPEC"
+RUN python3 -m venv $VIRTUAL_ENV && pip install --upgrade pip && pip install --index-url $TORCH_INDEX $TORCH_SPEC
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY genserve ./genserve

@@ -23,7 +23,8 @@ def test_fresh_settings_serve_the_builtin_shapes_model(tmp_path):
 def test_builtin_models_can_be_turned_off(tmp_path, tiny_models_dir):
     assert "genserve-shapes" not in scan_models(tiny_models_dir)
     assert set(scan_models(tiny_models_dir, builtin=True)) == set(scan_models(tiny_models_dir)) | {
-        "genserve-shapes"
+        "genserve-shapes",
+        "genserve-shapes-motion",  # the default video model
     }
 
 

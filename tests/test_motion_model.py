@@ -127,7 +127,7 @@ def test_shape_and_colours_hold_in_every_frame(held_out_report):
 @pytest.mark.xfail(
     reason="issue 20's direction bar is not met yet: the shapes move coherently, but the seed, not "
     "the prompt, picks the motion (held-out direction 0.07-0.14, chance 0.14; see the model card)",
-    strict=False,
+    strict=True,  # once the model meets the bar, this fails until the marker goes
 )
 @pytest.mark.timeout(900)
 def test_motion_follows_the_prompt(held_out_report):

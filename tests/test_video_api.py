@@ -453,3 +453,35 @@ def test_the_image_job_routes_point_a_video_job_to_its_own(settings):
         assert client.delete(f"/v1/jobs/{video['id']}").status_code == 404
         assert client.get("/v1/jobs").json()["total"] == 0  # image jobs only
         assert client.get("/v1/video/jobs").json()["total"] == 1
+
+
+def test_the_default_video_model_makes_a_clip_of_the_shape_asked_for(tmp_path):
+    """genserve-shapes-motion, shipped in the package, through the API with no model named: a green
+    star on black in every frame (its own UNet and text conditioning load through the engine)."""
+    from genserve.engine.models.registry import BUILTIN_MODELS_DIR
+    from genserve.toymodel import pixels
+    from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
+
+    settings = Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "none", workers=0)
+    with api(settings) as client:
+        job_id = client.post(
+            "/v1/video/jobs", json={"prompt": "a green star moving left on a black background", "seed": 2}
+        ).json()["id"]
+        run_queue(settings)
+        job = finished(client, job_id)
+        assert job["params"]["model"] == "genserve-shapes-motion" and job["params"]["num_frames"] == 16
+        data, info = download(client, job)
+    frames = _decode(data)
+    assert (info.frames, info.width, info.height) == (16, 64, 64)
+    classifier = load_classifier(BUILTIN_MODELS_DIR / "genserve-shapes" / "eval" / CLASSIFIER_FILE)
+    shapes = classify_shapes(classifier, list(frames))
+    assert shapes.count("star") >= 14, shapes
+    measured = [pixels.measure(frame) for frame in frames]
+    assert all((m.bg, m.fg) == ("black", "green") for m in measured), measured
+
+
+def _decode(data: bytes) -> np.ndarray:
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])

@@ -176,7 +176,7 @@ async function boot() {
   try {
     const [models, openapi] = await Promise.all([api.models(), api.openapi()]);
     const schemas = openapi.components?.schemas ?? {};
-    form.setup({ models: models.filter((m) => m.kind !== "video"), schema: schemas.JobCreate, schemas });
+    form.setup({ models: models.filter((m) => m.kind === "image"), schema: schemas.JobCreate, schemas });
     video.setup(models.filter((m) => m.kind === "video"));
   } catch (error) {
     // Without a key nothing else loads either: ask for one, and start again when it works.

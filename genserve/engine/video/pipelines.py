@@ -48,6 +48,9 @@ from genserve.engine.video.families import VIDEO_FAMILIES, keyframes_needed
 from genserve.engine.video.previews import fit_video_rgb_map, preview_frames, video_latent_frames
 from genserve.schemas.video import VideoParams
 
+# A motion folder with this file needs genserve-shapes-motion's own UNet (see _from_motion_adapter).
+MOTION_TEXT_FILE = "motion_text_conditioning.safetensors"
+
 # FreeNoise context windows overlap by the window minus this stride.
 FREE_NOISE_STRIDE = 4
 
@@ -143,6 +146,13 @@ class VideoEngine:
             raise ModelLoadError(
                 f"{info.name} is a motion adapter for {info.base_model}; pass that model as base"
             )
+        if (Path(info.path) / MOTION_TEXT_FILE).is_file() and cls is AnimateDiffPipeline:
+            # genserve-shapes-motion: its UNet keeps the base UNet's text addition embedding and
+            # feeds the prompt to every motion module (toymodel/motion.py), which diffusers'
+            # UNetMotionModel.from_unet2d would drop; the model's own loader builds it.
+            from genserve.toymodel.motion_eval import load_motion_pipeline
+
+            return load_motion_pipeline(base.path, info.path, sampler=info.default_sampler or "dpmpp_2m")
         adapter = MotionAdapter.from_pretrained(info.path, dtype=self.dtype, local_files_only=True)
         overrides = _motion_overrides(info.path, base.path, self.dtype)
         return cls.from_pretrained(
