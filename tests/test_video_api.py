@@ -485,3 +485,20 @@ def _decode(data: bytes) -> np.ndarray:
 
     with av.open(io.BytesIO(data)) as container:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def test_post_upscale_runs_the_upscaler_on_every_frame(video_models_dir, tmp_path):
+    """post.upscale with the shipped genserve-shapes-2x: every frame doubled before encoding."""
+    settings = make_settings(video_models_dir, tmp_path / "data").model_copy(update={"builtin_models": True})
+    body = {"model": "tiny-ltx", "prompt": "x", "num_frames": 9, "width": 32, "height": 32,
+            "post": {"upscale": "genserve-shapes-2x", "interpolate": 2}, **FAST}  # fmt: skip
+    with api(settings) as client:
+        missing = client.post("/v1/video/jobs", json={**body, "post": {"upscale": "nope"}})
+        assert missing.status_code == 422 and missing.json()["detail"][0]["loc"][-1] == "post.upscale"
+        job_id = client.post("/v1/video/jobs", json=body).json()["id"]
+        run_queue(settings)
+        job = finished(client, job_id)
+        _, info = download(client, job)
+        assert (info.frames, info.width, info.height) == (17, 64, 64)
+        stages = [data["stage"] for kind, data in events_of(client, job_id) if kind == "stage"]
+        assert stages == ["denoise", "decode", "upscale", "interpolate", "encode"]

@@ -114,7 +114,8 @@ def resolve_video(
         frames = video_frames if restyled else info.default_frames or family.default_frames
     if params.mode == "v2v" and video_frames and frames > video_frames and info.family != "ltx":
         raise LimitError(
-            "num_frames", f"the input video has {video_frames} frames; {info.family} restyles at most that many"
+            "num_frames",
+            f"the input video has {video_frames} frames; {info.family} restyles at most that many",
         )
     limits = settings.limits
     if frames > limits.max_video_frames:
@@ -154,7 +155,7 @@ def resolve_video(
     except ValueError as error:
         raise LimitError("output", str(error)) from None
     if params.post.upscale is not None:
-        raise LimitError("post.upscale", "no upscaler models are installed (models/upscale)")
+        _check_upscale(params.post.upscale, width, height, settings)
     resolved = params.model_copy(
         update={
             "model": info.name,
@@ -178,6 +179,26 @@ def resolve_video(
     except PlanError as error:
         raise LimitError(error.field, error.message) from None
     return VideoParams.model_validate(resolved.model_dump()), segments
+
+
+def _check_upscale(name: str, width: int, height: int, settings: Settings) -> None:
+    """post.upscale names an upscaler (GET /v1/models, kind "upscaler") and the upscaled frames fit
+    the size limits."""
+    from genserve.api.upscale_submission import registered_upscalers
+
+    info = registered_upscalers(settings).get(name)
+    if info is None or info.kind != "upscaler":
+        raise LimitError(
+            "post.upscale", f"upscaler '{name}' is not registered; see GET /v1/models (kind upscaler)"
+        )
+    scale = info.scale or 2
+    limits = settings.limits
+    if width * scale > limits.max_width or height * scale > limits.max_height:
+        raise LimitError(
+            "post.upscale",
+            f"frames upscaled ×{scale} would be {width * scale}x{height * scale}, over max_width "
+            f"{limits.max_width} or max_height {limits.max_height}",
+        )
 
 
 def _guidance(info: ModelInfo, family_default: float) -> float:

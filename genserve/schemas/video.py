@@ -67,7 +67,7 @@ class PostOptions(BaseModel):
     deflicker: bool = Field(False, description="FFmpeg deflicker: evens out brightness from frame to frame.")
     denoise: bool = Field(False, description="FFmpeg atadenoise: temporal denoise.")
     upscale: SafeText | None = Field(
-        None, description="An upscaler model name (models/upscale) run on every frame; none are shipped yet."
+        None, description="An upscaler (GET /v1/models, kind upscaler) run on every frame, at its own scale."
     )
 
 

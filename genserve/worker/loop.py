@@ -170,7 +170,7 @@ class Worker:
             self._video_engine = VideoEngine(device=self.engine.device, dtype=self.engine.dtype)
         return VideoContext(
             self.settings, self.store, self.leases, self.inputs, self.images, self.videos,
-            self._video_engine, self.worker_id,
+            self._video_engine, self.worker_id, self.engine.post,
         )  # fmt: skip
 
     def run_video(self, job: JobRecord) -> str:

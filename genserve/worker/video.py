@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,11 +25,13 @@ from genserve.artifacts.png import preview_data_url
 from genserve.artifacts.videos import VideoStore
 from genserve.config import Settings
 from genserve.engine.models.registry import ModelInfo
+from genserve.engine.upscale.stage import PostStage
 from genserve.engine.video.deliver import finish_clip, stitch_segments
 from genserve.engine.video.encode import encode_clip, filmstrip, first_frame_png
 from genserve.engine.video.pipelines import VideoEngine, VideoRequest
 from genserve.engine.video.plan import output_seconds
 from genserve.metrics import VIDEO_SECONDS_MADE, VIDEO_STAGE_SECONDS
+from genserve.schemas.upscale import UpscaleOptions
 from genserve.schemas.video import VideoParams, VideoSegment
 from genserve.store.jobs import JobRecord, JobStore
 from genserve.worker.lease import JobCanceled, LeaseKeeper, LeaseLost
@@ -52,6 +55,7 @@ class VideoContext:
     videos: VideoStore
     engine: VideoEngine
     worker_id: str
+    upscalers: PostStage | None = None  # the image engine's upscalers, for post.upscale
 
 
 class VideoJob:
@@ -223,6 +227,7 @@ class VideoJob:
             prefer_nvenc=self.context.settings.video_nvenc,
             on_stage=lambda stage, data: self._event("stage", {"stage": stage, **data}),
             on_pairs=self._on_pairs,
+            upscale_frame=self._upscaler(),
         )  # fmt: skip
         for stage, seconds in report["timings"].items():
             VIDEO_STAGE_SECONDS.labels(params.model or "", stage).observe(seconds)
@@ -236,6 +241,21 @@ class VideoJob:
             {"url": f"/v1/video/files/{name}", "frames": report["frames"], "fps": report["fps"]},
         )
         return [name, thumbnail]
+
+    def _upscaler(self) -> Callable[[PIL.Image.Image], PIL.Image.Image] | None:
+        name, stage = self.params.post.upscale, self.context.upscalers
+        if name is None or stage is None:
+            return None
+        if not stage.knows(name):  # a file added after the worker started
+            from genserve.engine.models.upscalers import scan_upscalers
+
+            settings = self.context.settings
+            stage.update(
+                scan_upscalers(settings.models_dir, builtin=settings.builtin_models), stage.face_detector
+            )
+        info = stage.info(name, "upscaler")
+        options = UpscaleOptions(model=name, scale=float(info.scale or 2))
+        return lambda picture: stage.upscale(picture, options)
 
     def _on_pairs(self, done: int, total: int) -> None:
         self.context.leases.check(self.job.id)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import PIL.Image
 
 from genserve.engine.video.encode import EncodedVideo, encode_clip
 from genserve.engine.video.interpolate import interpolate
@@ -47,9 +48,12 @@ def finish_clip(
     prefer_nvenc: bool = False,
     on_stage: StageCallback | None = None,
     on_pairs: Callable[[int, int], None] | None = None,
+    upscale_frame: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
 ) -> tuple[EncodedVideo, dict[str, Any]]:
-    """Post (denoise, deflicker) → interpolate (RIFE) → encode → measure. Returns the file and its
-    report: frames, fps, seconds, size, codec, the encoder that ran, stage seconds, metrics."""
+    """Post (denoise, deflicker) → upscale each frame (`post.upscale`, with `upscale_frame`) →
+    interpolate (RIFE) → encode → measure. Upscaling comes before interpolation so the model runs
+    on the generated frames only. Returns the file and its report: frames, fps, seconds, size,
+    codec, the encoder that ran, stage seconds, metrics."""
     stage = on_stage or (lambda name, data: None)
     timings: dict[str, float] = {}
     post, fps = params.post, params.fps or 8
@@ -65,6 +69,15 @@ def finish_clip(
         if post.deflicker:
             frames = deflicker(frames)
         timed("post", started)
+    if post.upscale is not None:
+        if upscale_frame is None:
+            raise ValueError(f"post.upscale asks for {post.upscale}, but no upscaler stage was given")
+        started = time.perf_counter()
+        stage("upscale", {"model": post.upscale})
+        frames = np.stack(
+            [np.asarray(upscale_frame(PIL.Image.fromarray(frame)).convert("RGB")) for frame in frames]
+        )
+        timed("upscale", started)
     if post.interpolate > 1:
         started = time.perf_counter()
         stage("interpolate", {"multiplier": post.interpolate})
