@@ -119,6 +119,25 @@ export const api = {
     form.append("file", blob, filename);
     return request("POST", "/v1/uploads", form);
   },
+  loras: () => request("GET", "/v1/loras").then((body) => body.data),
+  controls: () => request("GET", "/v1/controls").then((body) => body.data),
+  preprocessors: () => request("GET", "/v1/preprocessors"),
+  /** POST /v1/preprocess: the control map a preprocessor makes of a picture, as a PNG blob. */
+  preprocess: async (body) => {
+    const headers = { "Content-Type": "application/json", Accept: "image/png" };
+    if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
+    let response;
+    try {
+      response = await fetch("/v1/preprocess", { method: "POST", headers, body: JSON.stringify(body) });
+    } catch {
+      throw new ApiError(0, "The server cannot be reached. Is genserve still running?");
+    }
+    if (!response.ok) throw toApiError(response.status, await response.json().catch(() => null));
+    return response.blob();
+  },
+  /** POST /v1/upscale: 202 with the job (its events_url to follow); GET /v1/upscale/{id} once done. */
+  upscale: (body) => request("POST", "/v1/upscale", body),
+  upscaleJob: (id) => request("GET", `/v1/upscale/${encodeURIComponent(id)}`),
   /** A picture this page may read (an image, an upload): the key's cookie authenticates GETs. */
   picture: async (url) => {
     let response;

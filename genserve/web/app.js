@@ -174,9 +174,19 @@ async function boot() {
   updateServerStatus();
   forgetKey.hidden = !hasApiKey();
   try {
-    const [models, openapi] = await Promise.all([api.models(), api.openapi()]);
+    // LoRAs and controls are extras: the form works without them (an older server, a limited key).
+    const optional = (promise, fallback) => promise.catch(() => fallback);
+    const [models, openapi, loras, controls, preprocessors] = await Promise.all([
+      api.models(),
+      api.openapi(),
+      optional(api.loras(), []),
+      optional(api.controls(), []),
+      optional(api.preprocessors(), null),
+    ]);
     const schemas = openapi.components?.schemas ?? {};
-    form.setup({ models: models.filter((m) => m.kind === "image"), schema: schemas.JobCreate, schemas });
+    const extras = { loras, controls, preprocessors };
+    form.setup({ models: models.filter((m) => m.kind === "image"), schema: schemas.JobCreate, schemas, extras });
+    board.upscaler = models.find((m) => m.kind === "upscaler")?.name ?? null;
     video.setup(models.filter((m) => m.kind === "video"));
   } catch (error) {
     // Without a key nothing else loads either: ask for one, and start again when it works.

@@ -2,6 +2,7 @@
 // the picture in (picture.js) and the hires fix.
 
 import { familyLabel, h, samplerLabel, sizePresets } from "./format.js";
+import { ControlsPanel } from "./controls.js";
 import { PictureInput } from "./picture.js";
 
 const FIELDS = [
@@ -68,6 +69,7 @@ export class GenerateForm {
       size: form.querySelector("#hires-size"),
     };
     this.resizeField = form.querySelector("#resize-mode-field");
+    this.controls = new ControlsPanel(form, { announce });
 
     form.addEventListener("submit", (event) => {
       event.preventDefault();
@@ -121,8 +123,9 @@ export class GenerateForm {
   }
 
   /** Fill the pickers from /v1/models and the OpenAPI contract, then restore the last-used values. */
-  setup({ models, schema, schemas = {} }) {
+  setup({ models, schema, schemas = {}, extras = {} }) {
     this.models = models;
+    this.controls.setup(extras);
     const props = schema?.properties ?? {};
     this.picture.setDefaults({ strength: props.strength?.default });
     const upscalerSchema = schemas.HiresOptions?.properties?.upscaler;
@@ -199,6 +202,7 @@ export class GenerateForm {
   applyModel({ keepSize }) {
     const previous = this.presets.querySelector("input:checked")?.dataset.label ?? "1:1";
     const presets = sizePresets(this.model());
+    this.controls.setFamily(this.model()?.family ?? null);
     // With a picture in, the first choice is its own size: width and height left out of the request.
     const picture = this.pictureSize && { label: "Picture", width: "", height: "", shown: this.pictureSize };
     this.presets.replaceChildren(
@@ -292,7 +296,7 @@ export class GenerateForm {
 
   /** The whole POST /v1/jobs body: the fields above and the picture's (uploaded first if need be). */
   async body() {
-    return { ...this.read(), ...(await this.picture.fields()) };
+    return { ...this.read(), ...this.controls.fields(), ...(await this.picture.fields()) };
   }
 
   /** Number fields whose text the browser could not read as a number (the API never sees it). */
@@ -325,6 +329,7 @@ export class GenerateForm {
       this.hires.strength.value = hires.strength ?? 0.55;
       this.hires.upscaler.value = hires.upscaler ?? "latent";
     }
+    this.controls.fill(params);
     this.syncPresetChoice();
     this.showHiresSize();
     this.clearErrors();

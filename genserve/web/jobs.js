@@ -25,6 +25,7 @@ export class JobBoard {
     this.pollTimer = null;
     this.onPoll = null;
     this.onUnauthorized = null; // the key was revoked, or forgotten in another tab
+    this.upscaler = null; // the first upscaler of /v1/models: "Upscale ×2" on finished images
     loadMore.addEventListener("click", () => this.loadMore());
     document.addEventListener("visibilitychange", () => {
       if (!document.hidden) this.poll();
@@ -93,7 +94,7 @@ export class JobBoard {
   upsert(job, { atTop }) {
     const entry = this.entries.get(job.id);
     if (!entry) {
-      const created = { job, el: h("li", { class: "job", tabindex: "-1" }), live: {}, stop: null };
+      const created = { job, el: h("li", { class: "job", tabindex: "-1" }), live: {}, stop: null, upscale: null };
       this.entries.set(job.id, created);
       if (atTop) this.list.prepend(created.el);
       else this.list.append(created.el);
@@ -257,6 +258,7 @@ export class JobBoard {
             .join(" · "),
         ),
         this.renderActions(entry),
+        this.renderUpscale(entry),
       ),
     );
     if (focusedAction) (el.querySelector(`[data-action="${focusedAction}"]`) ?? el).focus();
@@ -394,6 +396,19 @@ export class JobBoard {
             "Use as input",
           )
         : null,
+      job.images.length && job.state === "succeeded" && this.upscaler
+        ? h(
+            "button",
+            {
+              type: "button",
+              dataset: { action: "upscale" },
+              title: `Upscale the first image to twice its size with ${this.upscaler}`,
+              disabled: entry.upscale && !isTerminal(entry.upscale.state),
+              onclick: () => this.upscale(entry),
+            },
+            "Upscale ×2",
+          )
+        : null,
       h(
         "button",
         {
@@ -406,6 +421,92 @@ export class JobBoard {
       ),
     );
     return actions;
+  }
+
+  /** The upscaled image of this card, or its progress, or why it failed. */
+  renderUpscale(entry) {
+    const up = entry.upscale;
+    if (!up) return null;
+    if (up.url) {
+      return h(
+        "div",
+        { class: "job-upscale" },
+        h("a", { href: up.url, target: "_blank", rel: "noopener" }, h("img", { class: "upscaled", src: up.url, alt: "Upscaled ×2" })),
+      );
+    }
+    if (up.error) return h("p", { class: "job-error job-upscale" }, `Upscale failed: ${up.error}`);
+    const percent = Math.round(up.percent ?? 0);
+    return h(
+      "div",
+      { class: "job-upscale job-progress" },
+      h(
+        "div",
+        { class: `progress${up.percent ? "" : " indeterminate"}`, role: "progressbar", "aria-label": "Upscale progress", "aria-valuemin": "0", "aria-valuemax": "100", "aria-valuenow": up.percent ? String(percent) : undefined },
+        h("div", { class: "progress-fill", style: { width: `${percent}%` } }),
+      ),
+      h("p", { class: "progress-text" }, up.percent ? `Upscaling · ${percent}%` : "Upscaling…"),
+    );
+  }
+
+  /** "Upscale ×2": the first image as a data URL to POST /v1/upscale, followed over SSE to its result. */
+  async upscale(entry) {
+    const image = entry.job.images[0];
+    if (!image || !this.upscaler) return;
+    entry.upscale = { state: "queued", percent: 0 };
+    this.render(entry);
+    const fail = (message) => {
+      entry.upscale = { state: "failed", error: message };
+      this.render(entry);
+      this.announce(`Upscale failed: ${message}`);
+    };
+    let job;
+    try {
+      const blob = await api.picture(image.url);
+      const data = await new Promise((resolve, reject) => {
+        const reader = new FileReader();
+        reader.onload = () => resolve(reader.result);
+        reader.onerror = () => reject(new Error("The browser could not read the image."));
+        reader.readAsDataURL(blob);
+      });
+      job = await api.upscale({ image: data, upscale: { model: this.upscaler, scale: 2 } });
+    } catch (error) {
+      return fail(error.message);
+    }
+    const done = async (state, data) => {
+      if (state !== "succeeded") return fail(data?.error ?? (state === "canceled" ? "canceled" : "unknown error"));
+      try {
+        const finished = await api.upscaleJob(job.id);
+        const url = finished.images[0]?.url;
+        if (!url) return fail("no image came back");
+        entry.upscale = { state, url };
+        this.render(entry);
+        this.announce("Upscaled.");
+      } catch (error) {
+        fail(error.message);
+      }
+    };
+    const poll = async () => {
+      try {
+        const current = await api.upscaleJob(job.id);
+        if (isTerminal(current.state)) return done(current.state, current);
+      } catch (error) {
+        return fail(error.message);
+      }
+      setTimeout(poll, POLL_ACTIVE_MS);
+    };
+    if (isTerminal(job.state)) return done(job.state, job);
+    followJob(
+      job.id,
+      (type, data) => {
+        if (type === "progress") {
+          entry.upscale = { ...entry.upscale, state: "running", percent: data.percent };
+          this.render(entry);
+        } else if (isTerminal(type)) {
+          done(type, data);
+        }
+      },
+      poll,
+    );
   }
 
   updateQueued(entry) {
