@@ -150,7 +150,9 @@ async def run_load(server: LiveServer, rng: random.Random) -> dict:
             per_job = CLIENTS // JOBS
             tasks = [client(j * per_job + k, job_id) for k in range(per_job)]
             if j % 10 == 5:  # jobs 5 and 15: canceled while queued or running
-                tasks.append(cancel_after(http, job_id, rng.uniform(0, 1)))
+                # Job 5 at once, so at least one cancel lands before its job can end (a 3-step job
+                # on this model can finish within a second); job 15 at a random moment.
+                tasks.append(cancel_after(http, job_id, 0.0 if j == 5 else rng.uniform(0, 1)))
             return [r for r in await asyncio.gather(*tasks) if r is not None]
 
         followed = [r for rs in await asyncio.gather(*(job(j) for j in range(JOBS))) for r in rs]
