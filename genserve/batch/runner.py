@@ -170,6 +170,20 @@ def write_output(png_path: Path, target: Path, fmt: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _job_columns(job: JobRecord | None) -> dict:
+    """A manifest row's output and job columns, the same for picture and video items (the output
+    columns are filled in once the file is written)."""
+    started, finished = (job.started_at, job.finished_at) if job else (None, None)
+    return {
+        "file": None, "sha256": None, "job_id": job.id if job else None, "attempts": job.attempt if job else 0,
+        "error": job.error if job and job.state != JobState.succeeded else None,
+        "created_at": job.created_at.isoformat() if job else None,
+        "started_at": started.isoformat() if started else None,
+        "finished_at": finished.isoformat() if finished else None,
+        "seconds": round((finished - started).total_seconds(), 3) if started and finished else None,
+    }  # fmt: skip
+
+
 def manifest_rows(
     spec: BatchSpec,
     items: list[RenderItem],
@@ -188,13 +202,7 @@ def manifest_rows(
             "prompt": p.prompt, "negative_prompt": p.negative_prompt, "model": p.model, "width": p.width,
             "height": p.height, "steps": p.steps, "cfg_scale": p.cfg_scale, "sampler": p.sampler, "seed": p.seed,
             "init_image": p.init_image, "strength": p.strength if p.init_image else None,
-            "file": None, "sha256": None, "job_id": job.id if job else None, "attempts": job.attempt if job else 0,
-            "error": job.error if job and job.state != JobState.succeeded else None,
-            "created_at": job.created_at.isoformat() if job else None,
-            "started_at": job.started_at.isoformat() if job and job.started_at else None,
-            "finished_at": job.finished_at.isoformat() if job and job.finished_at else None,
-            "seconds": round((job.finished_at - job.started_at).total_seconds(), 3)
-            if job and job.finished_at and job.started_at else None,
+            **_job_columns(job),
         }  # fmt: skip
         if job and job.state == JobState.succeeded and job.image_ids:
             source = images.path(job.image_ids[0])
@@ -228,13 +236,7 @@ def video_manifest_rows(
             "width": p.width, "height": p.height, "num_frames": p.num_frames, "fps": p.fps, "steps": p.steps,
             "guidance": p.guidance, "seed": p.seed, "segments": item.segments, "container": p.output.container,
             "init_image": p.keyframes[0].image if p.keyframes else None,
-            "file": None, "sha256": None, "job_id": job.id if job else None, "attempts": job.attempt if job else 0,
-            "error": job.error if job and job.state != JobState.succeeded else None,
-            "created_at": job.created_at.isoformat() if job else None,
-            "started_at": job.started_at.isoformat() if job and job.started_at else None,
-            "finished_at": job.finished_at.isoformat() if job and job.finished_at else None,
-            "seconds": round((job.finished_at - job.started_at).total_seconds(), 3)
-            if job and job.finished_at and job.started_at else None,
+            **_job_columns(job),
         }  # fmt: skip
         name = f"{job.id}.{p.output.container}" if job else ""
         if job and job.state == JobState.succeeded and videos.exists(name):

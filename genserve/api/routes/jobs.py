@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from genserve.api.deps import ServicesDep
 from genserve.api.sse import SSE_HEADERS, job_event_stream, parse_last_event_id
 from genserve.api.submission import to_public, trace_id_from
+from genserve.api.video_submission import VideoJobCreate
 from genserve.auth.deps import Principal, PrincipalDep, submit_as
 from genserve.schemas import JobCreate, JobList, JobPublic, JobState, LimitError
 from genserve.store.jobs import JobRecord
@@ -22,7 +23,11 @@ LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
 TraceParent = Annotated[str | None, Header(alias="traceparent", description="W3C trace context (optional)")]
 
 
-def _with_key(body: JobCreate, idempotency_key: str | None) -> JobCreate:
+Keyed = TypeVar("Keyed", JobCreate, VideoJobCreate)
+
+
+def with_idempotency_key(body: Keyed, idempotency_key: str | None) -> Keyed:
+    """The body with the Idempotency-Key header as its request_id (they must agree if both given)."""
     if idempotency_key is None:
         return body
     if body.request_id is not None and body.request_id != idempotency_key:
@@ -41,7 +46,7 @@ def create_job(
     traceparent: TraceParent = None,
 ) -> JobPublic:
     """Queue a generation job. With a request_id (or Idempotency-Key), a resubmit returns the same job."""
-    body = _with_key(body, idempotency_key)
+    body = with_idempotency_key(body, idempotency_key)
     trace_id = trace_id_from(traceparent)
     job, created = submit_as(principal, body, services, client_id, trace_id)
     response.headers["X-Trace-Id"] = job.trace_id or trace_id
@@ -149,7 +154,7 @@ def generate_stream(
     traceparent: TraceParent = None,
 ) -> StreamingResponse:
     """Submit a job and stream its events in one call (`curl -N`)."""
-    body = _with_key(body, idempotency_key)
+    body = with_idempotency_key(body, idempotency_key)
     trace_id = trace_id_from(traceparent)
     job, _ = submit_as(principal, body, services, client_id, trace_id)
     headers = {

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from genserve import tracing
 from genserve.api.deps import Services, ServicesDep
-from genserve.api.routes.jobs import ClientId, IdempotencyKey, TraceParent
+from genserve.api.routes.jobs import ClientId, IdempotencyKey, TraceParent, with_idempotency_key
 from genserve.api.submission import trace_id_from
 from genserve.api.video_submission import (
     VideoJobCreate,
@@ -28,7 +28,7 @@ from genserve.artifacts.s3 import make_video_store
 from genserve.artifacts.videos import VideoStore, media_type_for
 from genserve.auth.deps import Principal, PrincipalDep, check_video_key_limits
 from genserve.engine.video.plan import output_frames, output_seconds
-from genserve.schemas import JobState, LimitError
+from genserve.schemas import JobState
 from genserve.schemas.video import VideoParams
 from genserve.store.jobs import JobRecord
 
@@ -74,14 +74,6 @@ def submit_video_as(
     return job, created
 
 
-def _with_key(body: VideoJobCreate, idempotency_key: str | None) -> VideoJobCreate:
-    if idempotency_key is None:
-        return body
-    if body.request_id is not None and body.request_id != idempotency_key:
-        raise LimitError("request_id", "request_id and the Idempotency-Key header differ")
-    return body.model_copy(update={"request_id": idempotency_key})
-
-
 def public(job: JobRecord, services: Services, principal: Principal) -> VideoJobPublic:
     video = to_video_public(job, services.store, video_store(services))
     return video.model_copy(update={"request_id": principal.public_request_id(video.request_id)})
@@ -108,7 +100,7 @@ async def create_video_job(
 ) -> VideoJobPublic:
     """Queue a video: text, a first frame, first and last frames, keyframes, or a video to restyle.
     A long clip (`long`) is made of segment jobs that run on any worker; the video stitches them."""
-    body = _with_key(body, idempotency_key)
+    body = with_idempotency_key(body, idempotency_key)
     trace_id = trace_id_from(traceparent)
     job, created = await run_in_threadpool(submit_video_as, principal, body, services, client_id, trace_id)
     response.headers["X-Trace-Id"] = job.trace_id or trace_id
