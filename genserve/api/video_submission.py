@@ -25,8 +25,6 @@ from genserve.engine.video.encode import resolve_format
 from genserve.engine.video.families import VIDEO_FAMILIES, keyframes_needed
 from genserve.engine.video.plan import (
     PlanError,
-    output_frames,
-    output_seconds,
     plan_segments,
     video_seconds,
 )
@@ -389,7 +387,3 @@ def to_video_public(job: JobRecord, store: JobStore, videos: VideoStore) -> Vide
 
 def _ref(name: str) -> VideoRef:
     return VideoRef(id=name, url=f"/v1/video/files/{name}", media_type=media_type_for(name))
-
-
-def describe_output(params: VideoParams) -> dict[str, float]:
-    return {"frames": output_frames(params), "seconds": round(output_seconds(params), 3)}

@@ -87,8 +87,7 @@ def _progress(job: JobRecord, services: Services) -> int:
 
 def to_openai(job: JobRecord, services: Services) -> OpenAIVideo:
     params = VideoParams.model_validate(job.params)
-    frames = params.num_frames or 0
-    seconds = frames * params.post.interpolate / ((params.fps or 1) * params.post.interpolate)
+    seconds = (params.num_frames or 0) / (params.fps or 1)  # generated frames at their rate
     error = None
     if job.state in (JobState.failed, JobState.canceled):
         error = VideoError(code=job.state.value, message=job.error or job.state.value)
