@@ -61,12 +61,17 @@ FLICKER_BAR_FACTOR = 2.0
 
 @functools.cache
 def load_motion_pipeline(
-    base_dir: Path = BASE_MODEL, motion_dir: Path = MOTION_MODEL, sampler: str = DEFAULT_SAMPLER
+    base_dir: Path = BASE_MODEL,
+    motion_dir: Path = MOTION_MODEL,
+    sampler: str = DEFAULT_SAMPLER,
+    warped_noise: bool = True,
 ) -> AnimateDiffPipeline:
     """An `AnimateDiffPipeline` from genserve-shapes (UNet, VAE) and the motion folder (adapter,
     text encoder and tokenizer with the motion words, motion text conditioning), fp32 on the CPU,
     loaded offline. Cached.
 
+    With `warped_noise` (the default) it is a `motion_noise.WarpedNoiseAnimateDiffPipeline`: the
+    motion the prompt names is written into the initial noise, which the adapter was trained to follow.
     The UNet is `motion.ShapesUNetMotionModel` (a `UNetMotionModel` keeping the base UNet's text
     addition embedding, plus the conditioning), passed to the pipeline ready-built."""
     import torch
@@ -74,13 +79,15 @@ def load_motion_pipeline(
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
     from genserve.engine.models.samplers import build_scheduler
+    from genserve.toymodel.motion_noise import WarpedNoiseAnimateDiffPipeline
 
     base_dir, motion_dir = Path(base_dir), Path(motion_dir)
     kwargs = {"torch_dtype": torch.float32, "local_files_only": True}
     adapter = MotionAdapter.from_pretrained(motion_dir, **kwargs)
     unet = UNet2DConditionModel.from_pretrained(base_dir / "unet", **kwargs)
     scheduler_config = json.loads((base_dir / "scheduler" / "scheduler_config.json").read_text())
-    pipe = AnimateDiffPipeline(
+    pipeline_class = WarpedNoiseAnimateDiffPipeline if warped_noise else AnimateDiffPipeline
+    pipe = pipeline_class(
         vae=AutoencoderKL.from_pretrained(base_dir / "vae", **kwargs),
         text_encoder=CLIPTextModel.from_pretrained(motion_dir / "text_encoder", **kwargs),
         tokenizer=PreTrainedTokenizerFast.from_pretrained(motion_dir / "tokenizer", local_files_only=True),
@@ -102,6 +109,7 @@ def generate_clips(
     motion_dir: Path = MOTION_MODEL,
     sampler: str = DEFAULT_SAMPLER,
     batch: int = 4,
+    warped_noise: bool = True,
 ) -> list[np.ndarray]:
     """One clip per (prompt, seed) pair, uint8 (frames, 64, 64, 3); a clip does not depend on batching.
 
@@ -110,7 +118,7 @@ def generate_clips(
 
     from genserve.toymodel.train import mixed_precision
 
-    pipe = load_motion_pipeline(Path(base_dir), Path(motion_dir), sampler)
+    pipe = load_motion_pipeline(Path(base_dir), Path(motion_dir), sampler, warped_noise)
     clips: list[np.ndarray] = []
     # bf16 autocast where the CPU has fast bf16 (the models were trained under it): 3x faster here
     with torch.inference_mode(), mixed_precision("cpu"):
@@ -278,6 +286,7 @@ def evaluate_motion(
     base_dir: Path = BASE_MODEL,
     motion_dir: Path = MOTION_MODEL,
     frames: int = motion.DEFAULT_FRAMES,
+    warped_noise: bool = True,
 ) -> tuple[MotionReport, list[tuple[motion.Clip, int, ClipMeasurement]]]:
     """The held-out evaluation: `prompts` held-out prompts x `seeds`, scored clip by clip."""
     from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
@@ -293,6 +302,7 @@ def evaluate_motion(
         cfg=cfg,
         base_dir=base_dir,
         motion_dir=motion_dir,
+        warped_noise=warped_noise,
     )
     results = []
     for (clip, seed), video in zip(jobs, videos, strict=True):
@@ -325,13 +335,21 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=DEFAULT_CFG)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--verbose", action="store_true", help="one line per clip")
+    parser.add_argument(
+        "--plain-noise", action="store_true", help="independent noise per frame (no warping; for comparison)"
+    )
     args = parser.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     report, results = evaluate_motion(
-        args.prompts, steps=args.steps, cfg=args.cfg, base_dir=args.base_dir, motion_dir=args.motion_dir
+        args.prompts,
+        steps=args.steps,
+        cfg=args.cfg,
+        base_dir=args.base_dir,
+        motion_dir=args.motion_dir,
+        warped_noise=not args.plain_noise,
     )
     if args.verbose:
         for clip, seed, m in results:

@@ -42,7 +42,7 @@ from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
-from genserve.toymodel import motion
+from genserve.toymodel import motion, motion_noise
 from genserve.toymodel.train import (
     cosine_schedule,
     min_snr_weights,
@@ -83,7 +83,12 @@ class MotionTrainConfig:
     motion_text: bool = True  # MotionTextConditioning: the prompt told to the motion modules
     checkpoint_every_s: float = 300.0
     cpu_threads: int = 1
-    init_from: Path | None = None  # a motion.pt checkpoint to start from (see `init_from`)
+    init_from: Path | None = None  # a motion.pt checkpoint or an exported model folder to start from
+    # Warped noise (`motion_noise`): each clip's noise is carried along the clip's own motion, so the
+    # adapter learns to move the shape with its noise (at inference the caption's motion warps it).
+    # This fraction of clips keep independent noise per frame (prompts that name no motion).
+    warped_noise: bool = True
+    plain_noise_fraction: float = 0.1
 
 
 # 1. Models
@@ -268,7 +273,7 @@ def train(
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = training_noise(config, batch_clips, x0.shape, rng, gen)
         total = noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, total, (config.batch,), generator=gen)
         high = torch.rand(config.batch, generator=gen) < config.high_noise_fraction
@@ -310,6 +315,26 @@ def train(
             break
     save_checkpoint(config, state, rngs)
     return state
+
+
+def training_noise(
+    config: MotionTrainConfig,
+    clips: list[motion.Clip],
+    shape: torch.Size,
+    rng: random.Random,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """(B, C, F, h, w): each clip's noise warped along its own motion (`motion_noise`), or
+    independent per frame for a `plain_noise_fraction` of clips (and for all without warped_noise)."""
+    _, channels, frames, height, width = shape
+    noise = []
+    for clip in clips:
+        if config.warped_noise and rng.random() >= config.plain_noise_fraction:
+            path = motion_noise.clip_trajectory(clip, frames)
+            noise.append(motion_noise.warped_noise(channels, height, width, path, gen))
+        else:
+            noise.append(torch.randn(shape[1:], generator=gen))
+    return torch.stack(noise)
 
 
 # 4. Checkpoints and export
@@ -356,11 +381,16 @@ def load_checkpoint(config: MotionTrainConfig, state: MotionState, rngs: dict) -
 
 
 def init_from(path: Path, state: MotionState) -> int:
-    """Start from another run's weights (motion modules, text encoder; a fresh optimizer and EMA).
+    """Start from another run's weights (motion modules, text encoder, conditioning head; a fresh
+    optimizer and EMA): a motion.pt checkpoint, or an exported model folder (its fp16 weights).
 
-    Used to add the motion text conditioning to a run trained without it: the new part starts at
-    zero, so the model starts exactly where that run was."""
-    payload = torch.load(path, weights_only=False)
+    Used to add the motion text conditioning to a run trained without it (the new part starts at
+    zero, so the model starts exactly where that run was), and to fine-tune the committed model on
+    warped noise."""
+    if path.is_dir():
+        payload = exported_weights(path)
+    else:
+        payload = torch.load(path, weights_only=False)
     missing, unexpected = state.unet.load_state_dict(payload["motion"], strict=False)
     assert not unexpected, unexpected
     state.text_encoder.load_state_dict(payload["text_encoder"])
@@ -369,6 +399,20 @@ def init_from(path: Path, state: MotionState) -> int:
             e.copy_(p)
     logger.info("initialised from %s (its step %d)", path, payload["step"])
     return int(payload["step"])
+
+
+def exported_weights(folder: Path) -> dict:
+    """An exported model folder's weights in the checkpoint's layout (fp32), step from its split file."""
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    weights = {k: v.float() for k, v in adapter.items()}
+    head = motion.load_motion_text(folder)
+    if head is not None:
+        weights |= {f"motion_text.{k}": v for k, v in head.state_dict().items()}
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)
+    split = json.loads((folder / SPLIT_FILE).read_text())
+    return {"motion": weights, "text_encoder": encoder.state_dict(), "step": split.get("steps_done", 0)}
 
 
 def export(
@@ -441,7 +485,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--clips", type=int)
     parser.add_argument("--batch", type=int)
-    parser.add_argument("--init-from", type=Path, help="start from another run's motion.pt (fresh optimizer)")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from another run's motion.pt or a model folder (fresh optimizer)",
+    )
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--warmup-steps", type=int)
     parser.add_argument("--cpu-threads", type=int, help="torch threads (default 1: the machine is shared)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -454,6 +504,8 @@ def main() -> None:
         "batch": args.batch,
         "cpu_threads": args.cpu_threads,
         "init_from": args.init_from,
+        "lr": args.lr,
+        "warmup_steps": args.warmup_steps,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     logger.info("config: %s", config)
