@@ -23,6 +23,7 @@ from genserve.batch.cli import batch_app
 from genserve.config import Settings, is_loopback
 from genserve.distributed.worker_cli import worker as distributed_worker
 from genserve.engine.models.upscalers import DEFAULT_UPSCALER
+from genserve.experiments.cli import ab
 from genserve.schemas import SAMPLER_NAMES, GenerationParams, LimitError
 
 if TYPE_CHECKING:  # torch, numpy and PIL load only for the commands that run a model
@@ -36,6 +37,7 @@ app = typer.Typer(help="genserve: a self-hosted image generation server.", no_ar
 app.add_typer(batch_app, name="batch")
 app.add_typer(keys_app, name="keys")
 app.command(name="worker")(distributed_worker)  # multi-node: docs/scaling.md
+app.command(name="ab")(ab)  # A/B prompt experiments: docs/experiments.md
 console = Console(stderr=True)
 
 

@@ -123,7 +123,7 @@ def create_db_engine(url: str) -> sa.Engine:
     """An engine for `url` with the schema in place; safe to call from many processes at once."""
     # Tables defined in other store modules join `metadata` when imported (they import this module).
     from genserve.auth import keys  # noqa: F401
-    from genserve.store import batches, calibration  # noqa: F401
+    from genserve.store import batches, calibration, experiments  # noqa: F401
 
     sa_url = sa.make_url(url)
     if sa_url.get_backend_name() == "sqlite":

@@ -1,0 +1,1 @@
+"""A/B prompt experiments: variants × seeds rendered as batch items, measured, tested and reported."""
