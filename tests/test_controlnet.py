@@ -273,8 +273,10 @@ def test_family_mismatch_and_unknown_model_are_refused(engine: Engine) -> None:
         engine.generate(params(controlnets=[unit("cn-sdxl")]), control_images=IMAGES)
     with pytest.raises(EngineError, match=r"controlnets\[1\]\.model.*unknown control model"):
         engine.generate(params(controlnets=[unit(), unit("nope")]), control_images=IMAGES)
-    with pytest.raises(EngineError, match="SD3"):
+    with pytest.raises(EngineError, match=r"controlnets\[0\]\.model.*sdxl controlnet.*sd3"):
         engine.generate(params("tiny-sd3", controlnets=[unit("cn-sdxl")]), control_images=IMAGES)
+    with pytest.raises(EngineError, match="t2i_adapter on SD3 models is not supported"):
+        engine.generate(params("tiny-sd3", controlnets=[unit("t2i-sd15")]), control_images=IMAGES)
 
 
 def test_registry_lists_control_models_with_their_family(models: Path) -> None:

@@ -18,7 +18,11 @@ from PIL import Image
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
 from genserve.engine.engine import Engine
-from genserve.engine.models.control_fixtures import write_tiny_controlnet, write_tiny_t2i_adapter
+from genserve.engine.models.control_fixtures import (
+    write_tiny_controlnet,
+    write_tiny_sd3_controlnet,
+    write_tiny_t2i_adapter,
+)
 from genserve.engine.models.registry import scan_models
 from genserve.store.jobs import JobStore
 from genserve.worker.loop import Worker
@@ -50,6 +54,7 @@ def models(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     write_tiny_controlnet(root / "tiny-sd15", root / "controlnet" / "cn-sd15", "sd15", seed=1)
     write_tiny_controlnet(root / "tiny-sdxl", root / "controlnet" / "cn-sdxl", "sdxl", seed=3)
     write_tiny_t2i_adapter(root / "tiny-sd15", root / "t2i_adapter" / "t2i-sd15", "sd15", seed=4)
+    write_tiny_sd3_controlnet(root / "tiny-sd3", root / "controlnet" / "cn-sd3", seed=5)
     return root
 
 
@@ -131,6 +136,20 @@ def test_a_controlled_job_runs_through_the_queue(client: TestClient, settings: S
         assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded"
 
 
+def test_an_sd3_controlled_job_shares_a_batch_with_a_plain_one(
+    client: TestClient, settings: Settings
+) -> None:
+    sd3 = {**FAST, "model": "tiny-sd3"}
+    unit = {"model": "cn-sd3", "image": b64(picture(7)), "scale": 0.9, "start": 0.2}
+    controlled = client.post("/v1/jobs", json={**sd3, "controlnets": [unit]})
+    assert controlled.status_code == 202, controlled.text
+    plain = client.post("/v1/jobs", json=sd3).json()
+    seen = run_queue(settings)
+    assert len(seen) == 2 and sum(bool(i.params.controlnets) for i in seen) == 1  # one batch
+    for job_id in (controlled.json()["id"], plain["id"]):
+        assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded"
+
+
 def test_refusals_name_the_field(client: TestClient) -> None:
     image = b64(picture())
     unit = {"model": "cn-sd15", "image": image}
@@ -145,7 +164,12 @@ def test_refusals_name_the_field(client: TestClient) -> None:
         client.post("/v1/jobs", json={**FAST, "controlnets": [{**unit, "image": "not base64!"}]})
     ) == ("controlnets[0].image")
     sd3 = client.post("/v1/jobs", json={**FAST, "model": "tiny-sd3", "controlnets": [unit]})
-    assert field_of(sd3) == "controlnets[0].model" and "not supported yet" in sd3.text
+    assert field_of(sd3) == "controlnets[0].model" and "is sd3" in sd3.text
+    on_sd15 = client.post("/v1/jobs", json={**FAST, "controlnets": [{**unit, "model": "cn-sd3"}]})
+    assert field_of(on_sd15) == "controlnets[0].model" and "sd3 controlnet" in on_sd15.text
+    adapter = {**unit, "model": "t2i-sd15"}
+    t2i = client.post("/v1/jobs", json={**FAST, "model": "tiny-sd3", "controlnets": [adapter]})
+    assert field_of(t2i) == "controlnets[0].model" and "not supported yet" in t2i.text
     window = client.post("/v1/jobs", json={**FAST, "controlnets": [{**unit, "start": 0.8, "end": 0.2}]})
     assert window.status_code == 422
 
@@ -155,6 +179,7 @@ def test_controls_and_preprocessors_are_listed(client: TestClient) -> None:
     assert listed == {
         "cn-sd15": ("controlnet", "sd15"),
         "cn-sdxl": ("controlnet", "sdxl"),
+        "cn-sd3": ("controlnet", "sd3"),
         "t2i-sd15": ("t2i_adapter", "sd15"),
     }
     names = client.get("/v1/preprocessors").json()

@@ -34,6 +34,7 @@ from genserve.engine.stages.controls import (
     LoadControl,
     attach_controls,
     attach_image_embeds,
+    sd3_map_encoder,
 )
 from genserve.engine.stages.hires import hires_conditioning, hires_rows
 from genserve.engine.stages.plan import second_pass_schedule, second_pass_steps, size_multiple, target_size
@@ -117,6 +118,7 @@ def denoise_batch(
             height=params.height,
             device=device,
             annotate=annotate,
+            encode_map=sd3_map_encoder(pipe) if family == "sd3" else None,
         )
     if params.ip_adapter is not None:
         if encode_images is None:

@@ -17,6 +17,14 @@ no control. The window follows diffusers' `controlnet_keep`: a unit acts at the 
 N iff not (i/N < start or (i+1)/N > end). A T2I-Adapter's features do not depend on t: they are
 computed once per request (`adapter_features`) and added as `down_intrablock_additional_residuals`
 under the same window and scale.
+
+An SD3 ControlNet (`SD3ControlNetModel`, kind "sd3_controlnet") follows diffusers'
+StableDiffusion3ControlNetPipeline: its map is VAE-encoded (`sd3_control_latents`), it sees the
+pooled projections (zeros for `force_zeros_for_pooled_projection` models) and gives one residual per
+control block, passed to the transformer as `block_controlnet_hidden_states`; transformer block i
+adds residual int(i / (blocks / k)). Units with different block counts k in one step are first
+spread over the transformer's blocks by that rule, so they can be summed. Scale, window and modes
+work as for a UNet ControlNet (the soft-injection weights run over the control blocks).
 """
 
 from __future__ import annotations
@@ -36,9 +44,9 @@ SOFT_INJECTION_BASE = 0.825
 class RowControl:
     """One unit of one row: a loaded model, its map and how it applies."""
 
-    model: Any  # ControlNetModel or T2IAdapter
-    kind: str  # "controlnet" or "t2i_adapter"
-    image: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    model: Any  # ControlNetModel, SD3ControlNetModel or T2IAdapter
+    kind: str  # "controlnet", "sd3_controlnet" or "t2i_adapter"
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1]; an SD3 ControlNet's: its latents (1, C, h, w)
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
@@ -77,6 +85,16 @@ def control_map_tensor(image: np.ndarray | PIL.Image.Image, width: int, height: 
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
+def sd3_control_latents(mean: torch.Tensor, vae_config: Any, model: Any) -> torch.Tensor:
+    """An SD3 ControlNet's input from the VAE mean of its map (in [-1, 1]): (z - shift) * scale, with
+    no shift for `force_zeros_for_pooled_projection` models (InstantX's; the pipeline's phase 3).
+
+    diffusers draws `latent_dist.sample()` from the global RNG there; the mean keeps a row
+    reproducible and independent of its batch."""
+    shift = 0.0 if model.config.force_zeros_for_pooled_projection else vae_config.shift_factor
+    return (mean - shift) * vae_config.scaling_factor
+
+
 def adapter_features(adapter: Any, image: torch.Tensor) -> list[torch.Tensor]:
     """A T2I-Adapter's features for one map, once per generation (they do not depend on t)."""
     return [f.clone() for f in adapter(image.to(device=adapter.device, dtype=adapter.dtype))]
@@ -90,32 +108,32 @@ def step_extras(
     t: torch.Tensor,
     embeds: torch.Tensor,
     added: dict[str, torch.Tensor] | None,
+    blocks: int = 0,
 ) -> StepExtras:
-    """The residual kwargs of one UNet call over n active rows.
+    """The residual kwargs of one model call over n active rows.
 
     `controls[j]` are active row j's units, `own_steps[j]` its (step, steps) on its own schedule;
-    `model_input`, `embeds` and `added` are the UNet call's (2n rows with CFG: uncond first).
+    `model_input`, `embeds` and `added` are the model call's (2n rows with CFG: uncond first). For
+    SD3, `added` holds the transformer's `pooled_projections` and `blocks` is its block count.
     """
-    n = len(controls)
     extras = StepExtras()
     down: list[torch.Tensor] | None = None
     mid: torch.Tensor | None = None
     intrablock: list[torch.Tensor] | None = None
-    # Units grouped by model: one call per ControlNet over the rows (positions) that use it now.
-    groups: dict[int, list[tuple[int, RowControl]]] = {}
-    for j, units in enumerate(controls):
-        step, steps = own_steps[j]
-        for unit in units:
-            if unit.scale == 0 or not in_window(step, steps, unit.start, unit.end):
-                continue
-            halves = [n + j] if cfg and unit.mode == "control" else ([j, n + j] if cfg else [j])
-            for position in halves:
-                groups.setdefault(id(unit.model), []).append((position, unit))
-    for entries in groups.values():
+    sd3: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+    rows = model_input.shape[0]
+    for entries in _groups(controls, own_steps, cfg).values():
         unit0 = entries[0][1]
         positions = torch.tensor([p for p, _ in entries], device=model_input.device)
         if unit0.kind == "t2i_adapter":
-            intrablock = _add_features(intrablock, entries, positions, model_input.shape[0])
+            intrablock = _add_features(intrablock, entries, positions, rows)
+            continue
+        if unit0.kind == "sd3_controlnet":
+            assert added is not None
+            residuals = _sd3_residuals(
+                entries, positions, model_input, t, embeds, added["pooled_projections"]
+            )
+            sd3.append((positions, _weighted(residuals, entries)))
             continue
         model = unit0.model
         sub_added = None if added is None else {k: v.index_select(0, positions) for k, v in added.items()}
@@ -131,30 +149,102 @@ def step_extras(
             added_cond_kwargs=sub_added,
             return_dict=False,
         )
-        residuals = [*res_down, res_mid]
-        weights = torch.tensor(
-            [[u.scale * w for w in soft_weights(len(residuals), u.mode)] for _, u in entries],
-            dtype=torch.float32,
-        )  # (entries, residuals)
+        scaled = _weighted([*res_down, res_mid], entries)
         if down is None:
-            down = [
-                torch.zeros((model_input.shape[0], *r.shape[1:]), dtype=r.dtype, device=r.device)
-                for r in res_down
-            ]
-            mid = torch.zeros(
-                (model_input.shape[0], *res_mid.shape[1:]), dtype=res_mid.dtype, device=res_mid.device
-            )
+            down = [_zeros(rows, r) for r in res_down]
+            mid = _zeros(rows, res_mid)
         assert mid is not None
-        for k, residual in enumerate(residuals):
-            scaled = residual * weights[:, k].to(residual).view(-1, 1, 1, 1)
-            target = down[k] if k < len(res_down) else mid
-            target.index_add_(0, positions, scaled)
+        for k, residual in enumerate(scaled):
+            (down[k] if k < len(res_down) else mid).index_add_(0, positions, residual)
     if down is not None:
         extras.kwargs["down_block_additional_residuals"] = tuple(down)
         extras.kwargs["mid_block_additional_residual"] = mid
     if intrablock is not None:
         extras.kwargs["down_intrablock_additional_residuals"] = intrablock
+    if sd3:
+        extras.kwargs["block_controlnet_hidden_states"] = _sum_block_residuals(sd3, rows, blocks)
     return extras
+
+
+def _groups(
+    controls: list[list[RowControl]], own_steps: list[tuple[int, int]], cfg: bool
+) -> dict[int, list[tuple[int, RowControl]]]:
+    """(position in the model input, unit) of every unit acting now, by model: one call per model
+    over the rows that use it. With CFG row j is at j (uncond) and n + j (cond)."""
+    n = len(controls)
+    groups: dict[int, list[tuple[int, RowControl]]] = {}
+    for j, units in enumerate(controls):
+        step, steps = own_steps[j]
+        for unit in units:
+            if unit.scale == 0 or not in_window(step, steps, unit.start, unit.end):
+                continue
+            halves = [n + j] if cfg and unit.mode == "control" else ([j, n + j] if cfg else [j])
+            for position in halves:
+                groups.setdefault(id(unit.model), []).append((position, unit))
+    return groups
+
+
+def _weighted(residuals: list[torch.Tensor], entries: list[tuple[int, RowControl]]) -> list[torch.Tensor]:
+    """Each entry's residuals times its unit's scale and soft-injection weight (row by row)."""
+    weights = torch.tensor(
+        [[u.scale * w for w in soft_weights(len(residuals), u.mode)] for _, u in entries],
+        dtype=torch.float32,
+    )  # (entries, residuals)
+    return [r * weights[:, k].to(r).view(-1, *([1] * (r.ndim - 1))) for k, r in enumerate(residuals)]
+
+
+def _zeros(rows: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
+
+
+def _sd3_residuals(
+    entries: list[tuple[int, RowControl]],
+    positions: torch.Tensor,
+    model_input: torch.Tensor,
+    t: torch.Tensor,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+) -> list[torch.Tensor]:
+    """One SD3 ControlNet's block residuals for the rows at `positions` (the pipeline's step 8)."""
+    model = entries[0][1].model
+    dtype = model.dtype
+    pooled = pooled.index_select(0, positions).to(dtype)
+    if model.config.force_zeros_for_pooled_projection:
+        pooled = torch.zeros_like(pooled)
+    # SD3.5's large ControlNet has no context embedder and takes no text
+    text = embeds.index_select(0, positions).to(dtype) if model.context_embedder is not None else None
+    latents = model_input[:, : model.config.in_channels].index_select(0, positions).to(dtype)
+    images = torch.cat([u.image for _, u in entries]).to(device=model_input.device, dtype=dtype)
+    (residuals,) = model(
+        hidden_states=latents,
+        timestep=t.expand(len(entries)),
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
+        controlnet_cond=images,
+        conditioning_scale=1.0,
+        return_dict=False,
+    )
+    return list(residuals)
+
+
+def _sum_block_residuals(
+    groups: list[tuple[torch.Tensor, list[torch.Tensor]]], rows: int, blocks: int
+) -> list[torch.Tensor]:
+    """The SD3 ControlNets' scaled residuals summed into full-batch tensors (zeros for rows
+    without). Models with different block counts are spread over the transformer's `blocks` first,
+    by the transformer's own rule: block i takes residual int(i / (blocks / k))."""
+    counts = {len(residuals) for _, residuals in groups}
+    length = counts.pop() if len(counts) == 1 else blocks
+    total: list[torch.Tensor] | None = None
+    for positions, residuals in groups:
+        k = len(residuals)
+        spread = residuals if k == length else [residuals[int(i / (length / k))] for i in range(length)]
+        if total is None:
+            total = [_zeros(rows, r) for r in spread]
+        for target, residual in zip(total, spread, strict=True):
+            target.index_add_(0, positions, residual)
+    assert total is not None
+    return total
 
 
 def _add_features(
@@ -177,11 +267,12 @@ def _add_features(
 ExtrasFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None], StepExtras]
 
 
-def rows_extras(rows: list[Any], index: int, total: int, cfg: bool) -> ExtrasFn | None:
-    """What the active `rows` (loop.row.Row) add to this step's UNet call; None when nothing.
+def rows_extras(rows: list[Any], index: int, total: int, cfg: bool, blocks: int = 0) -> ExtrasFn | None:
+    """What the active `rows` (loop.row.Row) add to this step's model call; None when nothing.
 
     Rows carry `controls` (their units) and, with an IP-Adapter, `image_embeds` (1, images, D): the
-    unconditional half gets zeros, as diffusers' plain IP-Adapter does.
+    unconditional half gets zeros, as diffusers' plain IP-Adapter does. `blocks`: an SD3
+    transformer's block count.
     """
     has_controls = any(row.controls for row in rows)
     embeds = [row.image_embeds for row in rows]
@@ -201,7 +292,7 @@ def rows_extras(rows: list[Any], index: int, total: int, cfg: bool) -> ExtrasFn 
             result.added["image_embeds"] = [image_embeds]
         if has_controls:
             result.kwargs = step_extras(
-                [row.controls for row in rows], own_steps, cfg, model_input, t, text, added
+                [row.controls for row in rows], own_steps, cfg, model_input, t, text, added, blocks
             ).kwargs
         return result
 

@@ -125,7 +125,8 @@ def _step(
     if rows[active[0]].extra is not None:  # 9-channel inpainting: every row carries its channels
         model_input = torch.cat([model_input, torch.cat([rows[r].extra for r in active])], dim=1)
     use_cfg = bool((row_scales > 1).any())
-    extras = rows_extras([rows[r] for r in active], index, len(timesteps), use_cfg)
+    blocks = pipe.transformer.config.num_layers if family == "sd3" else 0
+    extras = rows_extras([rows[r] for r in active], index, len(timesteps), use_cfg, blocks)
     noise_uncond, noise_cond = predict_noise(
         pipe, family, model_input, t, cond.select(picked.to(model_input.device)), use_cfg, extras
     )

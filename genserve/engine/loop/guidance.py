@@ -35,17 +35,21 @@ def predict_noise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One model call for all rows (doubled for CFG). Returns (ε_uncond, ε_cond); ε_uncond = ε_cond without CFG.
 
-    `extras` gives what the rows add to a UNet call (control residuals, IP-Adapter embeddings)."""
+    `extras` gives what the rows add to the model call (control residuals, IP-Adapter embeddings)."""
     model_input = torch.cat([latents, latents]) if cfg else latents
     embeds = torch.cat([cond.uncond, cond.cond]) if cfg else cond.cond
     if family == "sd3":
         pooled = torch.cat([cond.uncond_pooled, cond.pooled]) if cfg else cond.pooled
+        control = (
+            {} if extras is None else extras(model_input, t, embeds, {"pooled_projections": pooled}).kwargs
+        )
         output = pipe.transformer(
             hidden_states=model_input,
             timestep=t.expand(model_input.shape[0]),
             encoder_hidden_states=embeds,
             pooled_projections=pooled,
             return_dict=False,
+            **control,
         )[0]
     else:
         added = None

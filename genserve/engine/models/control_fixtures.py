@@ -5,6 +5,9 @@ Recipes from diffusers' own tests (conditioning.md Appendix A):
 - ControlNet: `ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))`: two
   entries for the tiny VAE's factor 2. A fresh ControlNet adds exactly zero (its zero convolutions),
   so the three zero-initialised parts are re-initialised to make the control change the output.
+- SD3 ControlNet: `SD3ControlNetModel.from_config({**transformer.config, num_layers, extra channels 0})`,
+  not `from_transformer` (it writes into the live transformer's config); its zero-initialised
+  `controlnet_blocks` and `pos_embed_input` are re-initialised the same way.
 - T2I-Adapter: `T2IAdapter(3, <UNet block_out_channels>, 2, downscale_factor=<VAE factor>)`.
 - IP-Adapter: a tiny `CLIPVisionModelWithProjection` in `image_encoder/` plus `ip-adapter.safetensors`
   with `image_proj.*` (ImageProjection) and `ip_adapter.*` (to_k_ip / to_v_ip per cross-attention
@@ -18,7 +21,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
+from diffusers import (
+    ControlNetModel,
+    SD3ControlNetModel,
+    SD3Transformer2DModel,
+    T2IAdapter,
+    UNet2DConditionModel,
+)
 from safetensors.torch import save_file
 
 from genserve.engine.models.registry import Family
@@ -45,6 +54,37 @@ def write_tiny_controlnet(base: Path, path: Path, family: Family, *, seed: int =
         torch.nn.init.normal_(conv_out.bias, std=0.2)
     controlnet.save_pretrained(path, safe_serialization=True)
     _card(path, family)
+    return path
+
+
+def write_tiny_sd3_controlnet(
+    base: Path,
+    path: Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 1,
+    force_zeros_for_pooled_projection: bool = True,
+) -> Path:
+    """An SD3ControlNetModel for the tiny SD3 pipeline at `base` whose residuals are not zero.
+
+    `force_zeros_for_pooled_projection` (InstantX's checkpoints: True) also decides whether the
+    control latents are shifted by the VAE's shift factor; `num_layers` other than the
+    transformer's spreads each residual over several transformer blocks."""
+    transformer = SD3Transformer2DModel.from_pretrained(base / "transformer", local_files_only=True)
+    config = {
+        **dict(transformer.config),
+        "num_layers": num_layers,
+        "extra_conditioning_channels": 0,
+        "force_zeros_for_pooled_projection": force_zeros_for_pooled_projection,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = SD3ControlNetModel.from_config(config)
+        for module in [*controlnet.controlnet_blocks, controlnet.pos_embed_input.proj]:
+            torch.nn.init.normal_(module.weight, std=0.5)
+            torch.nn.init.normal_(module.bias, std=0.5)
+    controlnet.save_pretrained(path, safe_serialization=True)
+    _card(path, "sd3")
     return path
 
 

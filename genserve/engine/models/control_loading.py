@@ -43,9 +43,10 @@ class ControlModels:
 
     def _load(self, info: ControlInfo) -> Any:
         if info.kind == "controlnet":
-            from diffusers import ControlNetModel
+            from diffusers import ControlNetModel, SD3ControlNetModel
 
-            model = ControlNetModel.from_pretrained(info.path, torch_dtype=self.dtype, local_files_only=True)
+            cls = SD3ControlNetModel if info.family == "sd3" else ControlNetModel
+            model = cls.from_pretrained(info.path, torch_dtype=self.dtype, local_files_only=True)
         elif info.kind == "t2i_adapter":
             from diffusers import T2IAdapter
 

@@ -161,8 +161,8 @@ def control_problem(
         return f"unknown control model '{name}'; registered: {known} (GET /v1/controls)"
     if control.kind not in kinds:
         return f"'{name}' is a {control.kind}, not a {' or '.join(kinds)}"
-    if base.family == "sd3":
-        return f"{control.kind} on SD3 models is not supported yet (model '{base.name}')"
+    if base.family == "sd3" and control.kind != "controlnet":
+        return f"{control.kind} on SD3 models is not supported yet (model '{base.name}'); ControlNets are"
     if control.family != base.family:
         return f"'{name}' is a {control.family} {control.kind}; model '{base.name}' is {base.family}"
     return None

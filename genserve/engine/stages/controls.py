@@ -15,7 +15,13 @@ import numpy as np
 import PIL.Image
 import torch
 
-from genserve.engine.conditioning.control import RowControl, adapter_features, control_map_tensor
+from genserve.engine.conditioning.control import (
+    RowControl,
+    adapter_features,
+    control_map_tensor,
+    sd3_control_latents,
+)
+from genserve.engine.conditioning.latents import encode_pixels
 from genserve.engine.conditioning.preprocess import PREPROCESSORS, canonical_name, run_preprocessor
 from genserve.engine.loop.denoise import BatchItem
 from genserve.engine.loop.row import Row
@@ -26,6 +32,19 @@ LoadControl = Callable[[str], tuple[str, Any]]
 Annotate = Callable[[str, np.ndarray], np.ndarray]
 # reference pictures -> (1, images, D) image embeddings
 EncodeImages = Callable[[list[PIL.Image.Image]], torch.Tensor]
+# an SD3 ControlNet's map (1, 3, H, W) in [0, 1], the ControlNet -> its latents
+EncodeMap = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+def sd3_map_encoder(pipe: Any) -> EncodeMap:
+    """Encodes SD3 control maps with the base pipeline's VAE (the SD3 ControlNet pipeline's phase 3:
+    the map normalised to [-1, 1], then `sd3_control_latents` of the VAE's mean)."""
+
+    def encode(image: torch.Tensor, model: Any) -> torch.Tensor:
+        dist = encode_pixels(pipe, image * 2 - 1)
+        return sd3_control_latents(dist.mean, pipe.vae.config, model).to(image.device)
+
+    return encode
 
 
 def preprocess_picture(
@@ -54,8 +73,11 @@ def attach_controls(
     height: int,
     device: str,
     annotate: Annotate | None = None,
+    encode_map: EncodeMap | None = None,
 ) -> None:
-    """Give every row its request's control units (maps at width x height, on `device`)."""
+    """Give every row its request's control units (maps at width x height, on `device`).
+
+    `encode_map` (SD3: `sd3_map_encoder`) turns a ControlNet's map into the latents it takes."""
     for i, item in enumerate(items):
         units = []
         for unit in item.params.controlnets or []:
@@ -68,6 +90,8 @@ def attach_controls(
             )
             image = control_map_tensor(control_map, width, height).to(device)
             features = adapter_features(model, image) if kind == "t2i_adapter" else None
+            if encode_map is not None and kind == "controlnet":
+                kind, image = "sd3_controlnet", encode_map(image, model)
             units.append(
                 RowControl(model, kind, image, unit.scale, unit.start, unit.end, unit.mode, features)
             )
