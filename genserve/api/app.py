@@ -21,6 +21,8 @@ from genserve.api.routes import (
     a1111_extras,
     admin,
     batches,
+    comfy,
+    comfy_ws,
     controls,
     estimate,
     experiments,
@@ -65,6 +67,7 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
             services.supervisor.start()
         if reaper:
             reaper.start()
+        await comfy.start(app)  # resumes workflows a stopped server left unfinished
         yield
         if reaper:
             reaper.stop()
@@ -82,7 +85,7 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
     app.add_middleware(InputGuard, max_body_bytes=settings.limits.max_body_bytes, shape=_guard_error_shape)
     install_auth(app, settings, KeyStore(store.engine))  # keys, rate limits, CORS
     app.add_middleware(TracingMiddleware, log_keys=settings.log_keys)
-    for module in (health, web):
+    for module in (health, web, comfy_ws):  # the websocket checks the key itself
         app.include_router(module.router)
     # Everything else needs an API key when auth is on; the key is the caller's identity.
     modules = (
@@ -100,6 +103,7 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
         a1111,
         a1111_controlnet,
         admin,
+        comfy,
     )
     for module in modules:
         app.include_router(module.router, dependencies=[Depends(get_principal)])

@@ -113,7 +113,7 @@ def _token(request: Request) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
         return password or None
-    if request.method in ("GET", "HEAD"):
+    if request.scope.get("method", "GET") in ("GET", "HEAD"):  # a websocket handshake is a GET
         return request.cookies.get(KEY_COOKIE) or None
     return None
 
