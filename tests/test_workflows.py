@@ -1,0 +1,248 @@
+"""The workflow runner's pure parts: graph validation, sampler and denoise mapping, the plan of
+genserve jobs a graph becomes, and the cache keys that decide what a re-run recomputes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from genserve.engine.stages.plan import second_pass_schedule
+from genserve.scheduler.cost import steps_run
+from genserve.workflows.graph import WorkflowError, parse_graph
+from genserve.workflows.plan import STAGE_REF, plan_graph
+from genserve.workflows.samplers import (
+    SamplerMappingError,
+    advanced_to_strength,
+    denoise_to_strength,
+    genserve_sampler,
+)
+from tests.workflow_graphs import img2img, txt2img, with_hires, with_scale
+
+PICTURE = "sha256:" + "1" * 64
+
+
+class FakeResources:
+    def models(self) -> set[str]:
+        return {"genserve-shapes"}
+
+    def loras(self) -> set[str]:
+        return {"shapes-white-frame"}
+
+    def controlnets(self) -> set[str]:
+        return {"genserve-shapes-canny"}
+
+    def upscalers(self) -> dict[str, float]:
+        return {"genserve-shapes-2x": 2.0}
+
+    def picture(self, name: str) -> tuple[str, tuple[int, int]] | None:
+        return (PICTURE, (64, 48)) if name == "red.png" else None
+
+    def mask(self, ref: str) -> str | None:
+        return "sha256:" + "2" * 64
+
+
+def plan(graph: dict):
+    return plan_graph(parse_graph(graph), FakeResources())
+
+
+def errors_of(graph: dict) -> list[tuple[str, str, str | None]]:
+    with pytest.raises(WorkflowError) as caught:
+        plan(graph)
+    return [(e.node_id, e.class_type, e.input) for e in caught.value.errors]
+
+
+# -- samplers and denoise -------------------------------------------------------------------------
+
+
+def test_comfy_samplers_map_onto_the_same_solvers() -> None:
+    assert genserve_sampler("euler", "normal") == "euler"
+    assert genserve_sampler("euler_ancestral", "simple") == "euler_a"
+    assert genserve_sampler("dpmpp_2m", "karras") == "dpmpp_2m_karras"
+    assert genserve_sampler("dpmpp_2m", "normal") == "dpmpp_2m"
+    assert genserve_sampler("uni_pc", "sgm_uniform") == "unipc"
+    assert genserve_sampler("ddim", "ddim_uniform") == "ddim"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "blamed"),
+    [("lms", "normal", "sampler_name"), ("dpmpp_2m_sde", "karras", "sampler_name"),
+     ("euler", "karras", "scheduler"), ("euler", "exponential", "scheduler")],
+)  # fmt: skip
+def test_samplers_without_an_equivalent_are_refused_naming_the_input(
+    sampler: str, scheduler: str, blamed: str
+) -> None:
+    with pytest.raises(SamplerMappingError) as caught:
+        genserve_sampler(sampler, scheduler)
+    assert caught.value.input == blamed
+    graph = txt2img(sampler=sampler, scheduler=scheduler)
+    assert errors_of(graph) == [("3", "KSampler", blamed)]
+
+
+def test_denoise_runs_the_last_steps_of_a_steps_over_denoise_schedule() -> None:
+    """ComfyUI: `steps` steps, the end of an int(steps / denoise) schedule. genserve's img2img runs
+    the last int(total × strength) steps of `total` (scheduler/cost.py, engine/loop/row.py)."""
+    for steps in range(1, 60):
+        for denoise in (0.05, 0.1, 0.25, 0.3, 1 / 3, 0.45, 0.5, 0.55, 0.6, 0.7, 0.75, 0.8, 0.9, 0.99, 1.0):
+            total, strength = denoise_to_strength(steps, denoise)
+            assert 0 < strength <= 1
+            expected_total = steps if denoise > 0.9999 else max(steps, int(steps / denoise))
+            assert total == expected_total, (steps, denoise)
+            assert steps_run(total, strength) == steps, (steps, denoise, total, strength)
+            if denoise < 0.999:  # the same schedule as genserve's (and A1111's) hires pass
+                assert second_pass_schedule(steps, denoise) == (total, total - steps)
+
+
+def test_ksampler_advanced_start_step_is_a_strength() -> None:
+    for steps in range(1, 40):
+        for start in range(steps):
+            assert steps_run(steps, advanced_to_strength(steps, start)) == steps - start
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def test_every_problem_is_reported_with_its_node_and_input() -> None:
+    graph = txt2img()
+    graph["3"]["inputs"].pop("model")  # missing input
+    graph["8"]["inputs"]["vae"] = ["4", 5]  # no such output
+    graph["9"]["inputs"]["images"] = ["42", 0]  # no such node
+    graph["6"]["inputs"]["clip"] = ["5", 0]  # a LATENT where CLIP goes
+    graph["20"] = {"class_type": "FancyUpscaler", "inputs": {}}
+    graph["5"]["inputs"]["width"] = "wide"
+    found = errors_of(graph)
+    assert ("20", "FancyUpscaler", None) in found
+    assert ("3", "KSampler", "model") in found
+    assert ("8", "VAEDecode", "vae") in found
+    assert ("9", "SaveImage", "images") in found
+    assert ("6", "CLIPTextEncode", "clip") in found
+    assert ("5", "EmptyLatentImage", "width") in found
+
+
+def test_cycles_and_graphs_without_outputs_are_refused() -> None:
+    graph = with_scale(txt2img(), 32, 32)
+    graph["8"]["inputs"]["samples"] = ["3", 0]
+    graph["3"]["inputs"]["latent_image"] = ["11", 0]
+    graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    with pytest.raises(WorkflowError) as caught:
+        parse_graph(graph)
+    assert caught.value.kind == "dependency_cycle"
+    assert {e.node_id for e in caught.value.errors} >= {"3", "8", "10", "11"}
+    no_output = txt2img()
+    del no_output["9"]
+    with pytest.raises(WorkflowError, match="no output node"):
+        parse_graph(no_output)
+
+
+def test_unknown_checkpoints_loras_and_pictures_name_their_node() -> None:
+    assert errors_of(txt2img(checkpoint="sdxl_base.safetensors")) == [
+        ("4", "CheckpointLoaderSimple", "ckpt_name")
+    ]
+    assert errors_of(img2img("missing.png", "a red circle", 0.5)) == [("10", "LoadImage", "image")]
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+
+def test_txt2img_is_one_genserve_job() -> None:
+    result = plan(txt2img(checkpoint="models/genserve-shapes.ckpt", batch=3, seed=2**40 + 5))
+    (stage,) = result.stages.values()
+    assert stage.kind == "image" and stage.nodes == ["3", "8"] and stage.main_node == "3"
+    assert stage.params == {
+        "prompt": "a red circle on a blue background", "negative_prompt": "", "model": "genserve-shapes",
+        "seed": 5, "steps": 12, "cfg_scale": 7.0, "sampler": "euler", "num_images": 3, "width": 64, "height": 64,
+    }  # fmt: skip
+
+
+def test_latent_upscale_between_samplers_is_the_hires_pass() -> None:
+    (stage,) = plan(with_hires(txt2img(), 96, denoise=0.5, steps=6)).stages.values()
+    assert stage.params["hires"] == {
+        "width": 96, "height": 96, "upscaler": "latent_nearest", "steps": 6, "strength": 0.5, "sampler": "euler",
+    }  # fmt: skip
+    assert stage.nodes == ["3", "12", "8"]
+
+
+def test_a_second_pass_with_another_prompt_is_a_second_job_from_the_first_picture() -> None:
+    graph = with_hires(txt2img(), 96, denoise=0.5, steps=6)
+    graph["13"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a green circle", "clip": ["4", 1]}}
+    graph["12"]["inputs"]["positive"] = ["13", 0]
+    first, second = plan(graph).stages.values()
+    assert "hires" not in first.params and second.deps == (first.key,)
+    assert second.params["init_image"] == f"{STAGE_REF}{first.key}:0"
+    assert (second.params["width"], second.params["height"]) == (96, 96)
+    assert (second.params["steps"], second.params["strength"]) == denoise_to_strength(6, 0.5)
+
+
+def test_img2img_and_inpainting_from_a_loaded_picture() -> None:
+    (stage,) = plan(img2img("red.png", "a green circle", denoise=0.6, steps=10)).stages.values()
+    assert stage.params["init_image"] == PICTURE
+    assert (stage.params["width"], stage.params["height"]) == (64, 48)
+    assert (stage.params["steps"], stage.params["strength"]) == denoise_to_strength(10, 0.6)
+    graph = img2img("red.png", "a green circle", denoise=1.0)
+    graph["11"] = {
+        "class_type": "VAEEncodeForInpaint",
+        "inputs": {"pixels": ["10", 0], "vae": ["4", 2], "mask": ["10", 1], "grow_mask_by": 6},
+    }
+    (stage,) = plan(graph).stages.values()
+    assert stage.params["mask"] == "sha256:" + "2" * 64
+    assert stage.params["inpaint"] == {"fill": "latent_nothing", "mask_blur": 6}
+
+
+def test_lora_controlnet_and_model_upscale_become_genserve_options_and_jobs() -> None:
+    graph = txt2img()
+    graph["20"] = {"class_type": "LoraLoader", "inputs": {
+        "model": ["4", 0], "clip": ["4", 1], "lora_name": "shapes-white-frame.safetensors",
+        "strength_model": 0.8, "strength_clip": 0.8}}  # fmt: skip
+    graph["3"]["inputs"]["model"] = ["20", 0]
+    graph["6"]["inputs"]["clip"] = ["20", 1]
+    graph["7"]["inputs"]["clip"] = ["20", 1]
+    graph["21"] = {"class_type": "LoadImage", "inputs": {"image": "red.png"}}
+    graph["22"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "genserve-shapes-canny"}}
+    graph["23"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["6", 0], "negative": ["7", 0], "control_net": ["22", 0], "image": ["21", 0],
+        "strength": 0.9, "start_percent": 0.0, "end_percent": 0.8}}  # fmt: skip
+    graph["3"]["inputs"].update(positive=["23", 0], negative=["23", 1])
+    graph["24"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "genserve-shapes-2x.pth"}}
+    graph["25"] = {
+        "class_type": "ImageUpscaleWithModel",
+        "inputs": {"upscale_model": ["24", 0], "image": ["8", 0]},
+    }
+    graph["9"]["inputs"]["images"] = ["25", 0]
+    image, upscale = plan(graph).stages.values()
+    assert image.params["loras"] == [{"name": "shapes-white-frame", "weight": 0.8}]
+    assert image.params["controlnets"] == [
+        {"model": "genserve-shapes-canny", "image": PICTURE, "scale": 0.9, "start": 0.0, "end": 0.8}
+    ]
+    assert upscale.kind == "upscale" and upscale.deps == (image.key,)
+    assert upscale.params == {
+        "model": "genserve-shapes-2x",
+        "scale": 2.0,
+        "source": [f"{STAGE_REF}{image.key}:0"],
+    }
+    graph["20"]["inputs"]["strength_clip"] = 0.5
+    assert errors_of(graph) == [("20", "LoraLoader", "strength_clip")]
+
+
+def test_cache_keys_follow_what_is_computed() -> None:
+    """Only the SaveImage prefix or the ImageScale after VAEDecode changed: the sampling stage keeps
+    its key (so its finished job is found again); a new seed makes a new key."""
+    base = plan(with_scale(txt2img(), 32, 32))
+    image_key = next(k for k, s in base.stages.items() if s.kind == "image")
+    renamed = plan(with_scale(txt2img(prefix="other"), 48, 40))
+    assert image_key in renamed.stages
+    assert base.graph.keys["3"] == renamed.graph.keys["3"] and base.graph.keys["9"] != renamed.graph.keys["9"]
+    reseeded = plan(with_scale(txt2img(seed=2), 32, 32))
+    assert image_key not in reseeded.stages
+    shuffled = copy.deepcopy(txt2img())
+    shuffled["99"] = shuffled.pop("3")  # node ids do not enter the keys
+    for node in shuffled.values():
+        for name, value in node["inputs"].items():
+            if value == ["3", 0]:
+                node["inputs"][name] = ["99", 0]
+    assert set(plan(shuffled).stages) == set(plan(txt2img()).stages)
+
+
+def test_a_partial_schedule_on_an_empty_latent_is_refused() -> None:
+    graph = txt2img()
+    graph["3"]["inputs"]["denoise"] = 0.5
+    assert errors_of(graph) == [("3", "KSampler", "denoise")]
