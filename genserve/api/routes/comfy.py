@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -293,10 +294,9 @@ def error_body(error: WorkflowError) -> dict[str, Any]:
 
 
 @router.post("/prompt", operation_id="comfy_queue_prompt")
-async def queue_prompt(
-    request: Request, services: ServicesDep, principal: PrincipalDep, body: Annotated[dict[str, Any], Body()]
-) -> JSONResponse:
+async def queue_prompt(request: Request, services: ServicesDep, principal: PrincipalDep) -> JSONResponse:
     """Queue a workflow (API format) as genserve jobs: {prompt, client_id, extra_data, prompt_id}."""
+    body = await _json_body(request)
     service = comfy_service(request)
     client_id = body.get("client_id")
     prompt_id = body.get("prompt_id") or str(uuid.uuid4())
@@ -352,6 +352,20 @@ async def validate_workflow(
         ],
         "outputs": [output.node for output in plan.outputs],
     }
+
+
+async def _json_body(request: Request, required: bool = True) -> dict[str, Any]:
+    """The JSON object sent, whatever the Content-Type (ComfyUI clients often send none)."""
+    raw = await request.body()
+    if not raw.strip() and not required:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise LimitError("body", "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise LimitError("body", "the body must be a JSON object")
+    return body
 
 
 def _history_item(record: PromptRecord) -> dict[str, Any]:
@@ -411,26 +425,24 @@ def queue(request: Request, principal: PrincipalDep) -> dict[str, Any]:
 
 
 @router.post("/queue", operation_id="comfy_queue_delete")
-def queue_delete(
-    request: Request, principal: PrincipalDep, body: Annotated[dict[str, Any], Body()]
-) -> dict[str, Any]:
+async def queue_delete(request: Request, principal: PrincipalDep) -> dict[str, Any]:
     """{"delete": [prompt ids]} or {"clear": true}: cancel those unfinished prompts."""
+    body = await _json_body(request)
     service = comfy_service(request)
     active = [r.id for r in service.records.list(owner=_owner(principal), states=ACTIVE)]
     chosen = active if body.get("clear") else [p for p in body.get("delete") or [] if p in active]
-    service.interrupt(chosen)
+    await run_in_threadpool(service.interrupt, chosen)
     return {"deleted": chosen}
 
 
 @router.post("/interrupt", operation_id="comfy_interrupt")
-def interrupt(
-    request: Request, principal: PrincipalDep, body: Annotated[dict[str, Any] | None, Body()] = None
-) -> Response:
+async def interrupt(request: Request, principal: PrincipalDep) -> Response:
     """Stop the caller's running prompts (or the one named by `prompt_id`) at their next step."""
+    body = await _json_body(request, required=False)
     service = comfy_service(request)
     running = [r.id for r in service.records.list(owner=_owner(principal), states=ACTIVE)]
-    wanted = (body or {}).get("prompt_id")
-    service.interrupt([p for p in running if wanted in (None, p)])
+    wanted = body.get("prompt_id")
+    await run_in_threadpool(service.interrupt, [p for p in running if wanted in (None, p)])
     return Response(status_code=200)
 
 

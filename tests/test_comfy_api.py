@@ -1,0 +1,179 @@
+"""ComfyUI's HTTP API and websocket on a live server, with a real ComfyUI client from PyPI
+(comfy-api-simplified) and a plain websocket client, on the built-in genserve-shapes model."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import PIL.Image
+import pytest
+from comfy_api_simplified import ComfyApiWrapper
+from comfy_api_simplified.exceptions import ComfyApiError
+from websockets.sync.client import connect
+
+from genserve.engine.models.registry import BUILTIN_MODELS_DIR
+from genserve.toymodel import dataset
+from genserve.toymodel.pixels import measure
+from genserve.toymodel.shapes_classifier import classify_shapes, load_classifier
+from tests.helpers import LiveServer
+from tests.workflow_graphs import img2img, txt2img, with_scale
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    root = tmp_path_factory.mktemp("comfy")
+    (root / "models").mkdir()
+    env = {"GENSERVE_BUILTIN_MODELS": "true", "GENSERVE_DEFAULT_MODEL": "genserve-shapes"}
+    live = LiveServer(root / "models", root / "data", env=env).start()
+    yield live
+    live.stop()
+
+
+def wait_history(client: httpx.Client, prompt_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = client.get(f"/history/{prompt_id}").json()
+        if found:
+            return found[prompt_id]
+        time.sleep(0.1)
+    raise TimeoutError(prompt_id)
+
+
+def job_count(client: httpx.Client) -> int:
+    return client.get("/v1/jobs", params={"limit": 1}).json()["total"]
+
+
+def test_a_comfyui_client_runs_txt2img_and_gets_the_prompted_shape(server: LiveServer) -> None:
+    """ComfyUI's default graph, 4 images of "a red star on a black background": the shape
+    classifier and the pixel measurements the held-out tests use find red stars on black."""
+    api = ComfyApiWrapper(server.url)
+    graph = txt2img("a red star on a black background", seed=3, steps=16, batch=4)
+    images = api.queue_and_wait_images(graph, "Save Image")
+    pictures = [np.asarray(PIL.Image.open(io.BytesIO(data)).convert("RGB")) for data in images.values()]
+    assert len(pictures) == 4 and all(p.shape == (64, 64, 3) for p in pictures)
+    folder = BUILTIN_MODELS_DIR / "genserve-shapes"
+    shapes = classify_shapes(load_classifier(folder / "eval" / "shape_classifier.safetensors"), pictures)
+    good = sum(
+        (shape, measure(p).fg, measure(p).bg) == ("star", "red", "black")
+        for shape, p in zip(shapes, pictures, strict=True)
+    )
+    assert good >= 3, (shapes, [measure(p) for p in pictures])
+    assert set(api.get_queue()) == {"queue_running", "queue_pending"}
+
+
+def test_a_rerun_with_only_the_last_node_changed_samples_nothing(server: LiveServer) -> None:
+    with server.client() as client:
+        first = client.post("/prompt", json={"prompt": with_scale(txt2img(seed=11), 32, 32)}).json()
+        done = wait_history(client, first["prompt_id"])
+        assert done["status"]["completed"]
+        before = job_count(client)
+        # Another SaveImage prefix and another ImageScale after VAEDecode: no sampling job.
+        again = client.post("/prompt", json={"prompt": with_scale(txt2img(seed=11, prefix="x/y"), 48, 40)})
+        rerun = wait_history(client, again.json()["prompt_id"])
+        assert job_count(client) == before
+        cached = [m for kind, m in rerun["status"]["messages"] if kind == "execution_cached"]
+        assert ["3", "8"] in [m["nodes"] for m in cached]
+        (saved,) = rerun["outputs"]["9"]["images"]
+        assert saved["subfolder"] == "x" and saved["filename"].startswith("y_")
+        picture = PIL.Image.open(io.BytesIO(client.get("/view", params=saved).content))
+        assert picture.size == (48, 40)
+        # A new seed samples again: one new job.
+        third = client.post("/prompt", json={"prompt": with_scale(txt2img(seed=12), 48, 40)}).json()
+        wait_history(client, third["prompt_id"])
+        assert job_count(client) == before + 1
+
+
+def test_the_websocket_reports_each_node_progress_and_previews(server: LiveServer) -> None:
+    ws_url = server.url.replace("http", "ws") + "/ws?clientId=plain-client"
+    with connect(ws_url) as socket, server.client() as client:
+        hello = json.loads(socket.recv(timeout=10))
+        assert hello["type"] == "status" and hello["data"]["sid"] == "plain-client"
+        body = {
+            "prompt": txt2img("a green square on a white background", seed=21, steps=6),
+            "client_id": "plain-client",
+            "extra_data": {"preview_method": "auto"},
+        }
+        prompt_id = client.post("/prompt", json=body).json()["prompt_id"]
+        messages, frames = [], []
+        while True:
+            message = socket.recv(timeout=60)
+            if isinstance(message, bytes):
+                frames.append(message)
+                continue
+            messages.append(json.loads(message))
+            if messages[-1]["type"] == "executing" and messages[-1]["data"]["node"] is None:
+                break
+    kinds = [m["type"] for m in messages]
+    assert kinds.index("execution_start") < kinds.index("executing") < kinds.index("progress")
+    mine = [m["data"] for m in messages if m["type"] != "status"]
+    assert all(data["prompt_id"] == prompt_id for data in mine)
+    progress = [m["data"] for m in messages if m["type"] == "progress"]
+    assert progress[-1] == {"value": 6, "max": 6, "node": "3", "prompt_id": prompt_id}
+    (executed,) = [m["data"] for m in messages if m["type"] == "executed"]
+    assert executed["node"] == "9" and executed["output"]["images"][0]["type"] == "output"
+    assert frames and all(frame[:4] == b"\x00\x00\x00\x01" for frame in frames)
+    kind = int.from_bytes(frames[0][4:8], "big")
+    assert PIL.Image.open(io.BytesIO(frames[0][8:])).format == {1: "JPEG", 2: "PNG"}[kind]
+
+
+def test_upload_image_and_img2img_from_it(server: LiveServer, tmp_path: Path) -> None:
+    """A red circle uploaded with the client, changed to green at denoise 0.6 (the shape stays)."""
+    scene = dataset.Scene("circle", "red", "blue", "top left", "large")
+    path = tmp_path / "red.png"
+    dataset.draw_scene(scene, 64).save(path)
+    api = ComfyApiWrapper(server.url)
+    uploaded = api.upload_image(path, subfolder="")
+    assert uploaded == {"name": "red.png", "subfolder": "", "type": "input"}
+    assert api.get_image("red.png", "", "input") == path.read_bytes()
+    images = api.queue_and_wait_images(
+        img2img("red.png", "a green circle on a blue background", 0.6), "Save Image"
+    )
+    (data,) = images.values()
+    m = measure(np.asarray(PIL.Image.open(io.BytesIO(data)).convert("RGB")))
+    assert (m.fg, m.bg, m.position) == ("green", "blue", "top left")
+
+
+def test_invalid_graphs_get_comfyuis_400_with_node_errors(server: LiveServer) -> None:
+    graph = txt2img(sampler="dpmpp_3m_sde")
+    graph["5"]["inputs"].pop("width")
+    with pytest.raises(ComfyApiError, match="400"):
+        ComfyApiWrapper(server.url).queue_prompt(graph)
+    with server.client() as client:
+        before = job_count(client)
+        response = client.post("/prompt", json={"prompt": graph})
+        assert response.status_code == 400
+        body = response.json()
+        assert body["error"]["type"] == "prompt_outputs_failed_validation"
+        assert body["node_errors"]["5"]["class_type"] == "EmptyLatentImage"
+        assert body["node_errors"]["5"]["errors"][0]["extra_info"] == {"input_name": "width"}
+        graph["5"]["inputs"]["width"] = 64
+        body = client.post("/prompt", json={"prompt": graph}).json()
+        assert list(body["node_errors"]) == ["3"]
+        assert "dpmpp_3m_sde" in body["node_errors"]["3"]["errors"][0]["message"]
+        mine = client.post("/v1/workflows/validate", json={"prompt": graph})
+        assert mine.status_code == 422 and mine.json()["detail"][0]["loc"] == [
+            "body",
+            "prompt",
+            "3",
+            "sampler_name",
+        ]
+        too_many = txt2img(steps=5000)
+        body = client.post("/prompt", json={"prompt": too_many}).json()
+        assert body["node_errors"]["3"]["errors"][0]["extra_info"] == {"input_name": "steps"}
+        assert job_count(client) == before
+
+
+def test_object_info_lists_the_supported_nodes_with_this_servers_models(server: LiveServer) -> None:
+    with server.client() as client:
+        info = client.get("/object_info").json()
+        assert "genserve-shapes" in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+        assert "euler_ancestral" in info["KSampler"]["input"]["required"]["sampler_name"][0]
+        assert info["SaveImage"]["output_node"] is True and "LoadImageMask" not in info
+        assert client.get("/object_info/KSampler").json()["KSampler"]["output"] == ["LATENT"]
+        assert client.get("/queue").json() == {"queue_running": [], "queue_pending": []}
