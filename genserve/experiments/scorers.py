@@ -82,11 +82,9 @@ def clip_scores(folder: Path, images: list[np.ndarray], prompts: list[str]) -> l
             padding=True,
             truncation=True,
         )
-        image_features = model.get_image_features(pixel_values=inputs["pixel_values"])
-        text_features = model.get_text_features(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        )
-        cosine = torch.nn.functional.cosine_similarity(image_features, text_features, dim=-1)
+        # The model's own forward: image_embeds and text_embeds are projected and L2-normalised.
+        outputs = model(**inputs)
+        cosine = (outputs.image_embeds * outputs.text_embeds).sum(-1)
     return [100.0 * max(float(c), 0.0) for c in cosine]
 
 
