@@ -22,6 +22,7 @@ from genserve.toymodel import dataset
 from genserve.toymodel.pixels import measure
 from genserve.toymodel.shapes_classifier import classify_shapes, load_classifier
 from tests.helpers import LiveServer
+from tests.test_web_ui import CHROMIUM, _is_http_error, _unavailable
 from tests.workflow_graphs import img2img, txt2img, with_scale
 
 
@@ -177,3 +178,39 @@ def test_object_info_lists_the_supported_nodes_with_this_servers_models(server: 
         assert info["SaveImage"]["output_node"] is True and "LoadImageMask" not in info
         assert client.get("/object_info/KSampler").json()["KSampler"]["output"] == ["LATENT"]
         assert client.get("/queue").json() == {"queue_running": [], "queue_pending": []}
+
+
+def test_the_workflows_tab_checks_runs_and_shows_the_outputs(server: LiveServer) -> None:
+    """The web UI's Workflows tab (Debian's chromium through Playwright): an unmappable sampler is
+    shown next to its node; the fixed workflow runs with each node's state and the saved picture."""
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        _unavailable("playwright is not installed (pip install -e '.[test]')")
+    if not Path(CHROMIUM).is_file():
+        _unavailable(f"chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on(
+            "console", lambda m: m.type == "error" and not _is_http_error(m.text) and errors.append(m.text)
+        )
+        page.goto(server.url + "/#workflows")
+        expect(page.locator("#workflows-page")).to_be_visible()
+        page.fill("#workflow-json", json.dumps(txt2img(seed=31, steps=4, sampler="heun")))
+        page.click("#workflow-form [data-action=check]")
+        bad = page.locator('.workflow-node[data-node-id="3"] .node-message')
+        expect(bad).to_contain_text("heun")
+        expect(page.locator('.workflow-node[data-node-id="4"] .node-message')).to_be_hidden()
+        page.fill("#workflow-json", json.dumps(txt2img(seed=31, steps=4)))
+        page.click("#workflow-run")
+        expect(page.locator("#workflow-images img")).to_have_count(1, timeout=60_000)
+        expect(page.locator("#workflow-status")).to_have_text("Done.")
+        expect(page.locator('.workflow-node[data-node-id="3"]')).to_have_attribute("data-state", "done")
+        expect(page.locator('.workflow-node[data-node-id="9"]')).to_have_attribute("data-state", "done")
+        size = page.locator("#workflow-images img").evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        assert size == [64, 64]
+        browser.close()
+    assert errors == []

@@ -135,6 +135,9 @@ export const api = {
     if (!response.ok) throw toApiError(response.status, await response.json().catch(() => null));
     return response.blob();
   },
+  /** Workflows (docs/workflows.md): check one (422 naming node and input), queue it as ComfyUI does. */
+  validateWorkflow: (prompt) => request("POST", "/v1/workflows/validate", { prompt }),
+  queueWorkflow: (prompt, clientId) => request("POST", "/prompt", { prompt, client_id: clientId }),
   /** POST /v1/upscale: 202 with the job (its events_url to follow); GET /v1/upscale/{id} once done. */
   upscale: (body) => request("POST", "/v1/upscale", body),
   upscaleJob: (id) => request("GET", `/v1/upscale/${encodeURIComponent(id)}`),

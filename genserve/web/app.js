@@ -6,6 +6,7 @@ import { GenerateForm } from "./form.js";
 import { JobBoard } from "./jobs.js";
 import { Lightbox } from "./lightbox.js";
 import { VideoStudio } from "./video.js";
+import { WorkflowRunner } from "./workflows.js";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -39,9 +40,20 @@ const video = new VideoStudio({
   onUnauthorized: (error) => askForKey(error.message),
 });
 
-// Tabs: Image and Video, each a page of its own; #video in the address opens the Video tab -------
+new WorkflowRunner({
+  form: $("#workflow-form"),
+  text: $("#workflow-json"),
+  file: $("#workflow-file"),
+  nodes: $("#workflow-nodes"),
+  images: $("#workflow-images"),
+  status: $("#workflow-status"),
+  error: $("#workflow-error"),
+  announce,
+});
 
-const TABS = ["image", "video"];
+// Tabs: Image, Video and Workflows, each a page of its own; #video in the address opens the Video tab -------
+
+const TABS = ["image", "video", "workflows"];
 
 function showTab(name, { focus = false } = {}) {
   for (const tab of TABS) {
@@ -53,7 +65,7 @@ function showTab(name, { focus = false } = {}) {
     if (selected && focus) button.focus();
   }
   document.body.dataset.tab = name;
-  const hash = name === "video" ? "#video" : "";
+  const hash = name === "image" ? "" : `#${name}`;
   if (location.hash !== hash) history.replaceState(null, "", `${location.pathname}${location.search}${hash}`);
   if (name === "video" && booted) video.start();
 }
@@ -194,7 +206,8 @@ async function boot() {
     form.showFormError(`Could not load the models: ${error.message}`);
   }
   booted = true;
-  if (location.hash === "#video") showTab("video");
+  const opened = location.hash.slice(1);
+  if (TABS.includes(opened) && opened !== "image") showTab(opened);
   try {
     await board.start();
     const newest = board.entries.get($("#jobs").firstElementChild?.dataset.jobId);
