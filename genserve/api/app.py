@@ -69,6 +69,7 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
             reaper.start()
         await comfy.start(app)  # resumes workflows a stopped server left unfinished
         yield
+        await comfy.stop(app)
         if reaper:
             reaper.stop()
         if services.supervisor:

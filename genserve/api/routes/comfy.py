@@ -149,6 +149,15 @@ async def start(app: Any) -> None:
     app.state.comfy.resume()
 
 
+async def stop(app: Any) -> None:
+    """At shutdown: stop the drivers; their prompts stay unfinished and resume at the next start."""
+    service: ComfyService | None = getattr(app.state, "comfy", None)
+    tasks = list(service.tasks.values()) if service else []
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _principal_of(services: Services, owner: str | None) -> Principal:
     if owner is None:
         return ANONYMOUS

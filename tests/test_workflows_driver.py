@@ -1,0 +1,105 @@
+"""The workflow driver in the API process, with the store's real databases and a stand-in worker
+(no model runs: the worker below completes claimed jobs with a plain picture). A prompt left
+unfinished by a stopped server finishes after a restart without submitting its job twice;
+/interrupt cancels a prompt's jobs and a re-run samples again."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import PIL.Image
+import pytest
+from fastapi.testclient import TestClient
+
+from genserve.artifacts.images import ImageStore, image_id_for
+from genserve.config import Settings
+from genserve.schemas import JobState
+from genserve.store.jobs import JobStore
+from tests.workflow_graphs import txt2img, with_scale
+
+
+@pytest.fixture
+def settings(tmp_path, store_url: str) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        models_dir=tmp_path / "models",
+        store_url=store_url,
+        default_model="genserve-shapes",
+        builtin_models=True,
+        workers=0,
+    )
+
+
+def serve(settings: Settings) -> TestClient:
+    from genserve.api.app import create_app
+
+    return TestClient(create_app(settings, supervise_workers=False))
+
+
+def work_queued(settings: Settings) -> list[str]:
+    """A stand-in worker: claim the queued jobs and finish each with a grey picture of its size."""
+    store = JobStore.from_url(settings.resolved_store_url)
+    images = ImageStore(settings.data_dir / "images")
+    try:
+        queued = store.queued_jobs()
+        claimed = store.claim_jobs([job.id for job in queued], "stand-in", 60)
+        for job in claimed:
+            ids = [image_id_for(job.id, i) for i in range(job.params["num_images"])]
+            for image_id in ids:
+                buffer = io.BytesIO()
+                PIL.Image.new("RGB", (job.params["width"], job.params["height"]), "gray").save(buffer, "PNG")
+                images.save(image_id, buffer.getvalue())
+            store.complete(job.id, "stand-in", job.attempt, ids)
+        return [job.id for job in claimed]
+    finally:
+        store.close()
+
+
+def wait_for(predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+def jobs(client: TestClient) -> list[dict]:
+    return client.get("/v1/jobs", params={"limit": 50}).json()["items"]
+
+
+def test_an_unfinished_prompt_resumes_after_a_restart_from_its_cached_stages(settings: Settings) -> None:
+    graph = with_scale(txt2img(seed=5), 40, 24)
+    with serve(settings) as client:
+        prompt_id = client.post("/prompt", json={"prompt": graph}).json()["prompt_id"]
+        (job,) = wait_for(lambda: jobs(client))
+        assert job["request_id"].startswith("wf:") and job["state"] == "queued"
+        assert client.get("/queue").json()["queue_pending"][0][1] == prompt_id
+    # The server stopped with the prompt unfinished; its job runs while nothing drives it.
+    assert work_queued(settings) == [job["id"]]
+    with serve(settings) as client:
+        done = wait_for(lambda: client.get(f"/history/{prompt_id}").json())[prompt_id]
+        assert done["status"]["completed"]
+        assert [j["id"] for j in jobs(client)] == [job["id"]]  # found again, not submitted twice
+        (saved,) = done["outputs"]["9"]["images"]
+        picture = PIL.Image.open(io.BytesIO(client.get("/view", params=saved).content))
+        assert picture.size == (40, 24)
+        assert client.get("/queue").json() == {"queue_running": [], "queue_pending": []}
+
+
+def test_interrupt_cancels_the_prompt_and_a_rerun_samples_again(settings: Settings) -> None:
+    with serve(settings) as client:
+        prompt_id = client.post("/prompt", json={"prompt": txt2img(seed=9)}).json()["prompt_id"]
+        (job,) = wait_for(lambda: jobs(client))
+        assert client.post("/interrupt").status_code == 200
+        ended = wait_for(lambda: client.get(f"/history/{prompt_id}").json())[prompt_id]
+        assert ended["status"]["status_str"] == "error"
+        assert ended["status"]["messages"][-1][0] == "execution_interrupted"
+        assert client.get(f"/v1/jobs/{job['id']}").json()["state"] == JobState.canceled
+        # The canceled job is no cache hit: the same graph makes a new job, which can finish.
+        again = client.post("/prompt", json={"prompt": txt2img(seed=9)}).json()["prompt_id"]
+        wait_for(lambda: len(jobs(client)) == 2)
+        work_queued(settings)
+        assert wait_for(lambda: client.get(f"/history/{again}").json())[again]["status"]["completed"]
+        assert {j["request_id"] for j in jobs(client)} == {job["request_id"], job["request_id"] + ".1"}
