@@ -103,3 +103,36 @@ def test_interrupt_cancels_the_prompt_and_a_rerun_samples_again(settings: Settin
         work_queued(settings)
         assert wait_for(lambda: client.get(f"/history/{again}").json())[again]["status"]["completed"]
         assert {j["request_id"] for j in jobs(client)} == {job["request_id"], job["request_id"] + ".1"}
+
+
+def test_with_auth_on_prompts_uploads_and_the_websocket_need_a_key(tmp_path) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    from genserve.auth.keys import KeyStore
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        models_dir=tmp_path / "models",
+        store_url=f"sqlite:///{tmp_path / 'store.db'}",
+        default_model="genserve-shapes",
+        workers=0,
+        auth="on",
+    )
+    with serve(settings) as client:
+        _, token = KeyStore.from_url(settings.resolved_store_url).create("script")
+        _, other = KeyStore.from_url(settings.resolved_store_url).create("someone else")
+        assert client.post("/prompt", json={"prompt": txt2img()}).status_code == 401
+        assert client.get("/object_info").status_code == 401
+        with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/ws?clientId=a"):
+            pass
+        assert refused.value.code == 1008
+        # comfy-api-simplified's user/password: HTTP Basic with the key as the password.
+        queued = client.post("/prompt", json={"prompt": txt2img(), "client_id": "a"}, auth=("user", token))
+        assert queued.status_code == 200
+        prompt_id = queued.json()["prompt_id"]
+        with client.websocket_connect("/ws?clientId=a", headers={"Authorization": f"Bearer {token}"}) as ws:
+            assert ws.receive_json()["type"] == "status"
+        mine = client.get("/queue", auth=("user", token)).json()
+        theirs = client.get("/queue", auth=("user", other)).json()
+        assert [item[1] for item in mine["queue_pending"] + mine["queue_running"]] == [prompt_id]
+        assert theirs == {"queue_running": [], "queue_pending": []}
