@@ -51,7 +51,7 @@ new WorkflowRunner({
   announce,
 });
 
-// Tabs: Image, Video and Workflows, each a page of its own; #video in the address opens the Video tab -------
+// Tabs: Image, Video and Workflows, each a page of its own; #video or #workflows in the address opens it
 
 const TABS = ["image", "video", "workflows"];
 

@@ -78,6 +78,13 @@ class Images:
 
 
 @dataclass(frozen=True)
+class MaskOf:
+    """LoadImage's MASK output: made from its picture's alpha channel when a node uses it."""
+
+    picture: str
+
+
+@dataclass(frozen=True)
 class ControlUse:
     model: str
     image: Images
@@ -290,7 +297,7 @@ class _Planner:
             raise _Fail("image", "value_not_in_list", f"no uploaded picture '{node.inputs['image']}'")
         ref, size = found
         self.resolved[node.id] = {"image": ref}  # the cache key follows the content, not the name
-        return Images(None, (ref,), 1, size), ("mask-of", ref)
+        return Images(None, (ref,), 1, size), MaskOf(ref)
 
     # -- conditioning ----------------------------------------------------------------------------
 
@@ -304,8 +311,7 @@ class _Planner:
             raise _Fail(
                 "end_percent", "value_smaller_than_min", "end_percent must not be below start_percent"
             )
-        (model,) = (self._in(node, "control_net"),)
-        use = ControlUse(model, image, float(node.inputs["strength"]), start, end)
+        use = ControlUse(self._in(node, "control_net"), image, float(node.inputs["strength"]), start, end)
         positive, negative = self._in(node, "positive"), self._in(node, "negative")
         return (
             replace(positive, controls=(*positive.controls, use)),
@@ -322,8 +328,7 @@ class _Planner:
         return (FromPicture(self._one(self._in(node, "pixels"), "pixels")),)
 
     def _mask(self, node: GraphNode) -> str:
-        value = self._in(node, "mask")
-        ref = self.res.mask(value[1])
+        ref = self.res.mask(self._in(node, "mask").picture)
         if ref is None:
             raise _Fail(
                 "mask", "invalid_input_type", "the mask is empty: its picture has no transparent pixels"
