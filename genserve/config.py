@@ -74,6 +74,7 @@ class Optimizations(BaseModel):
     vae_slice_above_pixels: int = Field(4 * 1024 * 1024, ge=1)
     deepcache: int = Field(0, ge=0)
     fp8: bool = False
+    lora_hotswap_rank: int = Field(0, ge=0)  # >0: compiled single-LoRA hot-swap, LoRAs padded to it
 
 
 class Settings(BaseSettings):

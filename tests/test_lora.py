@@ -39,15 +39,21 @@ needs_builtin = pytest.mark.skipif(
 # 0. Tiny LoRA files
 
 
-def write_diffusers_lora(pipe_dir: Path, path: Path, seed: int) -> Path:
-    """A rank-4 LoRA on every UNet attention projection, random A and B (diffusers/peft names)."""
+def write_diffusers_lora(
+    pipe_dir: Path, path: Path, seed: int, rank: int = 4, alpha: int | None = None
+) -> Path:
+    """A LoRA (rank 4, alpha = rank) on every UNet attention projection, random A and B (diffusers/peft
+    names)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     unet = copy.deepcopy(UNet2DConditionModel.from_pretrained(pipe_dir / "unet"))
     torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(ATTENTION), init_lora_weights=False))
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or rank, target_modules=list(ATTENTION), init_lora_weights=False
+    )
+    unet.add_adapter(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(
         path.parent,

@@ -122,6 +122,10 @@ def _check_loras(params: GenerationParams, info: ModelInfo, settings: Settings) 
                 f"loras[{i}].name",
                 f"LoRA '{ref.name}' is for {lora.family} models; model '{info.name}' is {info.family}",
             )
+    if settings.optimizations.lora_hotswap_rank and len(params.loras) > 1:  # one hot-swapped slot
+        raise LimitError(
+            "loras[1].name", "this server hot-swaps one LoRA at a time (lora_hotswap_rank is set)"
+        )
 
 
 def _check_controls(params: GenerationParams, info: ModelInfo, settings: Settings) -> None:

@@ -26,7 +26,7 @@ from diffusers import DiffusionPipeline
 
 from genserve.engine.batch import denoise_batch
 from genserve.engine.conditioning.latents import EncodingCache, LatentDist, encode_pixels, pixels_to_tensor
-from genserve.engine.conditioning.lora import ActiveLora, LoraAdapters
+from genserve.engine.conditioning.lora import ActiveLora, HotswapAdapter, LoraAdapters
 from genserve.engine.errors import EngineError, ModelLoadError, OutOfMemory, UnsupportedSampler
 from genserve.engine.loop.denoise import (
     BatchItem,
@@ -116,7 +116,7 @@ class Engine:
         # the adapters loaded into each cached pipeline.
         self._loras = loras if callable(loras) else (builtin_loras if loras is None else lambda: loras)
         self._lora_cache_size = lora_cache_size
-        self._adapters: dict[str, LoraAdapters] = {}
+        self._adapters: dict[str, LoraAdapters | HotswapAdapter] = {}
         # ControlNets, T2I-Adapters, IP-Adapters (models/controls.py) and annotators, loaded on use.
         self._controls = dict(controls or {})
         self._control_models = ControlModels(self._device, self._dtype)
@@ -155,7 +155,9 @@ class Engine:
     def _prepare(self, name: str, pipe: DiffusionPipeline) -> None:
         """After every fresh load (never on a cache hit): fit the preview map, warm up if asked."""
         self._encodings.forget(name)
-        self._adapters[name] = LoraAdapters(self._lora_cache_size)  # a fresh pipeline has none loaded
+        self._adapters[name] = self._new_adapters()  # a fresh pipeline has none loaded
+        if self._optimizations.lora_hotswap_rank:  # before the first LoRA load (and the compile)
+            pipe.enable_lora_hotswap(target_rank=self._optimizations.lora_hotswap_rank)
         self._preview_maps[name] = fit_latent_rgb_map(pipe.vae, pipe.vae_scale_factor)
         family = self._models[name].family
         self._applied[name] = apply_optimizations(
@@ -421,8 +423,13 @@ class Engine:
             if ref.name not in loras:
                 raise EngineError(f"loras[{i}].name: unknown LoRA '{ref.name}'; see GET /v1/loras")
             active.append(ActiveLora(loras[ref.name], ref.weight, f"loras[{i}].name"))
-        adapters = self._adapters.setdefault(info.name, LoraAdapters(self._lora_cache_size))
+        adapters = self._adapters.setdefault(info.name, self._new_adapters())
         adapters.activate(pipe, info.family, active)
+
+    def _new_adapters(self) -> LoraAdapters | HotswapAdapter:
+        if self._optimizations.lora_hotswap_rank:
+            return HotswapAdapter()
+        return LoraAdapters(self._lora_cache_size)
 
     def _encode_tile_above(self) -> int:
         """Input pictures encode in tiles as images decode: the same `vae_tiling` lever and threshold."""

@@ -8,6 +8,17 @@ sets is cheap and never drifts the base weights (fusing and unfusing does: diffu
 
 Loaded adapters are kept per pipeline, least recently used first out (`delete_adapters`) beyond
 `capacity`; a batch without LoRAs disables them all (`disable_lora`), keeping them loaded.
+
+`HotswapAdapter` is the opt-in alternative for a compiled single-LoRA deployment (the
+`lora_hotswap_rank` lever): one adapter slot whose weights are replaced in place (diffusers'
+`load_lora_weights(..., hotswap=True)`, peft's `hotswap_adapter_from_state_dict`), so a
+torch.compile'd denoiser swaps one LoRA for another without recompiling. `enable_lora_hotswap`
+(called on a fresh pipeline, before the first load) pads every LoRA to `target_rank` and turns the
+scalings into tensors; the request's weight is then written into those tensors in place (w · α/r,
+0 for a batch without LoRA: adding 0 · B·A·x leaves the output exactly as it is), never through
+`set_adapters`, which would replace them with floats (a recompile) and, after a swap, use the first
+LoRA's α/r. Limits (peft's): one LoRA per batch, every later LoRA targets the first one's modules
+or a subset of them, rank ≤ target_rank, no text-encoder weights.
 """
 
 from __future__ import annotations
@@ -17,11 +28,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from diffusers import DiffusionPipeline
 
 from genserve.engine.errors import EngineError
 from genserve.engine.models.loras import LoraInfo
-from genserve.engine.models.registry import Family
+from genserve.engine.models.registry import Family, _safetensors_header
 
 DEFAULT_CAPACITY = 8
 
@@ -88,6 +100,74 @@ class LoraAdapters:
             if name not in keep:
                 pipe.delete_adapters(name)
                 del self._loaded[identity]
+
+
+HOTSWAP_ADAPTER = "hotswap"
+_TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")
+
+
+class HotswapAdapter:
+    """One LoRA slot swapped in place (module docstring); the LoRA it holds is kept between batches."""
+
+    def __init__(self) -> None:
+        self.current: tuple | None = None  # file identity of the LoRA in the slot
+        self.swaps = 0
+        self._base: list[tuple[torch.Tensor, float]] = []  # each layer's scaling tensor, its α/r
+
+    def loaded(self) -> list[str]:
+        return [] if self.current is None else [HOTSWAP_ADAPTER]
+
+    def activate(self, pipe: DiffusionPipeline, family: Family, loras: Sequence[ActiveLora]) -> list[str]:
+        if len(loras) > 1:
+            raise EngineError(
+                f"{loras[1].field}: this server hot-swaps one LoRA at a time (lora_hotswap_rank is set); "
+                f"the request names {len(loras)}"
+            )
+        if not loras:
+            self._set_weight(0.0)
+            return []
+        [lora] = loras
+        identity = _identity(lora.info)
+        if identity != self.current:
+            self._load(pipe, family, lora, identity)
+        self._set_weight(lora.weight)
+        return [HOTSWAP_ADAPTER]
+
+    def _load(self, pipe: DiffusionPipeline, family: Family, lora: ActiveLora, identity: tuple) -> None:
+        check_compatible(pipe, family, lora)
+        if any(key.startswith(_TEXT_ENCODER_PREFIXES) for key in _safetensors_header(lora.info.path)):
+            raise EngineError(
+                f"{lora.field}: LoRA '{lora.info.name}' has text-encoder weights, which cannot be "
+                "hot-swapped (lora_hotswap_rank is set); serve it without hot-swap"
+            )
+        swap = self.current is not None
+        try:
+            pipe.load_lora_weights(
+                str(lora.info.path.parent),
+                weight_name=lora.info.path.name,
+                adapter_name=HOTSWAP_ADAPTER,
+                hotswap=swap,
+            )
+        except Exception as error:  # other target modules, a rank above target_rank, ...
+            if not swap:
+                _delete_quietly(pipe, HOTSWAP_ADAPTER)
+            raise EngineError(
+                f"{lora.field}: LoRA '{lora.info.name}' could not be {'hot-swapped' if swap else 'loaded'}: "
+                f"{error}"
+            ) from error
+        self.current = identity
+        self.swaps += swap
+        denoiser = pipe.transformer if family == "sd3" else pipe.unet
+        self._base = [
+            (layer.scaling[HOTSWAP_ADAPTER], float(layer.scaling[HOTSWAP_ADAPTER]))
+            for layer in denoiser.modules()
+            if isinstance(getattr(layer, "scaling", None), dict)
+            and isinstance(layer.scaling.get(HOTSWAP_ADAPTER), torch.Tensor)  # enable_lora_hotswap's
+        ]
+
+    def _set_weight(self, weight: float) -> None:
+        for scaling, base in self._base:
+            scaling.fill_(weight * base)
 
 
 def check_compatible(pipe: DiffusionPipeline, family: Family, lora: ActiveLora) -> None:

@@ -72,6 +72,9 @@ class EngineOptimizations:
     vae_slice_above_pixels: int = 4 * 1024 * 1024
     deepcache: int = 0  # opt-in: full UNet every N steps, cached deep features between (0: off)
     fp8: bool = False  # opt-in: fp8 linear layers in the denoiser through torchao (SM 8.9+)
+    # opt-in: one LoRA slot hot-swapped in place, padded to this rank (0: off), so a compiled denoiser
+    # changes LoRA without recompiling (conditioning/lora.py HotswapAdapter; docs/performance.md)
+    lora_hotswap_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
@@ -89,6 +92,8 @@ class EngineOptimizations:
         self.warm_sizes = tuple(self.warm_sizes)
         for size in self.warm_sizes:
             parse_size(size)
+        if self.lora_hotswap_rank < 0:
+            raise ValueError(f"lora_hotswap_rank must be >= 0 (0 is off); got {self.lora_hotswap_rank}")
         if self.deepcache < 0:
             raise ValueError(f"deepcache must be >= 0 (0 is off); got {self.deepcache}")
         if self.compile_cache_dir is not None:
