@@ -38,7 +38,11 @@ SPEC = {
 def server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("experiments")
     (root / "models").mkdir()
-    env = {"GENSERVE_BUILTIN_MODELS": "true", "GENSERVE_DEFAULT_MODEL": "genserve-shapes"}
+    env = {
+        "GENSERVE_BUILTIN_MODELS": "true",
+        "GENSERVE_DEFAULT_MODEL": "genserve-shapes",
+        "GENSERVE_WARMUP": "false",
+    }
     # Not waiting for the worker to warm up: the checks of bad specs need none, the experiment waits.
     live = LiveServer(root / "models", root / "data", env=env).start(wait_ready=False)
     yield live
@@ -228,3 +232,41 @@ def test_clip_score_with_a_clip_model_in_the_models_folder(tmp_path):
     cosines = (output.logits_per_image.diagonal() / model.logit_scale.exp()).tolist()
     assert scores == pytest.approx([100 * max(c, 0.0) for c in cosines], abs=1e-3)
     assert any(score > 0 for score in scores)  # not every pair clamped at 0 (seeded weights)
+
+
+def test_experiments_tab_runs_a_spec_and_shows_its_report(server, finished):
+    from tests.test_web_video import CHROMIUM, _unavailable
+
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        _unavailable("playwright is not installed (pip install -e '.[test]')")
+    if not Path(CHROMIUM).is_file():
+        _unavailable(f"chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{server.url}/#experiments")
+        expect(page.locator("#experiments-page")).to_be_visible()
+        # A refused spec shows the server's message, naming the field.
+        page.fill("#experiment-spec", "variants: [{name: A, prompt: x}, {name: B, prompt: y}]\nseeds: 0\n")
+        page.click("#experiment-form button[type=submit]")
+        expect(page.locator("#experiment-error")).to_contain_text("eeds: a seed count must be in 1..400")
+        # Two prompts × 2 seeds from the fields: progress, then the report in the frame.
+        page.fill("#experiment-prompts", "a green star on a black background\na green star")
+        page.fill("#experiment-seeds", "2")
+        page.fill("#experiment-steps", "2")
+        page.fill("#experiment-size", "64x64")
+        page.click("#experiment-form [data-action=write]")
+        assert '- {name: B, prompt: "a green star"}' in page.input_value("#experiment-spec")
+        page.click("#experiment-form button[type=submit]")
+        expect(page.locator("#experiment-status")).to_contain_text("4 / 4 images · done", timeout=60_000)
+        report = page.frame_locator("#experiment-report")
+        expect(report.locator("img")).to_have_count(4)
+        # The experiment run before is in the list; choosing it shows its report.
+        page.get_by_role("button", name=SPEC["name"]).click()
+        expect(report.locator("img")).to_have_count(9)
+        browser.close()
+    assert errors == []

@@ -140,6 +140,9 @@ export const api = {
   queueWorkflow: (prompt, clientId) => request("POST", "/prompt", { prompt, client_id: clientId }),
   /** POST /v1/upscale: 202 with the job (its events_url to follow); GET /v1/upscale/{id} once done. */
   upscale: (body) => request("POST", "/v1/upscale", body),
+  submitExperimentText: (spec) => request("POST", "/v1/experiments/text", { spec }),
+  experiment: (id) => request("GET", `/v1/experiments/${encodeURIComponent(id)}`),
+  experiments: () => request("GET", "/v1/experiments"),
   upscaleJob: (id) => request("GET", `/v1/upscale/${encodeURIComponent(id)}`),
   /** A picture this page may read (an image, an upload): the key's cookie authenticates GETs. */
   picture: async (url) => {

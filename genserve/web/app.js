@@ -2,6 +2,7 @@
 // tab (video.js) has a form and results of its own.
 
 import { api, hasApiKey, looksLikeKey, setApiKey } from "./api.js";
+import { ExperimentLab } from "./experiments.js";
 import { GenerateForm } from "./form.js";
 import { JobBoard } from "./jobs.js";
 import { Lightbox } from "./lightbox.js";
@@ -51,9 +52,23 @@ new WorkflowRunner({
   announce,
 });
 
-// Tabs: Image, Video and Workflows, each a page of its own; #video or #workflows in the address opens it
+const lab = new ExperimentLab({
+  form: $("#experiment-form"),
+  text: $("#experiment-spec"),
+  status: $("#experiment-status"),
+  error: $("#experiment-error"),
+  progress: $("#experiment-progress"),
+  frame: $("#experiment-report"),
+  link: $("#experiment-report-link"),
+  list: $("#experiment-list"),
+  announce,
+  onUnauthorized: (error) => askForKey(error.message),
+});
 
-const TABS = ["image", "video", "workflows"];
+// Tabs: Image, Video, Workflows and Experiments, each a page of its own; #video, #workflows or
+// #experiments in the address opens it
+
+const TABS = ["image", "video", "workflows", "experiments"];
 
 function showTab(name, { focus = false } = {}) {
   for (const tab of TABS) {
@@ -68,6 +83,7 @@ function showTab(name, { focus = false } = {}) {
   const hash = name === "image" ? "" : `#${name}`;
   if (location.hash !== hash) history.replaceState(null, "", `${location.pathname}${location.search}${hash}`);
   if (name === "video" && booted) video.start();
+  if (name === "experiments" && booted) lab.start();
 }
 
 for (const tab of TABS) {

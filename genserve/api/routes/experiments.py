@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
+import yaml
 from fastapi import APIRouter, Header, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from genserve.api.deps import ServicesDep
 from genserve.auth.deps import Principal, PrincipalDep, admit_batch
 from genserve.batch.spec import SpecError
 from genserve.experiments import service
-from genserve.experiments.spec import ExperimentSpec
+from genserve.experiments.spec import ExperimentSpec, load_experiment
 from genserve.store.experiments import ExperimentRecord, ExperimentStore
 
 router = APIRouter(tags=["experiments"])
+# The report fetches nothing and runs nothing: its pictures are data URLs and its style is inline.
+REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 ClientId = Annotated[str | None, Header(alias="X-Client-Id", max_length=200)]
 
@@ -58,6 +62,11 @@ def _public(services: ServicesDep, record: ExperimentRecord) -> ExperimentPublic
     )
 
 
+def _spec_errors(errors: list[str]) -> JSONResponse:
+    detail = [{"loc": ["body", line.split(":", 1)[0]], "msg": line, "type": "spec_error"} for line in errors]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 @router.post(
     "/v1/experiments", status_code=202, response_model=ExperimentPublic, operation_id="create_experiment"
 )
@@ -72,15 +81,50 @@ def create_experiment(
             spec, Path.cwd(), models, services.settings, services.inputs, local_files=False
         )
     except SpecError as error:
-        detail = [
-            {"loc": ["body", line.split(":", 1)[0]], "msg": line, "type": "spec_error"}
-            for line in error.errors
-        ]
-        return JSONResponse({"detail": detail}, status_code=422)
+        return _spec_errors(error.errors)
     admit_batch(principal, prepared.plan.items, services)  # the key's model, size and quota limits
     client = principal.client_id(client_id)
     experiment_id = service.submit(prepared, services.store, models, client, principal.key_id)
     return _public(services, _owned(services, principal, experiment_id))
+
+
+class ExperimentText(BaseModel):
+    spec: str = Field(
+        max_length=1_000_000, description="The spec as YAML or JSON text (as `genserve ab` reads)."
+    )
+
+
+@router.post(
+    "/v1/experiments/text",
+    status_code=202,
+    response_model=ExperimentPublic,
+    operation_id="create_experiment_from_text",
+)
+def create_experiment_from_text(
+    body: ExperimentText, services: ServicesDep, principal: PrincipalDep, client_id: ClientId = None
+) -> ExperimentPublic | JSONResponse:
+    """The same as POST /v1/experiments, with the spec as YAML or JSON text (what the web UI sends)."""
+    try:
+        data = yaml.safe_load(body.spec)
+    except yaml.YAMLError as error:
+        return _spec_errors([f"spec: not valid YAML or JSON: {error}"])
+    if _non_finite(data):
+        return _spec_errors(["spec: NaN and infinity are not numbers a spec can use"])
+    try:
+        spec, _ = load_experiment(data)
+    except SpecError as error:
+        return _spec_errors(error.errors)
+    return create_experiment(spec, services, principal, client_id)
+
+
+def _non_finite(value: object) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_non_finite(item) for item in value)
+    return False
 
 
 @router.get("/v1/experiments", response_model=list[ExperimentPublic], operation_id="list_experiments")
@@ -113,7 +157,7 @@ def experiment_report(experiment_id: str, services: ServicesDep, principal: Prin
     """The report as one self-contained HTML page (pictures embedded); partial until every image is done."""
     record = _owned(services, principal, experiment_id)
     html, _ = service.report(record, services.store, services.images, services.inputs, services.settings)
-    return HTMLResponse(html)
+    return HTMLResponse(html, headers={"Content-Security-Policy": REPORT_POLICY})
 
 
 @router.get("/v1/experiments/{experiment_id}/results", operation_id="experiment_results")
