@@ -23,7 +23,7 @@ from genserve.toymodel.pixels import measure
 from genserve.toymodel.shapes_classifier import classify_shapes, load_classifier
 from tests.helpers import LiveServer
 from tests.test_web_ui import CHROMIUM, _is_http_error, _unavailable
-from tests.workflow_graphs import img2img, txt2img, with_scale
+from tests.workflow_graphs import img2img, txt2img, with_hires, with_scale
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     env = {"GENSERVE_BUILTIN_MODELS": "true", "GENSERVE_DEFAULT_MODEL": "genserve-shapes"}
     live = LiveServer(root / "models", root / "data", env=env).start()
     yield live
-    live.stop()
+    live.kill_all()  # nothing to keep: a graceful stop would only cost seconds
 
 
 def wait_history(client: httpx.Client, prompt_id: str, timeout: float = 120) -> dict:
@@ -95,8 +95,10 @@ def test_the_websocket_reports_each_node_progress_and_previews(server: LiveServe
     with connect(ws_url) as socket, server.client() as client:
         hello = json.loads(socket.recv(timeout=10))
         assert hello["type"] == "status" and hello["data"]["sid"] == "plain-client"
-        body = {
-            "prompt": txt2img("a green square on a white background", seed=21, steps=6),
+        body = {  # with a hires pass: KSampler -> LatentUpscale -> KSampler, one job
+            "prompt": with_hires(
+                txt2img("a green square on a white background", seed=21, steps=6), 96, 0.5, 4
+            ),
             "client_id": "plain-client",
             "extra_data": {"preview_method": "auto"},
         }
@@ -115,9 +117,12 @@ def test_the_websocket_reports_each_node_progress_and_previews(server: LiveServe
     mine = [m["data"] for m in messages if m["type"] != "status"]
     assert all(data["prompt_id"] == prompt_id for data in mine)
     progress = [m["data"] for m in messages if m["type"] == "progress"]
-    assert progress[-1] == {"value": 6, "max": 6, "node": "3", "prompt_id": prompt_id}
+    assert progress[-1] == {"value": 10, "max": 10, "node": "12", "prompt_id": prompt_id}  # 6 + 4 steps
     (executed,) = [m["data"] for m in messages if m["type"] == "executed"]
     assert executed["node"] == "9" and executed["output"]["images"][0]["type"] == "output"
+    with server.client() as client:
+        saved = client.get("/view", params=executed["output"]["images"][0]).content
+    assert PIL.Image.open(io.BytesIO(saved)).size == (96, 96)
     assert frames and all(frame[:4] == b"\x00\x00\x00\x01" for frame in frames)
     kind = int.from_bytes(frames[0][4:8], "big")
     assert PIL.Image.open(io.BytesIO(frames[0][8:])).format == {1: "JPEG", 2: "PNG"}[kind]
@@ -132,12 +137,24 @@ def test_upload_image_and_img2img_from_it(server: LiveServer, tmp_path: Path) ->
     uploaded = api.upload_image(path, subfolder="")
     assert uploaded == {"name": "red.png", "subfolder": "", "type": "input"}
     assert api.get_image("red.png", "", "input") == path.read_bytes()
-    images = api.queue_and_wait_images(
-        img2img("red.png", "a green circle on a blue background", 0.6), "Save Image"
-    )
-    (data,) = images.values()
-    m = measure(np.asarray(PIL.Image.open(io.BytesIO(data)).convert("RGB")))
+    graph = img2img("red.png", "a green circle on a blue background", 0.6)
+    # Then genserve's upscaler (an upscale job, as POST /v1/upscale makes): 64 -> 128.
+    graph["20"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "genserve-shapes-2x.pth"}}
+    graph["21"] = {
+        "class_type": "ImageUpscaleWithModel",
+        "inputs": {"upscale_model": ["20", 0], "image": ["8", 0]},
+    }
+    graph["9"]["inputs"]["images"] = ["21", 0]
+    (data,) = api.queue_and_wait_images(graph, "Save Image").values()
+    picture = PIL.Image.open(io.BytesIO(data)).convert("RGB")
+    assert picture.size == (128, 128)
+    m = measure(np.asarray(picture.resize((64, 64))))
     assert (m.fg, m.bg, m.position) == ("green", "blue", "top left")
+    with server.client() as client:
+        items = client.get("/v1/jobs", params={"limit": 5}).json()["items"]
+        (job,) = [item for item in items if item["params"].get("init_image")]
+        assert job["params"]["init_image"].startswith("sha256:")
+        assert (job["params"]["steps"], job["params"]["strength"]) == (16, 10.5 / 16)  # denoise 0.6 of 10
 
 
 def test_invalid_graphs_get_comfyuis_400_with_node_errors(server: LiveServer) -> None:
