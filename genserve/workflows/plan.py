@@ -455,6 +455,8 @@ class _Planner:
             size = latent.size or latent.image.size
             if size is not None:
                 params.update(width=size[0] // 8 * 8, height=size[1] // 8 * 8)
+            if latent.size is None:  # VAEEncode crops a picture to whole latents; LatentUpscale stretches
+                params["resize_mode"] = "crop"
             if latent.mask is not None:
                 params["mask"] = latent.mask
                 params["inpaint"] = {"fill": latent.fill, "mask_blur": latent.mask_blur}
