@@ -139,3 +139,67 @@ def test_motion_follows_the_prompt(held_out_report):
 def test_flicker_stays_under_the_bar(held_out_report):
     """The mean flicker index stays under twice the drawn training clips' mean."""
     assert held_out_report.flicker < held_out_report.flicker_bar, held_out_report.summary()
+
+
+# Warped noise: the caption's motion written into the initial noise (toymodel/motion_noise.py)
+
+
+def test_the_motion_a_prompt_names_is_read_with_the_caption_grammar():
+    from genserve.toymodel.motion_noise import motion_of_prompt
+
+    rng = random.Random(5)
+    for i in range(140):
+        clip = motion.sample_clip(rng, motion.training_triples(), motion.MOTIONS[i % 7])
+        caption = motion.motion_caption_for(clip, rng)
+        assert motion_of_prompt(caption) == clip.motion, caption
+        assert motion_of_prompt(motion.canonical_motion_caption(clip)) == clip.motion
+    assert motion_of_prompt("a red circle on a black background") is None
+    assert motion_of_prompt("A Red Circle Moving To The Left") == "left"
+
+
+def test_warped_noise_is_gaussian_and_moves_along_its_trajectory():
+    import torch
+
+    from genserve.toymodel.motion_noise import trajectory, warped_noise
+
+    gen = torch.Generator().manual_seed(0)
+    for name in motion.MOTIONS:
+        noise = torch.stack([warped_noise(8, 16, 16, trajectory(name, 16), gen) for _ in range(8)])
+        assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02, name
+        assert abs(noise[:, :, -1].std() - 1) < 0.03, name  # the last frame is as Gaussian as the first
+        neighbours = torch.corrcoef(torch.stack([noise[..., :-1].flatten(), noise[..., 1:].flatten()]))[0, 1]
+        assert abs(neighbours) < 0.05, name
+    # a shift by whole latent pixels moves the noise exactly: frame f is frame 0 displaced
+    path = torch.tensor([[0.0, 0.0, 1.0], [2 / 16, 0.0, 1.0], [0.0, -3 / 16, 1.0]])
+    noise = warped_noise(4, 16, 16, path, gen)
+    torch.testing.assert_close(noise[:, 1, :, 2:], noise[:, 0, :, :-2])
+    torch.testing.assert_close(noise[:, 2, :-3], noise[:, 0, 3:])
+
+
+def test_the_pipeline_starts_from_the_noise_its_prompts_name():
+    """The shipped pipeline's first UNet input is each prompt's warped noise (plain noise for a
+    prompt that names no motion), from the caller's generators."""
+    import torch
+
+    from genserve.toymodel.motion_eval import load_motion_pipeline
+    from genserve.toymodel.motion_noise import prompt_noise
+
+    pipe = load_motion_pipeline()
+    prompts = ["a red circle moving right on a black background", "a red circle on a black background"]
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        pipe(
+            prompt=prompts,
+            num_frames=16,
+            height=64,
+            width=64,
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+            output_type="latent",
+        )
+    finally:
+        hook.remove()
+    expected = prompt_noise(prompts, tuple(seen[0].shape), [torch.Generator().manual_seed(s) for s in (0, 1)])
+    torch.testing.assert_close(seen[0], expected * pipe.scheduler.init_noise_sigma)
