@@ -92,6 +92,24 @@ def test_bad_specs_are_refused_before_anything_runs(server, change, field, words
         assert client.get("/v1/jobs", params={"limit": 100}).json()["items"] == jobs_before
 
 
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", "expected a mapping"),
+        ("/etc/passwd", "expected a mapping"),  # a string is never read as a path on the server
+        ("a: &x [1]\nb: *x", "aliases"),
+        ("seeds: .nan", "NaN"),
+        ("variants: [", "not valid YAML"),
+        ("variants: [{name: A, prompt: x}]", "at least 2"),
+    ],
+)
+def test_bad_spec_texts_are_refused(server, text, words):
+    with server.client() as client:
+        response = client.post("/v1/experiments/text", json={"spec": text})
+    assert response.status_code == 422, response.text
+    assert any(words in entry["msg"] for entry in response.json()["detail"]), response.text
+
+
 def test_shape_and_colour_scores_separate_the_circle_from_the_square(server, finished):
     assert finished["counts"]["succeeded"] == 9
     with server.client() as client:

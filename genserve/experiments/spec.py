@@ -20,7 +20,7 @@ to another (or to an image rendered before) is rendered once.
 from __future__ import annotations
 
 import base64
-import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,28 +149,61 @@ class ExperimentSpec(BaseModel):
 
 
 def load_experiment(source: str | Path | dict) -> tuple[ExperimentSpec, Path]:
-    """Parse and validate a spec (a YAML/JSON path or a dict). Raises SpecError naming each field;
+    """Parse and validate a spec (a YAML/JSON file, or a dict). Raises SpecError naming each field;
     returns the spec and the folder its relative paths (reference image, output) resolve against."""
     if isinstance(source, dict):
-        data, base = source, Path.cwd()
-    else:
-        path = Path(source)
-        try:
-            text = path.read_text()
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except OSError as error:
-            raise SpecError([f"{path}: cannot read the spec ({error.strerror})"]) from None
-        except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise SpecError(
-                [f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}"]
-            ) from None
-        base = path.parent
+        return experiment_from_data(source), Path.cwd()
+    path = Path(source)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SpecError([f"{path}: cannot read the spec ({error.strerror})"]) from None
+    return experiment_from_data(parse_spec_text(text, str(path))), path.parent
+
+
+def experiment_from_data(data: object) -> ExperimentSpec:
+    """A parsed spec (from `parse_spec_text` or a JSON body) validated; SpecError naming each field."""
     if not isinstance(data, dict):
         raise SpecError(["spec: expected a mapping with at least 'variants'"])
     try:
-        return ExperimentSpec.model_validate(data), base
+        return ExperimentSpec.model_validate(data)
     except ValidationError as error:
         raise SpecError([_located(e) for e in error.errors()]) from None
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """YAML without aliases: `*name` could make a small text expand into a huge document."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases (*name) are not allowed in a spec")
+        return super().compose_node(parent, index)
+
+
+def parse_spec_text(text: str, where: str = "spec") -> object:
+    """YAML or JSON text (JSON is YAML) as plain data; SpecError if it is neither, nests too deep,
+    or holds NaN or infinity."""
+    try:
+        data = yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - a SafeLoader, without aliases
+    except yaml.YAMLError as error:
+        raise SpecError([f"{where}: not valid YAML or JSON: {error}"]) from None
+    except RecursionError:
+        raise SpecError([f"{where}: nested too deeply"]) from None
+    if _non_finite(data):
+        raise SpecError([f"{where}: NaN and infinity are not numbers a spec can use"])
+    return data
+
+
+def _non_finite(value: object, depth: int = 0) -> bool:
+    if depth > 64:
+        raise SpecError(["spec: nested too deeply"])
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(item, depth + 1) for item in value.values())
+    if isinstance(value, list):
+        return any(_non_finite(item, depth + 1) for item in value)
+    return False
 
 
 def _located(error: dict) -> str:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
-import yaml
 from fastapi import APIRouter, Header, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
@@ -16,7 +14,7 @@ from genserve.api.deps import ServicesDep
 from genserve.auth.deps import Principal, PrincipalDep, admit_batch
 from genserve.batch.spec import SpecError
 from genserve.experiments import service
-from genserve.experiments.spec import ExperimentSpec, load_experiment
+from genserve.experiments.spec import ExperimentSpec, experiment_from_data, parse_spec_text
 from genserve.store.experiments import ExperimentRecord, ExperimentStore
 
 router = APIRouter(tags=["experiments"])
@@ -105,26 +103,10 @@ def create_experiment_from_text(
 ) -> ExperimentPublic | JSONResponse:
     """The same as POST /v1/experiments, with the spec as YAML or JSON text (what the web UI sends)."""
     try:
-        data = yaml.safe_load(body.spec)
-    except yaml.YAMLError as error:
-        return _spec_errors([f"spec: not valid YAML or JSON: {error}"])
-    if _non_finite(data):
-        return _spec_errors(["spec: NaN and infinity are not numbers a spec can use"])
-    try:
-        spec, _ = load_experiment(data)
+        spec = experiment_from_data(parse_spec_text(body.spec))
     except SpecError as error:
         return _spec_errors(error.errors)
     return create_experiment(spec, services, principal, client_id)
-
-
-def _non_finite(value: object) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_non_finite(item) for item in value.values())
-    if isinstance(value, list):
-        return any(_non_finite(item) for item in value)
-    return False
 
 
 @router.get("/v1/experiments", response_model=list[ExperimentPublic], operation_id="list_experiments")
