@@ -152,7 +152,8 @@ export class WorkflowRunner {
       this.mark(data.node, "done");
       this.showImages(data.output?.images ?? []);
     } else if (type === "execution_success") {
-      for (const [id, entry] of this.rows) if (entry.row.dataset.state === "running") this.mark(id, "done");
+      // Loaders and encoders run inside the jobs: every node without an outcome is done too.
+      for (const [id, entry] of this.rows) if (!["cached", "error"].includes(entry.row.dataset.state)) this.mark(id, "done");
       this.status.textContent = "Done.";
       this.announce("Workflow done");
     } else if (type === "execution_error" || type === "execution_interrupted") {

@@ -261,6 +261,10 @@ class Driver:
         if cached:
             run.cached.extend(stage.nodes)
             self._message(run, "execution_cached", {"nodes": list(stage.nodes)})
+            return
+        for node in stage.nodes:  # the stage's other nodes (VAEDecode), or a resize that ran here
+            if node != stage.main_node or stage.key not in run.started:
+                self._emit(run, "executing", {"node": node, "display_node": node})
 
     # -- pictures ----------------------------------------------------------------------------------
 
