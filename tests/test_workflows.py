@@ -246,3 +246,33 @@ def test_a_partial_schedule_on_an_empty_latent_is_refused() -> None:
     graph = txt2img()
     graph["3"]["inputs"]["denoise"] = 0.5
     assert errors_of(graph) == [("3", "KSampler", "denoise")]
+
+
+def test_a_failed_or_conflicting_cached_job_is_no_hit_and_the_next_request_id_is_tried() -> None:
+    """wf:<key> failed -> wf:<key>.1; taken with another picture (409) -> wf:<key>.2; found there."""
+    from types import SimpleNamespace
+
+    from genserve.schemas import JobState
+    from genserve.store.jobs import IdempotencyConflict
+    from genserve.workflows.runner import Driver, StageFailed
+
+    tried: list[str] = []
+
+    def submit(request_id: str):
+        tried.append(request_id)
+        if request_id.endswith(".1"):
+            raise IdempotencyConflict("other", request_id)
+        state = JobState.failed if len(tried) == 1 else JobState.succeeded
+        return SimpleNamespace(state=state), False
+
+    driver = Driver(None, None, None, lambda *a: None, lambda *a: None)  # type: ignore[arg-type]
+    job, hit = driver._submit(submit, "ab" * 32, "3")
+    assert tried == ["wf:" + "ab" * 32, "wf:" + "ab" * 32 + ".1", "wf:" + "ab" * 32 + ".2"]
+    assert job.state == JobState.succeeded and hit
+
+    def always_conflicts(request_id: str):
+        raise IdempotencyConflict("other", request_id)
+
+    with pytest.raises(StageFailed) as caught:
+        driver._submit(always_conflicts, "cd" * 32, "3")
+    assert caught.value.node == "3"

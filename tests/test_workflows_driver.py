@@ -136,3 +136,17 @@ def test_with_auth_on_prompts_uploads_and_the_websocket_need_a_key(tmp_path) -> 
         theirs = client.get("/queue", auth=("user", other)).json()
         assert [item[1] for item in mine["queue_pending"] + mine["queue_running"]] == [prompt_id]
         assert theirs == {"queue_running": [], "queue_pending": []}
+
+
+def test_bodies_without_a_content_type_get_the_input_guards_checks(settings: Settings) -> None:
+    """ComfyUI clients post JSON with no Content-Type; NaN, deep nesting and non-objects are 422s."""
+    with serve(settings) as client:
+        nan = '{"prompt": {"3": {"class_type": "KSampler", "inputs": {"denoise": NaN}}}}'
+        refused = client.post("/prompt", content=nan)
+        assert refused.status_code == 422
+        assert refused.json()["detail"][0]["loc"] == ["body", "prompt.3.inputs.denoise"]
+        deep = client.post("/prompt", content='{"prompt": ' + "[" * 200 + "]" * 200 + "}")
+        assert deep.status_code == 422
+        assert client.post("/prompt", content="[1, 2]").status_code == 422
+        assert client.post("/prompt", content="{not json").status_code == 422
+        assert client.post("/prompt", content='{"prompt": {}}').json()["error"]["type"] == "invalid_prompt"

@@ -30,7 +30,7 @@ import PIL.Image
 from genserve.artifacts.images import ImageStore
 from genserve.artifacts.inputs import InputStore
 from genserve.schemas.jobs import JobState
-from genserve.store.jobs import JobRecord, JobStore
+from genserve.store.jobs import IdempotencyConflict, JobRecord, JobStore
 from genserve.workflows.plan import STAGE_REF, Output, Plan, Stage
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class Driver:
         try:
             if stage.kind == "image":
                 params = _substitute(stage.params, lambda ref: self._as_input(run, ref))
-                jobs = [self._submit(lambda rid: submitter.image(params, rid), stage.key)]
+                jobs = [self._submit(lambda rid: submitter.image(params, rid), stage.key, stage.main_node)]
             else:
                 jobs = [
                     self._submit(
@@ -205,6 +205,7 @@ class Driver:
                             self._as_input(run, ref), stage.params["model"], stage.params["scale"], rid
                         ),
                         f"{stage.key[:60]}u{index}",
+                        stage.main_node,
                     )
                     for index, ref in enumerate(stage.params["source"])
                 ]
@@ -215,15 +216,22 @@ class Driver:
             run.hits.add(stage.key)
         self._follow(run, stage)
 
-    def _submit(self, submit: Callable[[str], tuple[JobRecord, bool]], key: str) -> tuple[JobRecord, bool]:
+    def _submit(
+        self, submit: Callable[[str], tuple[JobRecord, bool]], key: str, node: str
+    ) -> tuple[JobRecord, bool]:
         """(the stage's job, whether it had succeeded already): the cached job unless it failed or
         was canceled, then a new one under the next request id."""
         for retry in range(MAX_RETRIES + 1):
             request_id = CACHE_PREFIX + key[:64] + (f".{retry}" if retry else "")
-            job, created = submit(request_id)
+            try:
+                job, created = submit(request_id)
+            except IdempotencyConflict:  # the same stage from another picture (a re-made input)
+                continue
             if job.state not in (JobState.failed, JobState.canceled):
                 return job, not created and job.state == JobState.succeeded
-        return job, False
+        raise StageFailed(
+            node, f"its job failed or conflicted {MAX_RETRIES + 1} times (request id wf:{key[:12]}…)"
+        )
 
     def _follow(self, run: Run, stage: Stage) -> None:
         records = self.store.get_many(run.jobs[stage.key])

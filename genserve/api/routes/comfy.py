@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from genserve.api.deps import Services, ServicesDep
 from genserve.api.forms import FORM_SLACK_BYTES, form_file, read_form, too_large
+from genserve.api.input_guard import InputProblem, check_json
 from genserve.api.routes.comfy_ws import Hub, hub_of
 from genserve.api.routes.upscale import submit_upscale_as
 from genserve.api.submission import resolve_params
@@ -119,6 +120,9 @@ class ComfyService:
             if record.id in self.tasks:
                 continue
             principal = _principal_of(self.services, record.owner)
+            if principal is None:
+                self.records.update(record.id, state="error", error={"message": "its API key was revoked"})
+                continue
             try:
                 plan = plan_prompt(record.prompt, self.services, record.owner)
             except WorkflowError as error:
@@ -136,9 +140,8 @@ class ComfyService:
 
 def comfy_service(request: Request) -> ComfyService:
     state = request.app.state
-    if not hasattr(state, "comfy"):
+    if not hasattr(state, "comfy"):  # an app run without its lifespan (start() makes it otherwise)
         state.comfy = ComfyService(state.services, hub_of(request.app))
-        state.comfy.resume()
     return state.comfy
 
 
@@ -158,12 +161,13 @@ async def stop(app: Any) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _principal_of(services: Services, owner: str | None) -> Principal:
+def _principal_of(services: Services, owner: str | None) -> Principal | None:
+    """The caller a stored prompt was queued by (None: its key is gone or revoked)."""
     if owner is None:
         return ANONYMOUS
     key = KeyStore(services.store.engine).get(owner)
-    if key is None:
-        return Principal(key_id=owner, role="user")
+    if key is None or not key.active:
+        return None
     return Principal(key_id=key.id, role=key.role, name=key.name, limits=key.limits)
 
 
@@ -368,6 +372,10 @@ async def _json_body(request: Request, required: bool = True) -> dict[str, Any]:
     raw = await request.body()
     if not raw.strip() and not required:
         return {}
+    try:  # what the input guard checks in JSON bodies: these clients often send no Content-Type
+        check_json(raw)
+    except InputProblem as problem:
+        raise LimitError(".".join(str(part) for part in problem.loc[1:]) or "body", problem.message) from None
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
