@@ -253,7 +253,7 @@ def test_clip_score_with_a_clip_model_in_the_models_folder(tmp_path):
 
 
 def test_experiments_tab_runs_a_spec_and_shows_its_report(server, finished):
-    from tests.test_web_video import CHROMIUM, _unavailable
+    from tests.test_web_ui import CHROMIUM, SHOTS, _unavailable
 
     try:
         from playwright.sync_api import expect, sync_playwright
@@ -286,5 +286,7 @@ def test_experiments_tab_runs_a_spec_and_shows_its_report(server, finished):
         # The experiment run before is in the list; choosing it shows its report.
         page.get_by_role("button", name=SPEC["name"]).click()
         expect(report.locator("img")).to_have_count(9)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "experiments.png"))
         browser.close()
     assert errors == []

@@ -201,7 +201,7 @@ def _content_metrics(
 
     for (s, v), image in pixels.items():
         found = measure(image)
-        cells[s][v].detected = f"{found.fg or 'no'} shape on {found.bg}"
+        cells[s][v].detected = f"{found.fg} shape on {found.bg}" if found.fg else f"plain {found.bg}"
         if "colour" in wanted:
             score = metrics.colour_score(image, targets[v])
             if score is not None:

@@ -101,6 +101,8 @@ def _metrics_table(results: ExperimentResults) -> str:
     for key in results.metrics:
         label, higher = METRICS[key]
         for v in results.variants:
+            if key in UNPAIRED and v is results.variants[0]:
+                continue  # A against itself
             mean, sd = v.means.get(key), v.sds.get(key)
             test = tests.get((key, v.name))
             if test is None:

@@ -97,6 +97,7 @@ export class ExperimentLab {
       this.frame.src = `${experiment.report_url}?t=${Date.now()}`;
       this.frame.hidden = false;
       this.announce("Experiment done: the report is below.");
+      this.refreshList();
       return;
     }
     this.timer = setTimeout(async () => {
