@@ -276,3 +276,14 @@ def test_a_failed_or_conflicting_cached_job_is_no_hit_and_the_next_request_id_is
     with pytest.raises(StageFailed) as caught:
         driver._submit(always_conflicts, "cd" * 32, "3")
     assert caught.value.node == "3"
+
+
+def test_a_branch_that_reaches_no_output_is_checked_but_not_run() -> None:
+    graph = txt2img()
+    graph["30"] = copy.deepcopy(graph["3"])
+    graph["30"]["inputs"]["seed"] = 99
+    graph["31"] = {"class_type": "VAEDecode", "inputs": {"samples": ["30", 0], "vae": ["4", 2]}}
+    (stage,) = plan(graph).stages.values()
+    assert stage.params["seed"] == 1
+    graph["30"]["inputs"]["sampler_name"] = "lms"
+    assert errors_of(graph) == [("30", "KSampler", "sampler_name")]

@@ -209,7 +209,19 @@ class _Planner:
         if errors:
             raise WorkflowError(errors)
         node_keys(self.graph, self.resolved)
-        return Plan(self.graph, self.stages, self.outputs)
+        return Plan(self.graph, self._needed(), self.outputs)
+
+    def _needed(self) -> dict[str, Stage]:
+        """The stages the outputs depend on, in order: as in ComfyUI, a branch that reaches no
+        output node is validated but not run."""
+        needed: set[str] = set()
+        pending = [output.images.stage for output in self.outputs if output.images.stage]
+        while pending:
+            key = pending.pop()
+            if key not in needed:
+                needed.add(key)
+                pending.extend(self.stages[key].deps)
+        return {key: stage for key, stage in self.stages.items() if key in needed}
 
     # -- helpers ---------------------------------------------------------------------------------
 

@@ -104,7 +104,6 @@ class Run:
     hits: set[str] = field(default_factory=set)  # stages whose jobs had succeeded before this run
     outputs: dict[str, Any] = field(default_factory=dict)
     messages: list[Any] = field(default_factory=list)
-    cached: list[str] = field(default_factory=list)
 
     @property
     def running(self) -> bool:
@@ -267,7 +266,6 @@ class Driver:
     def _finish(self, run: Run, stage: Stage, image_ids: list[str], cached: bool) -> None:
         run.done[stage.key] = image_ids
         if cached:
-            run.cached.extend(stage.nodes)
             self._message(run, "execution_cached", {"nodes": list(stage.nodes)})
             return
         for node in stage.nodes:  # the stage's other nodes (VAEDecode), or a resize that ran here
