@@ -6,6 +6,7 @@ unfinished by a stopped server finishes after a restart without submitting its j
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import PIL.Image
@@ -103,6 +104,14 @@ def test_interrupt_cancels_the_prompt_and_a_rerun_samples_again(settings: Settin
         work_queued(settings)
         assert wait_for(lambda: client.get(f"/history/{again}").json())[again]["status"]["completed"]
         assert {j["request_id"] for j in jobs(client)} == {job["request_id"], job["request_id"] + ".1"}
+        # ComfyUI's other spellings: the /api prefix, GET /prompt, forgetting history.
+        assert client.get("/api/prompt").json() == {"exec_info": {"queue_remaining": 0}}
+        assert set(client.get("/api/history").json()) == {prompt_id, again}
+        assert client.post("/history", content=json.dumps({"delete": [prompt_id]})).json() == {
+            "deleted": [prompt_id]
+        }
+        assert client.get(f"/history/{prompt_id}").json() == {}
+        assert set(client.get("/history").json()) == {again}
 
 
 def test_with_auth_on_prompts_uploads_and_the_websocket_need_a_key(tmp_path) -> None:

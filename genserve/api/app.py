@@ -108,6 +108,11 @@ def create_app(settings: Settings, *, supervise_workers: bool = True) -> FastAPI
     )
     for module in modules:
         app.include_router(module.router, dependencies=[Depends(get_principal)])
+    # ComfyUI serves its API under /api as well (its own front end uses that prefix).
+    app.include_router(
+        comfy.router, prefix="/api", include_in_schema=False, dependencies=[Depends(get_principal)]
+    )
+    app.include_router(comfy_ws.router, prefix="/api")
     for module in (upscale, a1111_extras):  # upscaling and face restoration (engine/upscale/)
         app.include_router(module.router, dependencies=[Depends(get_principal)])
 

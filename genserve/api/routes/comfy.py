@@ -331,6 +331,12 @@ async def queue_prompt(request: Request, services: ServicesDep, principal: Princ
     return JSONResponse({"prompt_id": record.id, "number": record.number, "node_errors": {}})
 
 
+@router.get("/prompt", operation_id="comfy_prompt_status")
+def prompt_status(request: Request) -> dict[str, Any]:
+    """ComfyUI's queue size: {"exec_info": {"queue_remaining": n}}."""
+    return {"exec_info": {"queue_remaining": len(comfy_service(request).tasks)}}
+
+
 @router.post("/v1/workflows/validate", operation_id="validate_workflow")
 async def validate_workflow(
     services: ServicesDep, principal: PrincipalDep, body: Annotated[dict[str, Any], Body()]
@@ -414,6 +420,22 @@ def history(
     records = comfy_service(request).records.list(owner=_owner(principal), limit=max_items or 200)
     finished = [r for r in reversed(records) if r.state not in ACTIVE]
     return {record.id: _history_item(record) for record in finished}
+
+
+@router.post("/history", operation_id="comfy_history_delete")
+async def history_delete(request: Request, principal: PrincipalDep) -> dict[str, Any]:
+    """{"delete": [prompt ids]} or {"clear": true}: forget finished prompts (their jobs and
+    images stay, and so does the cache)."""
+    body = await _json_body(request)
+    records = comfy_service(request).records
+    finished = [
+        r.id
+        for r in await run_in_threadpool(records.list, _owner(principal), None, 10000)
+        if r.state not in ACTIVE
+    ]
+    chosen = finished if body.get("clear") else [p for p in body.get("delete") or [] if p in finished]
+    await run_in_threadpool(records.delete, chosen, _owner(principal))
+    return {"deleted": chosen}
 
 
 @router.get("/history/{prompt_id}", operation_id="comfy_history_item")
