@@ -287,3 +287,68 @@ def test_a_branch_that_reaches_no_output_is_checked_but_not_run() -> None:
     assert stage.params["seed"] == 1
     graph["30"]["inputs"]["sampler_name"] = "lms"
     assert errors_of(graph) == [("30", "KSampler", "sampler_name")]
+
+
+def sdxl_base_and_refiner(end: int = 20, steps: int = 25) -> dict:
+    """ComfyUI's SDXL template: base KSamplerAdvanced to `end` with leftover noise, refiner from there."""
+    graph = txt2img(checkpoint="sdxl-base.safetensors")
+    graph["3"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {
+            "model": ["4", 0],
+            "add_noise": "enable",
+            "noise_seed": 4,
+            "steps": steps,
+            "cfg": 7.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "latent_image": ["5", 0],
+            "start_at_step": 0,
+            "end_at_step": end,
+            "return_with_leftover_noise": "enable",
+        },
+    }
+    graph["20"] = {
+        "class_type": "CheckpointLoaderSimple",
+        "inputs": {"ckpt_name": "sdxl-refiner.safetensors"},
+    }
+    graph["21"] = {
+        "class_type": "CLIPTextEncode",
+        "inputs": {"text": graph["6"]["inputs"]["text"], "clip": ["20", 1]},
+    }
+    graph["22"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["20", 1]}}
+    graph["23"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {
+            **graph["3"]["inputs"],
+            "model": ["20", 0],
+            "add_noise": "disable",
+            "positive": ["21", 0],
+            "negative": ["22", 0],
+            "latent_image": ["3", 0],
+            "start_at_step": end,
+            "end_at_step": 10000,
+            "return_with_leftover_noise": "disable",
+        },
+    }
+    graph["8"]["inputs"].update(samples=["23", 0], vae=["20", 2])
+    return graph  # fmt: skip
+
+
+def test_a_base_and_refiner_pair_is_one_job_with_genserves_refiner(monkeypatch) -> None:
+    monkeypatch.setattr(FakeResources, "models", lambda self: {"sdxl-base", "sdxl-refiner"})
+    (stage,) = plan(sdxl_base_and_refiner(end=20, steps=25)).stages.values()
+    assert stage.params["model"] == "sdxl-base" and stage.params["steps"] == 25
+    assert stage.params["refiner"] == {"model": "sdxl-refiner", "switch_at": 0.8}
+    assert stage.nodes == ["3", "23", "8"] and stage.main_node == "23"
+    graph = sdxl_base_and_refiner()
+    graph["23"]["inputs"]["start_at_step"] = 15
+    assert errors_of(graph) == [("23", "KSamplerAdvanced", "start_at_step")]
+    graph = sdxl_base_and_refiner()
+    graph["21"]["inputs"]["text"] = "something else"
+    assert errors_of(graph) == [("23", "KSamplerAdvanced", "positive")]
+    graph = sdxl_base_and_refiner()
+    graph["8"]["inputs"]["samples"] = ["3", 0]  # decoding the noisy half
+    assert ("8", "VAEDecode", "samples") in errors_of(graph)

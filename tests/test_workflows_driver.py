@@ -159,3 +159,33 @@ def test_bodies_without_a_content_type_get_the_input_guards_checks(settings: Set
         assert client.post("/prompt", content="[1, 2]").status_code == 422
         assert client.post("/prompt", content="{not json").status_code == 422
         assert client.post("/prompt", content='{"prompt": {}}').json()["error"]["type"] == "invalid_prompt"
+
+
+def test_the_sdxl_base_and_refiner_template_passes_genserves_checks(tiny_models_dir, tmp_path) -> None:
+    """The SDXL template becomes one job with genserve's refiner, which resolve_params accepts for
+    a tiny SDXL base and refiner; a refiner behind an SD1.5 model is refused on its node."""
+    from genserve.engine.models.fixtures import write_tiny_refiner
+    from tests.test_workflows import sdxl_base_and_refiner
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny-sdxl").symlink_to(tiny_models_dir / "tiny-sdxl")
+    (models / "tiny-sd15").symlink_to(tiny_models_dir / "tiny-sd15")
+    write_tiny_refiner(models / "tiny-refiner")
+    settings = Settings(
+        data_dir=tmp_path / "data", models_dir=models, store_url=f"sqlite:///{tmp_path / 'store.db'}",
+        default_model="tiny-sdxl", workers=0, builtin_models=False,
+    )  # fmt: skip
+    graph = sdxl_base_and_refiner(end=4, steps=5)
+    graph["4"]["inputs"]["ckpt_name"] = "tiny-sdxl.safetensors"
+    graph["20"]["inputs"]["ckpt_name"] = "tiny-refiner.safetensors"
+    with serve(settings) as client:
+        checked = client.post("/v1/workflows/validate", json={"prompt": graph})
+        assert checked.status_code == 200, checked.text
+        (stage,) = checked.json()["stages"]
+        assert stage["params"]["refiner"] == {"model": "tiny-refiner", "switch_at": 0.8}
+        graph["4"]["inputs"]["ckpt_name"] = "tiny-sd15"
+        refused = client.post("/v1/workflows/validate", json={"prompt": graph})
+        assert refused.status_code == 422
+        assert refused.json()["detail"][0]["loc"] == ["body", "prompt", "23", "model"]
+        assert "SDXL base" in refused.json()["detail"][0]["msg"]

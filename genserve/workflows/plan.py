@@ -35,6 +35,7 @@ _LATENT_UPSCALERS = {
     "bicubic": "latent_bicubic",
     "bislerp": "latent_bilinear",
 }
+_LEFTOVER = "a latent with leftover noise goes to a KSamplerAdvanced with add_noise disable (a refiner)"
 _MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 
 
@@ -125,6 +126,16 @@ class Sampled:
 
 
 @dataclass(frozen=True)
+class Unfinished:
+    """A KSamplerAdvanced that stops at `end` of `steps` and returns its leftover noise: the base
+    half of a base + refiner pair (ComfyUI's SDXL template). `sampled` is the base as a whole run."""
+
+    sampled: Sampled
+    end: int
+    steps: int
+
+
+@dataclass(frozen=True)
 class Resized:
     source: Empty | FromPicture | Sampled
     width: int
@@ -132,7 +143,7 @@ class Resized:
     method: str
 
 
-Latent = Empty | FromPicture | Sampled | Resized
+Latent = Empty | FromPicture | Sampled | Resized | Unfinished
 
 
 @dataclass
@@ -368,6 +379,8 @@ class _Planner:
         if node.inputs["crop"] != "disabled":
             raise _Fail("crop", "value_not_in_list", "genserve's latent upscale does not crop; use disabled")
         samples = self._in(node, "samples")
+        if isinstance(samples, Unfinished):
+            raise _Fail("samples", "invalid_input_type", _LEFTOVER)
         width, height = width // 8 * 8, height // 8 * 8
         if isinstance(samples, Empty):
             return (replace(samples, width=width, height=height),)
@@ -386,24 +399,65 @@ class _Planner:
         return (self._sample(node, node.inputs["seed"], denoise=denoise),)
 
     def _KSamplerAdvanced(self, node: GraphNode) -> tuple[Any, ...]:
-        steps, start = node.inputs["steps"], node.inputs["start_at_step"]
-        for name, value, wanted in (
-            ("add_noise", node.inputs["add_noise"], "enable"),
-            ("return_with_leftover_noise", node.inputs["return_with_leftover_noise"], "disable"),
-        ):
-            if value != wanted:
-                raise _Fail(
-                    name, "value_not_in_list", f"genserve runs KSamplerAdvanced with {name} {wanted} only"
-                )
-        if node.inputs["end_at_step"] < steps:
-            raise _Fail("end_at_step", "value_smaller_than_min", "genserve runs a schedule to its end")
+        inputs = node.inputs
+        steps, start, end = inputs["steps"], inputs["start_at_step"], inputs["end_at_step"]
+        latent = self._in(node, "latent_image")
+        if isinstance(latent, Unfinished):
+            return (self._refine(node, latent),)
         if start >= steps:
             raise _Fail("start_at_step", "value_bigger_than_max", "start_at_step must be below steps")
+        if inputs["add_noise"] != "enable":
+            raise _Fail(
+                "add_noise",
+                "value_not_in_list",
+                "add_noise disable continues a KSamplerAdvanced that returned its leftover noise",
+            )
+        if end < steps and inputs["return_with_leftover_noise"] == "enable" and start == 0:
+            return (Unfinished(self._sample(node, inputs["noise_seed"]), end, steps),)
+        if end < steps:
+            raise _Fail(
+                "end_at_step",
+                "value_smaller_than_min",
+                "genserve stops a schedule early only for a refiner: from step 0, with "
+                "return_with_leftover_noise enable, into a KSamplerAdvanced with add_noise disable",
+            )
         strength = advanced_to_strength(steps, start) if start else None
-        return (self._sample(node, node.inputs["noise_seed"], strength=strength),)
+        return (self._sample(node, inputs["noise_seed"], strength=strength),)
+
+    def _refine(self, node: GraphNode, base: Unfinished) -> Sampled:
+        """The second half of a base + refiner pair: genserve's `refiner` option of the base's job
+        (switch_at = end / steps), or the whole run when both halves use one model."""
+        inputs = node.inputs
+        for name, ok, wanted in (
+            ("add_noise", inputs["add_noise"] == "disable", "disable: it continues the first sampler's noise"),
+            ("start_at_step", inputs["start_at_step"] == base.end, f"{base.end}, where the first sampler stopped"),
+            ("steps", inputs["steps"] == base.steps, f"{base.steps}, the first sampler's steps"),
+            ("end_at_step", inputs["end_at_step"] >= base.steps, f"at least steps ({base.steps})"),
+        ):  # fmt: skip
+            if not ok:
+                raise _Fail(name, "value_not_in_list", f"must be {wanted}")
+        second = self._sample(node, inputs["noise_seed"], latent=Empty(8, 8, 1))
+        first = base.sampled.params
+        for name, key in (("positive", "prompt"), ("negative", "negative_prompt"), ("cfg", "cfg_scale"),
+                          ("sampler_name", "sampler")):  # fmt: skip
+            if second.params[key] != first[key]:
+                raise _Fail(name, "value_not_in_list", f"genserve's refiner runs with the base's {key}")
+        if second.params["model"] == first["model"] and second.params.get("loras") == first.get("loras"):
+            return Sampled(first, base.sampled.deps, node.id, first_pass=base.sampled.node)
+        if second.params.get("loras"):
+            raise _Fail("model", "value_not_in_list", "genserve's refiner runs without LoRAs")
+        refiner = {"model": second.params["model"], "switch_at": round(base.end / base.steps, 6)}
+        return Sampled(
+            {**first, "refiner": refiner}, base.sampled.deps, node.id, first_pass=base.sampled.node
+        )
 
     def _sample(
-        self, node: GraphNode, seed: int, denoise: float = 1.0, strength: float | None = None
+        self,
+        node: GraphNode,
+        seed: int,
+        denoise: float = 1.0,
+        strength: float | None = None,
+        latent: Latent | None = None,
     ) -> Sampled:
         model: ModelVal = self._in(node, "model")
         positive: Cond = self._in(node, "positive")
@@ -441,7 +495,9 @@ class _Planner:
                 for c in positive.controls
             ]
             deps += [c.image.stage for c in positive.controls if c.image.stage]
-        latent = self._in(node, "latent_image")
+        latent = latent or self._in(node, "latent_image")
+        if isinstance(latent, Unfinished):
+            raise _Fail("latent_image", "invalid_input_type", _LEFTOVER)
         if isinstance(latent, Resized) and isinstance(latent.source, Sampled):
             hires = self._as_hires(latent, params, steps, denoise, strength)
             if hires is not None:
@@ -504,6 +560,8 @@ class _Planner:
             return (self._decode(samples, [node.id]),)
         if isinstance(samples, FromPicture) and samples.mask is None and samples.size is None:
             return (samples.image,)  # encode then decode: the picture itself
+        if isinstance(samples, Unfinished):
+            raise _Fail("samples", "invalid_input_type", _LEFTOVER)
         raise _Fail("samples", "invalid_input_type", "genserve decodes latents that a KSampler made")
 
     def _ImageScale(self, node: GraphNode) -> tuple[Any, ...]:

@@ -61,6 +61,7 @@ _FIELD_INPUTS = {
     "width": "latent_image",
     "height": "latent_image",
     "hires": "latent_image",
+    "refiner": "model",
     "num_images": "latent_image",
     "prompt": "positive",
     "negative_prompt": "negative",
