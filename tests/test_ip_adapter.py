@@ -105,20 +105,43 @@ def test_equals_diffusers_with_the_same_image_embeddings(engine: Engine, models:
     assert np.abs(ours - run(engine, params())).max() > 0
 
 
-def test_batch_key_holds_model_scale_and_style_but_not_pictures() -> None:
+def test_batch_key_holds_model_style_and_picture_count_but_not_scale_or_pictures() -> None:
     key = batch_key(params(ip_adapter=ip([A])))
-    assert key == batch_key(params(ip_adapter=ip([B, A]), seed=9, prompt="other"))
-    assert key != batch_key(params(ip_adapter=ip([A], scale=0.5)))
+    assert key == batch_key(params(ip_adapter=ip([B]), seed=9, prompt="other"))
+    assert key == batch_key(params(ip_adapter=ip([A], scale=0.5)))  # the scale is per row
+    assert key != batch_key(params(ip_adapter=ip([B, A])))  # more image tokens per row
     assert key != batch_key(params(ip_adapter=ip([A], style_only=True)))
     assert key != batch_key(params())
 
 
-def test_requests_with_other_pictures_share_a_batch(engine: Engine) -> None:
-    requests = [params(seed=1, ip_adapter=ip([A])), params(seed=2, ip_adapter=ip([B]), num_images=2)]
+def test_requests_with_other_pictures_and_scales_share_a_batch(engine: Engine) -> None:
+    """Each row's scale is its own (RowScales): every request equals its lone run, and the scales
+    made a difference."""
+    requests = [
+        params(seed=1, ip_adapter=ip([A])),
+        params(seed=2, ip_adapter=ip([B], scale=0.3), num_images=2),
+        params(seed=1, ip_adapter=ip([A], scale=1.6), cfg_scale=1.0),
+        params(seed=1, ip_adapter=ip([A], scale=0.0)),
+    ]
+    assert len({batch_key(p) for p in requests}) == 1
     batched = engine.generate_batch([BatchItem(p, control_images=IMAGES) for p in requests])
     for p, outcome in zip(requests, batched, strict=True):
         for a, b in zip(outcome.images, engine.generate(p, control_images=IMAGES), strict=True):
             assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    first, _, third, off = (pixels(o.images[0]) for o in batched)
+    assert np.abs(first - off).max() > 0
+    assert np.array_equal(off, run(engine, params(seed=1)))  # scale 0: exactly no image prompt
+    assert np.abs(third - run(engine, params(seed=1, cfg_scale=1.0))).max() > 0
+
+
+def test_the_style_only_pattern_is_kept_per_row(engine: Engine) -> None:
+    requests = [
+        params(seed=1, steps=3, ip_adapter=ip([A], 0.7, style_only=True)),
+        params(seed=2, steps=3, ip_adapter=ip([B], 1.2, style_only=True)),
+    ]
+    batched = engine.generate_batch([BatchItem(p, control_images=IMAGES) for p in requests])
+    for p, outcome in zip(requests, batched, strict=True):
+        assert np.abs(pixels(outcome.images[0]) - run(engine, p)).max() <= 1
 
 
 def test_the_cached_pipeline_is_unchanged_after_an_ip_adapter_batch(engine: Engine) -> None:

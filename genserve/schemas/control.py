@@ -2,8 +2,10 @@
 
 A unit's picture is stored like `init_image` (base64, a data URL or an upload id in the request;
 `sha256:<hex>` in the stored job). Controls are per row: requests with different controls, or none,
-share a batch. An IP-Adapter's model, scale and style-only switch are in `batch_key` (its attention
-processors hold one scale for the whole batch), its reference pictures are not.
+share a batch. An IP-Adapter's model, style-only switch (which attention processors it uses) and
+number of reference pictures (its image tokens per row) are in `batch_key`; its scale is per row
+(engine/conditioning/ip_adapter.py; benchmarks/ip_adapter_scale.py measured it against the scale in
+the key), and its pictures are the row's own.
 """
 
 from __future__ import annotations
@@ -97,5 +99,5 @@ def with_nested_pictures(params: BaseModel, refs: dict[str, str]) -> BaseModel:
 
 
 def ip_adapter_key(options: IPAdapterOptions | None) -> tuple | None:
-    """What of an IP-Adapter must match within a batch: its model, scale and style switch."""
-    return None if options is None else (options.model, options.scale, options.style_only)
+    """What of an IP-Adapter must match within a batch: its model, style switch and picture count."""
+    return None if options is None else (options.model, options.style_only, len(options.images))

@@ -100,7 +100,7 @@ class GenerationParams(BaseModel):
         return self
 
     # Control by pictures (schemas/control.py): per row, so they stay out of batch_key, except the
-    # IP-Adapter's model and scale.
+    # IP-Adapter's model, style switch and picture count (its scale is per row).
     controlnets: list[ControlNetUnit] | None = Field(
         None, max_length=MAX_CONTROL_UNITS, description="ControlNet / T2I-Adapter units, applied together."
     )
@@ -118,8 +118,9 @@ def batch_key(params: GenerationParams) -> tuple:
     fix runs a second pass with its own options, so those must match; a refiner must be the same
     model, but each row hands over at its own switch_at (and joins the refiner there). The LoRA set
     (names and weights, sorted) is in: a batch runs with one set of adapters active.
-    ControlNets and T2I-Adapters add per-row residuals, so they stay out; an IP-Adapter's model and
-    scale are in (one attention-processor scale per batch), its reference pictures are not.
+    ControlNets and T2I-Adapters add per-row residuals, so they stay out; an IP-Adapter's model,
+    style switch and picture count are in (loaded processors, image tokens per row), its scale and
+    reference pictures are not (per row).
     """
     return (
         params.model,

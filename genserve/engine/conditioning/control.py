@@ -60,6 +60,7 @@ class StepExtras:
 
     kwargs: dict[str, Any] = field(default_factory=dict)
     added: dict[str, Any] = field(default_factory=dict)
+    ip_scales: torch.Tensor | None = None  # each model-input row's IP-Adapter scale (ip_adapter.py)
 
 
 def in_window(step: int, steps: int, start: float, end: float) -> bool:
@@ -270,12 +271,13 @@ ExtrasFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.T
 def rows_extras(rows: list[Any], index: int, total: int, cfg: bool, blocks: int = 0) -> ExtrasFn | None:
     """What the active `rows` (loop.row.Row) add to this step's model call; None when nothing.
 
-    Rows carry `controls` (their units) and, with an IP-Adapter, `image_embeds` (1, images, D): the
-    unconditional half gets zeros, as diffusers' plain IP-Adapter does. `blocks`: an SD3
-    transformer's block count.
+    Rows carry `controls` (their units) and, with an IP-Adapter, `image_embeds` (1, images, D) and
+    `ip_scale`: the unconditional half gets zero embeddings, as diffusers' plain IP-Adapter does, and
+    the row's scale in both halves. `blocks`: an SD3 transformer's block count.
     """
     has_controls = any(row.controls for row in rows)
     embeds = [row.image_embeds for row in rows]
+    ip_scales = [row.ip_scale for row in rows]
     if not has_controls and all(e is None for e in embeds):
         return None
     own_steps = [(index - row.start, total - row.start) for row in rows]
@@ -290,6 +292,7 @@ def rows_extras(rows: list[Any], index: int, total: int, cfg: bool, blocks: int 
             positive = torch.cat(embeds).to(device=model_input.device, dtype=text.dtype)
             image_embeds = torch.cat([torch.zeros_like(positive), positive]) if cfg else positive
             result.added["image_embeds"] = [image_embeds]
+            result.ip_scales = torch.tensor(ip_scales * (2 if cfg else 1), dtype=torch.float32)
         if has_controls:
             result.kwargs = step_extras(
                 [row.controls for row in rows], own_steps, cfg, model_input, t, text, added, blocks

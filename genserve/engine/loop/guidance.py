@@ -6,6 +6,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from genserve.engine.conditioning.control import ExtrasFn
+from genserve.engine.conditioning.ip_adapter import set_row_scales
 from genserve.engine.conditioning.text import Conditioning
 from genserve.engine.models.registry import Family
 
@@ -63,6 +64,8 @@ def predict_noise(
             step = extras(model_input, t, embeds, added)
             kwargs = step.kwargs
             added = {**(added or {}), **step.added} or None
+            if step.ip_scales is not None:
+                set_row_scales(pipe.unet, step.ip_scales)
         if cond.mask is not None:  # rows padded to a longer prompt: the padding is hidden from them
             kwargs = {
                 **kwargs,

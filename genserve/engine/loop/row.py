@@ -69,9 +69,10 @@ class Row:
     # Loop index where the row leaves this model (an SDXL base hands over to its refiner); None: the end.
     end: int | None = None
     # What the row adds to each UNet call: ControlNet / T2I-Adapter units (conditioning/control.py)
-    # and an IP-Adapter's image embeddings (1, images, D).
+    # and an IP-Adapter's image embeddings (1, images, D) and scale.
     controls: list[Any] = field(default_factory=list)
     image_embeds: torch.Tensor | None = None
+    ip_scale: float = 0.0
 
     def active(self, index: int) -> bool:
         return index >= self.start and (self.end is None or index < self.end)

@@ -3,7 +3,7 @@
 ControlNets, T2I-Adapters and IP-Adapter image encoders are small next to a base model; they are
 kept loaded once used (one copy per name). An IP-Adapter's attention weights go into the base
 pipeline's UNet for the batches that use it (`ip_adapter_loaded`) and come out after, so the cached
-pipeline is unchanged for every other batch.
+pipeline is unchanged for every other batch; its scale is per row (conditioning/ip_adapter.py).
 
 Annotators (`<models_dir>/annotators/<name>/`, e.g. a transformers DPTForDepthEstimation folder) are
 preprocessed with PIL and numpy: transformers 5's image processors need torchvision, which this
@@ -22,6 +22,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from genserve.engine.conditioning.ip_adapter import forget_row_scales, install_row_scales
 from genserve.engine.models.controls import ControlInfo
 from genserve.schemas.control import IPAdapterOptions
 
@@ -92,7 +93,8 @@ def clip_pixels(pictures: list[PIL.Image.Image], size: int) -> torch.Tensor:
 def ip_adapter_scale(options: IPAdapterOptions, unet_config: Any) -> float | dict:
     """The scale to set: a float, or InstantStyle's style-only blocks (Wang et al. 2024): only the
     first up block with attention; with SDXL's three transformers there, only the middle one
-    ({"up": {"block_0": [0, s, 0]}}, diffusers' InstantStyle example)."""
+    ({"up": {"block_0": [0, s, 0]}}, diffusers' InstantStyle example). `ip_adapter_loaded` sets it
+    at scale 1 and leaves each row's own scale to `RowScales`."""
     if not options.style_only:
         return options.scale
     for k, block in enumerate(unet_config.up_block_types):
@@ -106,7 +108,8 @@ def ip_adapter_scale(options: IPAdapterOptions, unet_config: Any) -> float | dic
 
 @contextlib.contextmanager
 def ip_adapter_loaded(pipe: Any, info: ControlInfo, options: IPAdapterOptions) -> Iterator[None]:
-    """The IP-Adapter's weights in the pipeline's UNet for the duration (image encoder: ours)."""
+    """The IP-Adapter's weights in the pipeline's UNet for the duration (image encoder: ours), its
+    processors on at scale 1 where `options.style_only` says, each row's scale a `RowScales`."""
     pipe.load_ip_adapter(
         str(info.path),
         subfolder="",
@@ -115,9 +118,13 @@ def ip_adapter_loaded(pipe: Any, info: ControlInfo, options: IPAdapterOptions) -
         local_files_only=True,
     )
     try:
-        pipe.set_ip_adapter_scale(ip_adapter_scale(options, pipe.unet.config))
+        pipe.set_ip_adapter_scale(
+            ip_adapter_scale(options.model_copy(update={"scale": 1.0}), pipe.unet.config)
+        )
+        install_row_scales(pipe.unet)
         yield
     finally:
+        forget_row_scales(pipe.unet)
         pipe.unload_ip_adapter()
 
 

@@ -102,7 +102,7 @@ def attach_controls(
 
 
 def attach_image_embeds(rows: list[Row], items: list[BatchItem], encode_images: EncodeImages) -> None:
-    """Each row's IP-Adapter image embeddings, from its request's reference pictures."""
+    """Each row's IP-Adapter image embeddings, from its request's reference pictures, and its scale."""
     for i, item in enumerate(items):
         ip = item.params.ip_adapter
         if ip is None:
@@ -111,4 +111,4 @@ def attach_image_embeds(rows: list[Row], items: list[BatchItem], encode_images: 
         embeds = encode_images(pictures)
         for row in rows:
             if row.item == i:
-                row.image_embeds = embeds
+                row.image_embeds, row.ip_scale = embeds, ip.scale

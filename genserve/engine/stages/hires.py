@@ -73,6 +73,7 @@ def hires_rows(
                 latents=latents.to(device=device, dtype=dtype),
                 extra=extra,
                 image_embeds=row.image_embeds,  # the IP-Adapter stays loaded for the second pass
+                ip_scale=row.ip_scale,
             )
         )
     return out
