@@ -36,7 +36,7 @@ class FakeResources:
         return {"genserve-shapes-2x": 2.0}
 
     def picture(self, name: str) -> tuple[str, tuple[int, int]] | None:
-        return (PICTURE, (64, 48)) if name == "red.png" else None
+        return {"red.png": (PICTURE, (64, 48)), "blue.png": ("sha256:" + "3" * 64, (64, 48))}.get(name)
 
     def mask(self, ref: str) -> str | None:
         return "sha256:" + "2" * 64
@@ -230,9 +230,13 @@ def test_cache_keys_follow_what_is_computed() -> None:
     image_key = next(k for k, s in base.stages.items() if s.kind == "image")
     renamed = plan(with_scale(txt2img(prefix="other"), 48, 40))
     assert image_key in renamed.stages
-    assert base.graph.keys["3"] == renamed.graph.keys["3"] and base.graph.keys["9"] != renamed.graph.keys["9"]
+    scale_key = next(k for k, s in base.stages.items() if s.kind == "scale")
+    assert scale_key not in renamed.stages  # the resize itself runs again (in the driver, cheap)
     reseeded = plan(with_scale(txt2img(seed=2), 32, 32))
     assert image_key not in reseeded.stages
+    # A LoadImage is keyed by the picture's content: another picture under any name is another job.
+    red, blue = (plan(img2img(name, "a green circle", 0.5)) for name in ("red.png", "blue.png"))
+    assert set(red.stages).isdisjoint(blue.stages)
     shuffled = copy.deepcopy(txt2img())
     shuffled["99"] = shuffled.pop("3")  # node ids do not enter the keys
     for node in shuffled.values():
@@ -240,6 +244,20 @@ def test_cache_keys_follow_what_is_computed() -> None:
             if value == ["3", 0]:
                 node["inputs"][name] = ["99", 0]
     assert set(plan(shuffled).stages) == set(plan(txt2img()).stages)
+
+
+def test_another_checkpoints_vae_is_refused() -> None:
+    """genserve encodes and decodes with the sampling model's own VAE."""
+    graph = txt2img()
+    graph["20"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "other.ckpt"}}
+    graph["8"]["inputs"]["vae"] = ["20", 2]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FakeResources, "models", lambda self: {"genserve-shapes", "other"})
+        assert errors_of(graph) == [("8", "VAEDecode", "vae")]
+        graph = img2img("red.png", "a green circle", 0.5)
+        graph["20"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "other.ckpt"}}
+        graph["11"]["inputs"]["vae"] = ["20", 2]
+        assert errors_of(graph) == [("3", "KSampler", "latent_image")]
 
 
 def test_a_partial_schedule_on_an_empty_latent_is_refused() -> None:

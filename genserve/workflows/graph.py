@@ -7,7 +7,6 @@ input, so a client can show them next to the nodes as ComfyUI's front end does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +60,6 @@ class GraphNode:
 class Graph:
     nodes: dict[str, GraphNode]
     order: list[str] = field(default_factory=list)  # topological: sources first
-    keys: dict[str, str] = field(default_factory=dict)  # node id -> content key (cache.py)
 
     @property
     def outputs(self) -> list[str]:
@@ -236,21 +234,3 @@ def _topological_order(nodes: dict[str, GraphNode]) -> list[str]:
 
 def _sort_key(node_id: str) -> tuple[int, int | str]:
     return (0, int(node_id)) if node_id.isdigit() else (1, node_id)
-
-
-def node_keys(graph: Graph, resolved: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
-    """Each node's content key: a hash of its class_type, its literal inputs (with `resolved`
-    values in place, e.g. a LoadImage's picture hash for its file name) and its upstream nodes'
-    keys with the output index. Node ids do not enter it, so equal subgraphs share keys."""
-    keys: dict[str, str] = {}
-    for node_id in graph.order:
-        node = graph.nodes[node_id]
-        literals = {**node.inputs, **(resolved or {}).get(node_id, {})}
-        canonical = {
-            name: ["link", keys[value.node], value.output] if isinstance(value, Link) else value
-            for name, value in sorted(literals.items())
-        }
-        text = json.dumps([node.class_type, canonical], sort_keys=True, separators=(",", ":"))
-        keys[node_id] = hashlib.sha256(text.encode()).hexdigest()
-    graph.keys = keys
-    return keys

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any, Protocol
 
-from genserve.workflows.graph import Graph, GraphNode, Link, NodeError, WorkflowError, node_keys
+from genserve.workflows.graph import Graph, GraphNode, Link, NodeError, WorkflowError
 from genserve.workflows.samplers import (
     SamplerMappingError,
     advanced_to_strength,
@@ -115,6 +115,7 @@ class FromPicture:
     fill: str | None = None  # inpaint fill; None: img2img
     mask_blur: int = 0
     size: tuple[int, int] | None = None  # LatentUpscale's size
+    vae: str | None = None  # the checkpoint whose VAE encoded it
 
 
 @dataclass(frozen=True)
@@ -173,9 +174,6 @@ class Plan:
     stages: dict[str, Stage]  # in dependency order
     outputs: list[Output]
 
-    def stage_of_node(self) -> dict[str, str]:
-        return {node: key for key, stage in self.stages.items() for node in stage.nodes}
-
 
 def stage_key(kind: str, params: dict[str, Any], deps: tuple[str, ...]) -> str:
     text = json.dumps([kind, params, sorted(deps)], sort_keys=True, separators=(",", ":"))
@@ -202,7 +200,6 @@ class _Planner:
         self.values: dict[str, tuple[Any, ...]] = {}
         self.stages: dict[str, Stage] = {}
         self.outputs: list[Output] = []
-        self.resolved: dict[str, dict[str, Any]] = {}
 
     def run(self) -> Plan:
         errors: list[NodeError] = []
@@ -219,7 +216,6 @@ class _Planner:
                 errors.append(NodeError(node_id, node.class_type, fail.input, fail.kind, fail.message))
         if errors:
             raise WorkflowError(errors)
-        node_keys(self.graph, self.resolved)
         return Plan(self.graph, self._needed(), self.outputs)
 
     def _needed(self) -> dict[str, Stage]:
@@ -319,7 +315,6 @@ class _Planner:
         if found is None:
             raise _Fail("image", "value_not_in_list", f"no uploaded picture '{node.inputs['image']}'")
         ref, size = found
-        self.resolved[node.id] = {"image": ref}  # the cache key follows the content, not the name
         return Images(None, (ref,), 1, size), MaskOf(ref)
 
     # -- conditioning ----------------------------------------------------------------------------
@@ -348,7 +343,7 @@ class _Planner:
         return (Empty(width, height, node.inputs["batch_size"]),)
 
     def _VAEEncode(self, node: GraphNode) -> tuple[Any, ...]:
-        return (FromPicture(self._one(self._in(node, "pixels"), "pixels")),)
+        return (FromPicture(self._one(self._in(node, "pixels"), "pixels"), vae=self._in(node, "vae")),)
 
     def _mask(self, node: GraphNode) -> str:
         ref = self.res.mask(self._in(node, "mask").picture)
@@ -362,7 +357,7 @@ class _Planner:
         image = self._one(self._in(node, "pixels"), "pixels")
         # The masked area is erased before encoding: genserve's latent_nothing starts it from zeros.
         grow = int(node.inputs["grow_mask_by"])
-        return (FromPicture(image, self._mask(node), "latent_nothing", mask_blur=grow),)
+        return (FromPicture(image, self._mask(node), "latent_nothing", grow, vae=self._in(node, "vae")),)
 
     def _SetLatentNoiseMask(self, node: GraphNode) -> tuple[Any, ...]:
         samples = self._in(node, "samples")
@@ -516,6 +511,12 @@ class _Planner:
             params.update(width=latent.width, height=latent.height, num_images=latent.batch)
         else:
             assert isinstance(latent, FromPicture)
+            if latent.vae not in (None, model.model):
+                raise _Fail(
+                    "latent_image",
+                    "invalid_input_type",
+                    f"encoded with '{latent.vae}''s VAE; genserve encodes with the sampling model's ('{model.model}')",
+                )
             total, run = denoise_to_strength(steps, denoise) if strength is None else (steps, strength)
             params.update(steps=total, strength=run, init_image=latent.image.ref(0))
             if latent.image.stage:
@@ -555,8 +556,15 @@ class _Planner:
     # -- images ----------------------------------------------------------------------------------
 
     def _VAEDecode(self, node: GraphNode) -> tuple[Any, ...]:
-        samples = self._in(node, "samples")
+        samples, vae = self._in(node, "samples"), self._in(node, "vae")
         if isinstance(samples, Sampled):
+            own = {samples.params["model"], samples.params.get("refiner", {}).get("model")}
+            if vae not in own:
+                raise _Fail(
+                    "vae",
+                    "invalid_input_type",
+                    f"genserve decodes with the sampling model's VAE, not '{vae}''s",
+                )
             return (self._decode(samples, [node.id]),)
         if isinstance(samples, FromPicture) and samples.mask is None and samples.size is None:
             return (samples.image,)  # encode then decode: the picture itself
