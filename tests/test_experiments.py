@@ -290,3 +290,68 @@ def test_experiments_tab_runs_a_spec_and_shows_its_report(server, finished):
         page.screenshot(path=str(SHOTS / "experiments.png"))
         browser.close()
     assert errors == []
+
+
+def test_analysis_with_a_reference_clip_and_a_failed_image(tmp_path):
+    """The report's numbers from drawn pictures standing in for jobs: MSE/SSIM against a reference
+    (paired tests), CLIP when a model is installed, a failed image left out and said so, the cost."""
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    from genserve.experiments.analysis import analyse
+    from genserve.experiments.report import render_html
+    from genserve.experiments.spec import ExperimentSpec
+    from genserve.schemas import JobState
+    from genserve.store.jobs import JobRecord
+    from genserve.toymodel.dataset import Scene, draw_scene
+
+    write_tiny_clip(tmp_path / "clip")
+    spec = ExperimentSpec.model_validate(
+        {
+            **SPEC,
+            "reference_image": "sha256:" + "0" * 64,
+            "variants": SPEC["variants"][:2],
+            "seeds": [0, 1, 2],
+        }
+    )
+    pngs: dict[str, bytes] = {}
+
+    def picture(scene: Scene, seed: int) -> str:
+        buffer = io.BytesIO()
+        draw_scene(scene, 64, random.Random(seed)).save(buffer, format="PNG")
+        pngs[f"img{len(pngs)}"] = buffer.getvalue()
+        return f"img{len(pngs) - 1}"
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def job(state: JobState, images: list[str]) -> JobRecord:
+        return JobRecord(
+            id=f"job{len(pngs)}", request_id=None, request_hash=None, params={}, state=state, priority=0,
+            client_id=None, created_at=start, started_at=start, finished_at=start + timedelta(seconds=2),
+            updated_at=start, attempt=1, max_attempts=3, lease_owner=None, lease_until=None,
+            cancel_requested=False, error="out of memory" if state == JobState.failed else None,
+            image_ids=images, estimated_seconds=0.36,
+        )  # fmt: skip
+
+    circle, square = (
+        Scene("circle", "red", "white", "center", "large"),
+        Scene("square", "blue", "white", "center", "large"),
+    )
+    jobs = {(0, s): job(JobState.succeeded, [picture(circle, s)]) for s in range(3)}
+    jobs |= {(1, s): job(JobState.succeeded, [picture(square, s)]) for s in range(2)}
+    jobs[(1, 2)] = job(JobState.failed, [])
+    reference = io.BytesIO()
+    draw_scene(circle, 128).save(reference, format="PNG")  # twice the size: resized for MSE/SSIM
+
+    results = analyse(spec, jobs, pngs.get, reference.getvalue(), tmp_path)
+    a, b = results.variants
+    assert (a.done, b.done, b.failed) == (3, 2, 1)
+    assert a.means["mse_ref"] < b.means["mse_ref"] and a.means["ssim_ref"] > b.means["ssim_ref"]
+    assert 0 <= a.means["clip"] <= 100 and "clip" in results.metrics
+    assert a.cost_per_image == pytest.approx(0.36 * 2.5 / 3600) and a.mean_seconds == 2.0
+    tests = {(c.metric, c.variant): c.test for c in results.comparisons}
+    assert tests[("mse_ref", "B")].n == 2 and tests[("mse_ref", "B")].w_plus == 3  # both seeds worse
+    assert any("1 image(s) failed" in note for note in results.notes)
+    assert any("resized" in note for note in results.notes)
+    html = render_html(results)
+    assert html.count("data:image/png;base64,") == 5 and "out of memory" in html and "CLIP score" in html
