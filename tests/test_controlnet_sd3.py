@@ -37,6 +37,7 @@ def models(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     write_tiny_sd3_controlnet(
         base, root / "controlnet" / "cn-sd3-b", seed=2, num_layers=2, force_zeros_for_pooled_projection=False
     )
+    write_tiny_sd3_controlnet(base, root / "controlnet" / "cn-sd35", seed=3, sd35=True)
     return root
 
 
@@ -67,7 +68,8 @@ def run(engine: Engine, p: GenerationParams) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("name", "scale", "start", "end"), [("cn-sd3", 0.8, 0.0, 1.0), ("cn-sd3-b", 1.2, 0.2, 0.7)]
+    ("name", "scale", "start", "end"),
+    [("cn-sd3", 0.8, 0.0, 1.0), ("cn-sd3-b", 1.2, 0.2, 0.7), ("cn-sd35", 1.0, 0.0, 1.0)],
 )
 def test_one_request_equals_diffusers_sd3_controlnet_pipeline(
     engine: Engine,
@@ -112,11 +114,11 @@ def test_one_request_equals_diffusers_sd3_controlnet_pipeline(
 
 
 def test_mixed_batch_equals_separate_runs(engine: Engine) -> None:
-    """Rows with an SD3 ControlNet, another with twice its blocks, both, or none share one batch,
-    and each equals its lone run."""
+    """Rows with an SD3 ControlNet, another with twice its blocks, an SD3.5-style one, two at once,
+    or none share one batch, and each equals its lone run."""
     requests = [
         params(seed=1),
-        params(seed=2, controlnets=[unit(scale=0.9)]),
+        params(seed=2, controlnets=[unit("cn-sd35", scale=0.9)]),
         params(seed=3, controlnets=[unit("cn-sd3-b", B, mode="prompt", start=0.2)], num_images=2),
         params(seed=4, controlnets=[unit(mode="control"), unit("cn-sd3-b", B, scale=0.5)], cfg_scale=3.0),
     ]
@@ -143,4 +145,5 @@ def test_registry_lists_sd3_controlnets(models: Path) -> None:
     assert {n: (c.kind, c.family) for n, c in scan_controls(models).items()} == {
         "cn-sd3": ("controlnet", "sd3"),
         "cn-sd3-b": ("controlnet", "sd3"),
+        "cn-sd35": ("controlnet", "sd3"),
     }

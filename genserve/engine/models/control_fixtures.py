@@ -64,12 +64,14 @@ def write_tiny_sd3_controlnet(
     seed: int = 0,
     num_layers: int = 1,
     force_zeros_for_pooled_projection: bool = True,
+    sd35: bool = False,
 ) -> Path:
     """An SD3ControlNetModel for the tiny SD3 pipeline at `base` whose residuals are not zero.
 
     `force_zeros_for_pooled_projection` (InstantX's checkpoints: True) also decides whether the
     control latents are shifted by the VAE's shift factor; `num_layers` other than the
-    transformer's spreads each residual over several transformer blocks."""
+    transformer's spreads each residual over several transformer blocks. `sd35`: the layout of
+    Stability's SD3.5 ControlNets (no patch embedding of its own, no text: single blocks)."""
     transformer = SD3Transformer2DModel.from_pretrained(base / "transformer", local_files_only=True)
     config = {
         **dict(transformer.config),
@@ -77,6 +79,8 @@ def write_tiny_sd3_controlnet(
         "extra_conditioning_channels": 0,
         "force_zeros_for_pooled_projection": force_zeros_for_pooled_projection,
     }
+    if sd35:
+        config.update(use_pos_embed=False, joint_attention_dim=None, pos_embed_max_size=None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         controlnet = SD3ControlNetModel.from_config(config)

@@ -41,6 +41,10 @@ def sd3_map_encoder(pipe: Any) -> EncodeMap:
     the map normalised to [-1, 1], then `sd3_control_latents` of the VAE's mean)."""
 
     def encode(image: torch.Tensor, model: Any) -> torch.Tensor:
+        if getattr(model.config, "use_pos_embed", True) is False:
+            # SD3.5's ControlNets patch-embed with the base transformer's (the pipeline's __init__)
+            borrowed = model._get_pos_embed_from_transformer(pipe.transformer)
+            model.pos_embed = borrowed.to(device=model.device, dtype=model.dtype)
         dist = encode_pixels(pipe, image * 2 - 1)
         return sd3_control_latents(dist.mean, pipe.vae.config, model).to(image.device)
 
