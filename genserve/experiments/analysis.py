@@ -13,7 +13,7 @@ from PIL import Image
 
 from genserve.experiments import metrics, scorers
 from genserve.experiments.spec import ExperimentSpec
-from genserve.experiments.stats import PairedResult, compare_paired
+from genserve.experiments.stats import MIN_PAIRS_FOR_5_PERCENT, PairedResult, compare_paired
 from genserve.schemas import JobState
 from genserve.store.jobs import JobRecord
 
@@ -119,10 +119,10 @@ def analyse(
     present = [key for key in METRICS if any(key in cell.metrics for row in cells for cell in row)]
     summaries = [_summary(spec, v, [row[v] for row in cells], present) for v in range(len(spec.variants))]
     comparisons = _comparisons(spec, cells, present, summaries)
-    if len(seeds) < 6:
+    if len(seeds) < MIN_PAIRS_FOR_5_PERCENT:
         notes.append(
             f"{len(seeds)} seed(s): the exact two-sided signed-rank test cannot reach p < 0.05 with fewer "
-            "than 6 pairs, whatever the effect; see 'seeds needed'."
+            f"than {MIN_PAIRS_FOR_5_PERCENT} pairs, whatever the effect; see 'seeds needed'."
         )
     states = [cell.state for row in cells for cell in row]
     counts = {"total": len(states), **{state.value: states.count(state.value) for state in JobState}}
