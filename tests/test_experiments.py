@@ -182,6 +182,7 @@ def test_genserve_ab_runs_here_and_writes_the_report(tmp_path):
            "GENSERVE_TORCH_THREADS": "1", "GENSERVE_DEFAULT_MODEL": "genserve-shapes"}  # fmt: skip
     result = CliRunner().invoke(cli_app, ["ab", str(tmp_path / "ab.yaml")], env=env)
     assert result.exit_code == 0, result.output
+    assert "MSE vs reference" in result.output and "colour score" in result.output  # the summary table
     html = (tmp_path / "experiment-output" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "MSE vs reference" in html
     rows = [

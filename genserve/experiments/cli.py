@@ -12,6 +12,7 @@ import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from genserve.batch.spec import SpecError
 from genserve.config import Settings
@@ -58,6 +59,22 @@ def ab(
     console.print(f"report: {target}")
 
 
+def print_summary(results: dict) -> None:
+    """Each variant against A on each tested metric, as the report's table has it."""
+    from genserve.experiments.analysis import METRICS
+
+    table = Table("metric", "variant", "A", "variant mean", "p", "seeds needed")
+    for comparison in results["comparisons"]:
+        test = comparison["test"]
+        table.add_row(
+            METRICS[comparison["metric"]][0], comparison["variant"], f"{comparison['baseline_mean']:.4g}",
+            f"{comparison['variant_mean']:.4g}", f"{test['p_value']:.3g}", str(test["seeds_needed"] or "-"),
+        )  # fmt: skip
+    Console().print(table)
+    for note in results["notes"]:
+        console.print(f"[dim]{note}[/dim]")
+
+
 def _run_local(
     spec: ExperimentSpec, spec_path: Path, base_dir: Path, out_dir: Path, validate_only: bool
 ) -> str | None:
@@ -88,7 +105,8 @@ def _run_local(
     summary = run_local(carrier_batch_spec(prepared.spec), prepared.plan.items, models, settings, out_dir)
     record = ExperimentStore(store.engine).get(experiment_id)
     assert record is not None
-    html, _ = service.report(record, store, ImageStore(settings.images_dir), inputs, settings)
+    html, results = service.report(record, store, ImageStore(settings.images_dir), inputs, settings)
+    print_summary(results)
     if summary["stopped"]:
         console.print("[yellow]stopped: the report shows what finished; run again to complete it[/yellow]")
     return html
@@ -127,4 +145,5 @@ def _run_remote(
                     break
                 time.sleep(POLL_SECONDS)
                 experiment = client.get(f"/v1/experiments/{experiment['id']}").raise_for_status().json()
+        print_summary(client.get(experiment["results_url"]).raise_for_status().json())
         return client.get(experiment["report_url"]).raise_for_status().text
