@@ -29,7 +29,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check genserve tests
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check genserve tests
