@@ -159,6 +159,47 @@ def test_upload_image_and_img2img_from_it(server: LiveServer, tmp_path: Path) ->
         assert (job["params"]["steps"], job["params"]["strength"]) == (16, 10.5 / 16)  # denoise 0.6 of 10
 
 
+def test_inpainting_with_a_mask_from_the_mask_editor_upload(server: LiveServer) -> None:
+    """/upload/mask puts a mask's alpha on an uploaded picture; LoadImage's MASK (1 - alpha) goes to
+    VAEEncodeForInpaint: only the transparent corner is repainted, the red circle elsewhere stays
+    (a run that ignored the mask would draw the prompt's green circle anew)."""
+    scene = dataset.draw_scene(dataset.Scene("circle", "red", "blue", "top left", "large"), 64)
+    mask = PIL.Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (32, 32, 64, 64))  # transparent: repaint the bottom-right corner
+    files = []
+    for picture in (scene, mask):
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        files.append(buffer.getvalue())
+    with server.client() as client:
+        client.post("/upload/image", files={"image": ("scene.png", files[0])}, data={"overwrite": "true"})
+        ref = json.dumps({"filename": "scene.png", "subfolder": "", "type": "input"})
+        uploaded = client.post(
+            "/upload/mask", files={"image": ("scene-mask.png", files[1])}, data={"original_ref": ref}
+        )
+        assert uploaded.json() == {"name": "scene-mask.png", "subfolder": "", "type": "input"}
+        graph = img2img("scene-mask.png", "a green circle on a blue background", 1.0, steps=10)
+        graph["11"] = {
+            "class_type": "VAEEncodeForInpaint",
+            "inputs": {"pixels": ["10", 0], "vae": ["4", 2], "mask": ["10", 1], "grow_mask_by": 0},
+        }
+        prompt_id = client.post("/prompt", json={"prompt": graph}).json()["prompt_id"]
+        (saved,) = wait_history(client, prompt_id)["outputs"]["9"]["images"]
+        result = np.asarray(
+            PIL.Image.open(io.BytesIO(client.get("/view", params=saved).content)).convert("RGB")
+        )
+        job = client.get("/v1/jobs", params={"limit": 1}).json()["items"][0]
+        assert (
+            job["params"]["mask"].startswith("sha256:")
+            and job["params"]["inpaint"]["fill"] == "latent_nothing"
+        )
+    before = np.asarray(scene.convert("RGB")).astype(int)
+    kept = np.abs(result[:28, :28].astype(int) - before[:28, :28]).mean()
+    red_before = (np.abs(before - dataset.COLORS["red"]).sum(-1) < 90)[:32, :32].sum()
+    red_after = (np.abs(result.astype(int) - dataset.COLORS["red"]).sum(-1) < 90)[:32, :32].sum()
+    assert kept < 6 and red_after > 0.8 * red_before > 150, (kept, red_before, red_after)
+
+
 def test_invalid_graphs_get_comfyuis_400_with_node_errors(server: LiveServer) -> None:
     graph = txt2img(sampler="dpmpp_3m_sde")
     graph["5"]["inputs"].pop("width")

@@ -529,16 +529,55 @@ def system_stats(services: ServicesDep) -> dict[str, Any]:
 async def upload_image(request: Request, services: ServicesDep, principal: PrincipalDep) -> dict[str, str]:
     """Store a picture for LoadImage (multipart `image`; `subfolder`, `overwrite`). Its name is
     the file's name, made unique as ComfyUI does unless `overwrite`."""
+    form, data = await _read_picture(request, services)
+    return await _store_upload(request, services, principal, form, data)
+
+
+@router.post("/upload/mask", operation_id="comfy_upload_mask")
+async def upload_mask(request: Request, services: ServicesDep, principal: PrincipalDep) -> dict[str, str]:
+    """ComfyUI's mask editor upload: the uploaded picture's alpha channel put on an uploaded
+    original (`original_ref`: {filename, subfolder, type "input"}), stored under the upload's
+    name. LoadImage's MASK of it is 1 - alpha: where to repaint."""
+    form, data = await _read_picture(request, services)
+    try:
+        ref = json.loads(str(form.get("original_ref") or ""))
+        name = f"{ref['subfolder']}/{ref['filename']}" if ref.get("subfolder") else ref["filename"]
+    except (ValueError, KeyError, TypeError):
+        raise LimitError("original_ref", "original_ref must be JSON with the original's filename") from None
+    found = await run_in_threadpool(comfy_service(request).records.file, _owner(principal), str(name))
+    if found is None:
+        raise LimitError("original_ref", f"no uploaded picture '{name}'")
+    original = open_picture(await run_in_threadpool(services.inputs.get, found[0])).convert("RGBA")
+    alpha = open_picture(data).convert("RGBA").getchannel("A")
+    if alpha.size != original.size:
+        raise LimitError(
+            "image",
+            f"the mask is {alpha.size[0]}x{alpha.size[1]}; the original {original.size[0]}x{original.size[1]}",
+        )
+    original.putalpha(alpha)
+    buffer = io.BytesIO()
+    original.save(buffer, format="PNG")
+    return await _store_upload(request, services, principal, form, buffer.getvalue())
+
+
+async def _read_picture(request: Request, services: Services) -> tuple[Any, bytes]:
+    """The multipart form and its `image`, checked as POST /v1/uploads checks pictures."""
     limits = services.settings.limits
     form = await read_form(request, limits.max_upload_bytes + FORM_SLACK_BYTES, "image")
     data = await form_file(form, "image", limits.max_upload_bytes)
     assert data is not None
     try:
-        info = inspect_picture(data, limits.max_upload_bytes, limits.max_input_pixels)
+        inspect_picture(data, limits.max_upload_bytes, limits.max_input_pixels)
     except PictureError as error:
         if error.too_large:
             raise too_large("image", error.message) from None
         raise LimitError("image", f"image: {error.message}") from None
+    return form, data
+
+
+async def _store_upload(
+    request: Request, services: Services, principal: Principal, form: Any, data: bytes
+) -> dict[str, str]:
     upload = form.get("image")
     filename = (getattr(upload, "filename", None) or "image.png").replace("\\", "/").rpartition("/")[2]
     subfolder = str(form.get("subfolder") or "").strip("/")
@@ -546,11 +585,10 @@ async def upload_image(request: Request, services: ServicesDep, principal: Princ
         raise LimitError("image", "the file name or subfolder is not allowed")
     overwrite = str(form.get("overwrite", "")).lower() in ("true", "1")
     ref = await run_in_threadpool(services.inputs.put, data)
+    size = await run_in_threadpool(services.inputs.size, ref)
     full = f"{subfolder}/{filename}" if subfolder else filename
     records = comfy_service(request).records
-    name = await run_in_threadpool(
-        records.put_file, _owner(principal), full, ref, (info.width, info.height), overwrite
-    )
+    name = await run_in_threadpool(records.put_file, _owner(principal), full, ref, size, overwrite)
     return {"name": name.rpartition("/")[2], "subfolder": subfolder, "type": "input"}
 
 
