@@ -192,6 +192,16 @@ def test_genserve_ab_runs_here_and_writes_the_report(tmp_path):
     assert len(rows) == 4 and all(row["state"] == "succeeded" for row in rows)
 
 
+def test_genserve_ab_validate_and_estimate_render_nothing(tmp_path):
+    (tmp_path / "ab.yaml").write_text(yaml.safe_dump(SPEC))
+    env = {"GENSERVE_DATA_DIR": str(tmp_path / "data"), "GENSERVE_MODELS_DIR": str(tmp_path / "models")}
+    checked = CliRunner().invoke(cli_app, ["ab", str(tmp_path / "ab.yaml"), "--validate"], env=env)
+    assert checked.exit_code == 0 and "3 variants × 3 seeds: 9 images, 9 unique" in checked.output
+    estimated = CliRunner().invoke(cli_app, ["ab", str(tmp_path / "ab.yaml"), "--estimate"], env=env)
+    assert estimated.exit_code == 0 and "total: 9 images" in estimated.output, estimated.output
+    assert not (tmp_path / "data" / "images").exists()
+
+
 def test_experiment_store_on_both_backends(store_url):
     store = ExperimentStore(create_db_engine(store_url))
     cells = {(0, 0): ("k0", "j0"), (1, 0): ("k1", "j1"), (1, 1): ("k0", "j0")}
@@ -356,3 +366,21 @@ def test_analysis_with_a_reference_clip_and_a_failed_image(tmp_path):
     assert any("resized" in note for note in results.notes)
     html = render_html(results)
     assert html.count("data:image/png;base64,") == 5 and "out of memory" in html and "CLIP score" in html
+
+
+def test_cancel_an_experiment(server, finished):
+    spec = {**SPEC, "name": "to-cancel", "base": {**SPEC["base"], "steps": 60}, "seeds": 10}
+    with server.client() as client:
+        experiment = client.post("/v1/experiments", json=spec).json()
+        canceled = client.delete(f"/v1/experiments/{experiment['id']}")
+        assert canceled.status_code == 200
+        counts = wait_for(
+            lambda: (
+                (c := client.get(f"/v1/experiments/{experiment['id']}").json()["counts"])["queued"] == 0
+                and c["running"] == 0
+                and c
+            ),
+            message="the experiment's images to stop",
+        )
+        assert counts["canceled"] > 20 and counts["total"] == 30
+        assert client.delete("/v1/experiments/no-such-id").status_code == 404

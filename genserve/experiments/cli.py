@@ -40,6 +40,9 @@ def ab(
     validate_only: Annotated[
         bool, typer.Option("--validate", help="Check the spec; render nothing.")
     ] = False,
+    estimate_only: Annotated[
+        bool, typer.Option("--estimate", help="Time and cost from this machine's cost model; render nothing.")
+    ] = False,
 ) -> None:
     """Render variants × seeds, measure them, test each variant against A, write the HTML report."""
     try:
@@ -48,10 +51,11 @@ def ab(
         raise _fail(spec_path, error.errors) from None
     out_dir = out or base_dir / spec.output.dir
     target = report or out_dir / "report.html"
-    if server:
+    if server and not estimate_only:
         html = _run_remote(spec, base_dir, server.rstrip("/"), api_key, validate_only)
     else:
-        html = _run_local(spec, spec_path, base_dir, out_dir, validate_only)
+        mode = "estimate" if estimate_only else "validate" if validate_only else "run"
+        html = _run_local(spec, spec_path, base_dir, out_dir, mode)
     if html is None:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -75,12 +79,11 @@ def print_summary(results: dict) -> None:
         console.print(f"[dim]{note}[/dim]")
 
 
-def _run_local(
-    spec: ExperimentSpec, spec_path: Path, base_dir: Path, out_dir: Path, validate_only: bool
-) -> str | None:
+def _run_local(spec: ExperimentSpec, spec_path: Path, base_dir: Path, out_dir: Path, mode: str) -> str | None:
+    """Check the spec (mode "validate"), print the cost model's estimate ("estimate") or run it here."""
     from genserve.artifacts.images import ImageStore
     from genserve.artifacts.s3 import make_input_store
-    from genserve.batch.cli import run_local
+    from genserve.batch.cli import print_estimate, run_local
     from genserve.engine.models.registry import registered_models
     from genserve.experiments import service
     from genserve.experiments.spec import carrier_batch_spec
@@ -96,7 +99,9 @@ def _run_local(
     images = len(prepared.spec.variants) * len(prepared.spec.seed_list)
     console.print(f"{len(spec.variants)} variants × {len(spec.seed_list)} seeds: {images} images, "
                   f"{len(prepared.plan.items)} unique")  # fmt: skip
-    if validate_only:
+    if mode == "estimate":  # the batch CLI's table: per batch key, from calibrated or default step times
+        print_estimate(prepared.plan.items, models, settings, spec.gpu_price_per_hour)
+    if mode != "run":
         return None
     store = JobStore.from_url(settings.resolved_store_url)
     experiment_id = service.submit(prepared, store, models)
