@@ -92,19 +92,13 @@ def test_a_rerun_with_only_the_last_node_changed_samples_nothing(server: LiveSer
         assert job_count(client) == before + 1
 
 
-def test_the_websocket_reports_each_node_progress_and_previews(server: LiveServer) -> None:
+def run_on_socket(server: LiveServer, body: dict) -> tuple[str, list[dict], list[bytes]]:
+    """Queue `body` with client id "plain-client" and read its socket to the end of the prompt."""
     ws_url = server.url.replace("http", "ws") + "/ws?clientId=plain-client"
     with connect(ws_url) as socket, server.client() as client:
         hello = json.loads(socket.recv(timeout=10))
         assert hello["type"] == "status" and hello["data"]["sid"] == "plain-client"
-        body = {  # with a hires pass: KSampler -> LatentUpscale -> KSampler, one job
-            "prompt": with_hires(
-                txt2img("a green square on a white background", seed=21, steps=6), 96, 0.5, 4
-            ),
-            "client_id": "plain-client",
-            "extra_data": {"preview_method": "auto"},
-        }
-        prompt_id = client.post("/prompt", json=body).json()["prompt_id"]
+        prompt_id = client.post("/prompt", json={**body, "client_id": "plain-client"}).json()["prompt_id"]
         messages, frames = [], []
         while True:
             message = socket.recv(timeout=60)
@@ -113,7 +107,15 @@ def test_the_websocket_reports_each_node_progress_and_previews(server: LiveServe
                 continue
             messages.append(json.loads(message))
             if messages[-1]["type"] == "executing" and messages[-1]["data"]["node"] is None:
-                break
+                return prompt_id, messages, frames
+
+
+def test_the_websocket_reports_each_node_progress_and_previews(server: LiveServer) -> None:
+    body = {  # with a hires pass: KSampler -> LatentUpscale -> KSampler, one job
+        "prompt": with_hires(txt2img("a green square on a white background", seed=21, steps=6), 96, 0.5, 4),
+        "extra_data": {"preview_method": "auto"},
+    }
+    prompt_id, messages, frames = run_on_socket(server, body)
     kinds = [m["type"] for m in messages]
     assert kinds.index("execution_start") < kinds.index("executing") < kinds.index("progress")
     mine = [m["data"] for m in messages if m["type"] != "status"]
@@ -128,6 +130,9 @@ def test_the_websocket_reports_each_node_progress_and_previews(server: LiveServe
     assert frames and all(frame[:4] == b"\x00\x00\x00\x01" for frame in frames)
     kind = int.from_bytes(frames[0][4:8], "big")
     assert PIL.Image.open(io.BytesIO(frames[0][8:])).format == {1: "JPEG", 2: "PNG"}[kind]
+    # Not asked for (ComfyUI's default preview method is none): progress, but no binary frames.
+    _, messages, frames = run_on_socket(server, {"prompt": txt2img(seed=22, steps=4)})
+    assert frames == [] and [m["data"]["value"] for m in messages if m["type"] == "progress"] == [1, 2, 3, 4]
 
 
 def test_upload_image_and_img2img_from_it(server: LiveServer, tmp_path: Path) -> None:

@@ -130,7 +130,8 @@ class Driver:
 
     async def drive(self, run: Run, submitter: Submitter) -> str:
         """Run the prompt to its end; returns its state (success or error). Never raises for a
-        stage's failure: the prompt's messages and error say what happened."""
+        stage's failure: the prompt's messages and error say what happened. The caller stores the
+        result, then sends `done` (as ComfyUI, whose clients read /history on it)."""
         self.runs[run.prompt_id] = run
         try:
             self._message(run, "execution_start", {})
@@ -139,7 +140,6 @@ class Driver:
                 self._emit_outputs(run)
                 if not self._finished(run):
                     await asyncio.sleep(self.poll_seconds)
-            self._emit(run, "executing", {"node": None})
             self._message(run, "execution_success", {})
             return "success"
         except StageFailed as failure:
@@ -166,6 +166,10 @@ class Driver:
     @staticmethod
     def _ready(run: Run, output: Output) -> bool:
         return output.images.stage is None or output.images.stage in run.done
+
+    def done(self, run: Run) -> None:
+        """The prompt's last message: `executing` with node null."""
+        self._emit(run, "executing", {"node": None})
 
     def _emit(self, run: Run, kind: str, data: dict[str, Any]) -> None:
         self.emit(run.client_id, kind, {**data, "prompt_id": run.prompt_id})

@@ -108,9 +108,11 @@ class ComfyService:
             await run_in_threadpool(
                 self.records.update, record.id, state=state, outputs=run.outputs, messages=run.messages
             )
+            self.driver.done(run)  # after the history has it: clients read /history on this message
         except Exception:  # a bug must not leave the prompt running forever
             log.exception("workflow %s stopped", record.id)
             await run_in_threadpool(self.records.update, record.id, state="error", messages=run.messages)
+            self.driver.done(run)
         finally:
             self.tasks.pop(record.id, None)
             self.hub.broadcast_status()
