@@ -144,7 +144,7 @@ def test_report_is_one_self_contained_page_with_a_grid_per_seed(server, finished
         response = client.get(finished["report_url"])
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     html = response.text
-    images = re.findall(r'<img alt="seed (\d+)" src="data:image/png;base64,([^"]+)"', html)
+    images = re.findall(r'<img alt="seed (\d+)" class="px" src="data:image/png;base64,([^"]+)"', html)
     assert [int(seed) for seed, _ in images] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert Image.open(io.BytesIO(base64.b64decode(images[0][1]))).size == (64, 64)
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html) and "<script" not in html

@@ -147,3 +147,26 @@ def test_effect_sizes_and_seeds_needed():
     assert result.mean_difference == pytest.approx(2.2)
     with pytest.raises(ValueError, match="differ in length"):
         stats.compare_paired([1, 2], [1])
+
+
+# 4. The report's pictures
+
+
+def test_report_embeds_small_pictures_as_made_and_large_ones_shrunk():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from genserve.experiments.report import EMBED_SIDE, _embedded
+
+    def png(size: tuple[int, int]) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    small = png((64, 64))
+    assert _embedded(small) == ("image/png", base64.b64encode(small).decode("ascii"), 64)
+    mime, data, side = _embedded(png((1024, 576)))
+    shrunk = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert (mime, side, shrunk.format, shrunk.size) == ("image/jpeg", EMBED_SIDE, "JPEG", (EMBED_SIDE, 216))

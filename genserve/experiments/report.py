@@ -4,11 +4,17 @@ nothing fetched), readable offline and attachable to a ticket."""
 from __future__ import annotations
 
 import base64
+import io
 import math
 from datetime import UTC, datetime
 from html import escape
 
+from PIL import Image
+
 from genserve.experiments.analysis import METRICS, UNPAIRED, Cell, ExperimentResults
+
+EMBED_SIDE = 384  # the longest side of an embedded picture
+SHOWN_SIDE = 160  # the grid's picture width
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1d2330;background:#fff}
@@ -16,7 +22,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
 .meta{color:#5a6272;margin:0 0 16px}
 table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #d5d9e0;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f1f3f6;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.grid td{text-align:center}.grid img{width:160px;height:auto;image-rendering:pixelated;display:block;margin:0 auto 4px}
+.grid td{text-align:center}.grid img{width:160px;height:auto;display:block;margin:0 auto 4px}.grid img.px{image-rendering:pixelated}
 .cap{font-size:12px;color:#5a6272}.fail{color:#b3261e}.sig{font-weight:700}
 .notes li{margin:4px 0}code{background:#f1f3f6;padding:0 3px;border-radius:3px}
 """
@@ -38,12 +44,27 @@ def _image(cell: Cell) -> str:
     if cell.png is None:
         reason = cell.error or cell.state
         return f'<span class="{"fail" if cell.state in ("failed", "canceled") else "cap"}">{escape(reason)}</span>'
-    data = base64.b64encode(cell.png).decode("ascii")
+    mime, data, side = _embedded(cell.png)
+    crisp = ' class="px"' if side < SHOWN_SIDE else ""  # small pictures enlarged: pixels, not blur
     scores = " · ".join(
         f"{METRICS[key][0].split(' ')[0]} {_number(value, 3)}" for key, value in cell.metrics.items()
     )
     seen = f"<br>sees: {escape(cell.detected)}" if cell.detected else ""
-    return f'<img alt="seed {cell.seed}" src="data:image/png;base64,{data}"><div class="cap">{escape(scores)}{seen}</div>'
+    return f'<img alt="seed {cell.seed}"{crisp} src="data:{mime};base64,{data}"><div class="cap">{escape(scores)}{seen}</div>'
+
+
+def _embedded(png: bytes) -> tuple[str, str, int]:
+    """The picture as the report embeds it: as generated when small, else a JPEG of at most
+    EMBED_SIDE pixels a side, so that hundreds of large images still make a file a browser opens.
+    (The metrics are computed on the full images.) Returns the type, base64 and longest side."""
+    image = Image.open(io.BytesIO(png))
+    if max(image.size) <= EMBED_SIDE:
+        return "image/png", base64.b64encode(png).decode("ascii"), max(image.size)
+    image = image.convert("RGB")
+    image.thumbnail((EMBED_SIDE, EMBED_SIDE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return "image/jpeg", base64.b64encode(buffer.getvalue()).decode("ascii"), max(image.size)
 
 
 def render_html(results: ExperimentResults, created_at: datetime | None = None) -> str:
