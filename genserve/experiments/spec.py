@@ -124,7 +124,7 @@ class ExperimentSpec(BaseModel):
         return variants
 
     @model_validator(mode="after")
-    def _every_variant_has_a_prompt_and_the_size_fits(self) -> ExperimentSpec:
+    def _every_variant_has_a_prompt_and_the_count_fits(self) -> ExperimentSpec:
         if self.base.prompt is None:
             missing = [i for i, variant in enumerate(self.variants) if variant.prompt is None]
             if missing:
