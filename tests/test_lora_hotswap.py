@@ -1,7 +1,8 @@
 """LoRA hot-swap for compiled single-LoRA deployments (issue 18, the `lora_hotswap_rank` lever):
 a swapped-in LoRA gives what a fresh load of it gives, weights and "no LoRA" are written in place,
 and a compiled UNet swaps without recompiling (dynamo's counters; the eager backend traces and
-guards exactly as inductor does, without its minutes of code generation on this CPU)."""
+guards exactly as inductor does, without its code generation: 140 s cold on this CPU;
+benchmarks/lora_hotswap.py runs the same sequence with inductor)."""
 
 from __future__ import annotations
 
