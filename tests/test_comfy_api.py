@@ -86,6 +86,13 @@ def test_a_rerun_with_only_the_last_node_changed_samples_nothing(server: LiveSer
         assert saved["subfolder"] == "x" and saved["filename"].startswith("y_")
         picture = PIL.Image.open(io.BytesIO(client.get("/view", params=saved).content))
         assert picture.size == (48, 40)
+        # An output loaded back ("<name> [output]", as ComfyUI's LoadImage allows) starts an img2img.
+        chained = img2img(f"{saved['filename']} [output]", "a red circle on a blue background", 0.5, steps=4)
+        loaded = wait_history(client, client.post("/prompt", json={"prompt": chained}).json()["prompt_id"])
+        assert loaded["status"]["completed"] and job_count(client) == before + 1
+        newest = client.get("/v1/jobs", params={"limit": 1}).json()["items"][0]["params"]
+        assert (newest["width"], newest["height"], newest["init_image"][:7]) == (48, 40, "sha256:")
+        before += 1
         # A new seed samples again: one new job.
         third = client.post("/prompt", json={"prompt": with_scale(txt2img(seed=12, steps=4), 48, 40)}).json()
         wait_history(client, third["prompt_id"])

@@ -214,12 +214,25 @@ class _Resources:
 
     def picture(self, name: str) -> tuple[str, tuple[int, int]] | None:
         name = name.removesuffix(" [input]")
+        if name.endswith((" [output]", " [temp]")):  # an earlier prompt's output, as ComfyUI allows
+            return self._output(name.rpartition(" [")[0])
         if name.startswith("sha256:"):
             try:
                 return name, self.services.inputs.size(name)
             except (MissingPicture, ValueError):
                 return None
         return self.records.file(self.owner, name)
+
+    def _output(self, filename: str) -> tuple[str, tuple[int, int]] | None:
+        image_id = image_id_from_filename(filename.rpartition("/")[2]) or ""
+        try:
+            path = self.services.images.path(image_id)
+        except ValueError:
+            return None
+        if not path.is_file() or not _may_see(self.services, self.owner, image_id):
+            return None
+        ref = self.services.inputs.put(path.read_bytes())
+        return ref, self.services.inputs.size(ref)
 
     def mask(self, ref: str) -> str | None:
         """ComfyUI's LoadImage mask is 1 - alpha: transparent pixels are repainted (white here)."""
@@ -616,17 +629,17 @@ def view(
         path = services.images.path(image_id or "")
     except ValueError:
         raise HTTPException(404, f"no output '{filename}'") from None
-    if not path.is_file() or not _may_see(services, principal, image_id or ""):
+    if not path.is_file() or not _may_see(services, _owner(principal), image_id or ""):
         raise HTTPException(404, f"no output '{filename}'")
     return Response(
         path.read_bytes(), media_type="image/png", headers={"Cache-Control": "private, max-age=31536000"}
     )
 
 
-def _may_see(services: Services, principal: Principal, image_id: str) -> bool:
-    """With auth on, a job's image belongs to the job's key (as GET /v1/images); the driver's
-    resized pictures (no job) are named by a content hash nobody can guess."""
-    if not principal.authenticated or image_id.startswith(("wfs", "wfi")):
+def _may_see(services: Services, owner: str | None, image_id: str) -> bool:
+    """With auth on (an owner), a job's image belongs to the job's key (as GET /v1/images); the
+    driver's resized pictures (no job) are named by a content hash nobody can guess."""
+    if owner is None or image_id.startswith(("wfs", "wfi")):
         return True
     job = services.store.get(image_id.rpartition("-")[0])
-    return job is not None and principal.owns(job)
+    return job is not None and job.client_id == owner
