@@ -165,8 +165,8 @@ def test_upload_image_and_img2img_from_it(server: LiveServer, tmp_path: Path) ->
     m = measure(np.asarray(picture.resize((64, 64))))
     assert (m.fg, m.bg, m.position) == ("green", "blue", "top left")
     with server.client() as client:
-        items = client.get("/v1/jobs", params={"limit": 5}).json()["items"]
-        (job,) = [item for item in items if item["params"].get("init_image")]
+        items = client.get("/v1/jobs", params={"limit": 5}).json()["items"]  # newest first
+        job = next(item for item in items if item["params"].get("init_image"))
         assert job["params"]["init_image"].startswith("sha256:")
         assert (job["params"]["steps"], job["params"]["strength"]) == (16, 10.5 / 16)  # denoise 0.6 of 10
 
