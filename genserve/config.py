@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # Serve the models shipped with genserve besides those in models_dir (a models_dir entry of the
     # same name takes precedence).
     builtin_models: bool = True
+    # With optimizations.lora_hotswap_rank: the LoRA loaded (at weight 0) into the hot-swap slot when a
+    # model loads, so warm-up compiles the UNet with it and the first LoRA batch swaps, not compiles.
+    lora_hotswap_preload: str | None = None
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32

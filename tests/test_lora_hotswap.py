@@ -34,13 +34,14 @@ def models(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return root
 
 
-def engine(models: Path, **levers: object) -> Engine:
+def engine(models: Path, preload: str | None = None, **levers: object) -> Engine:
     return Engine(
         scan_models(models),
         device="cpu",
         dtype="float32",
         loras=scan_loras(models),
         optimizations=EngineOptimizations(**levers),
+        lora_hotswap_preload=preload,
     )
 
 
@@ -68,28 +69,37 @@ def test_the_engine_refuses_what_cannot_be_hot_swapped(models: Path) -> None:
 def test_a_compiled_unet_swaps_without_recompiling_and_equals_fresh_loads(
     models: Path, reference: Engine
 ) -> None:
-    """A, then B swapped in place (another rank, padded, and alpha), A again at another weight, and no
-    LoRA: each equals the same request on an engine that loads LoRAs the ordinary way, and none of
-    them compiles a new graph."""
+    """A warm-up-like first batch without LoRA (the preloaded LoRA at weight 0 in the slot), then A,
+    B swapped in place (another rank, padded, and alpha), A again at another weight, and no LoRA:
+    each equals the same request on an engine that loads LoRAs the ordinary way, and none of them
+    compiles a new graph."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    hot = engine(
-        models, lora_hotswap_rank=RANK, compile="default", compile_backend="eager", compile_vae=False
-    )
-    first = image(hot, "style-a")  # compiles the UNet with the LoRA slot in it
+    levers = dict(lora_hotswap_rank=RANK, compile="default", compile_backend="eager", compile_vae=False)
+    hot = engine(models, preload="style-a", **levers)
+    plain = image(hot, None)  # compiles the UNet with the LoRA slot in it
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0 and hot._applied["tiny-sd15"].compile == "default"
+    first = image(hot, "style-a")
     swapped = image(hot, "style-b", 0.6)
     reweighted = image(hot, "style-a", 0.5)
     off = image(hot, None)
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation for any of them
     assert hot._adapters["tiny-sd15"].swaps == 2
+    assert np.array_equal(plain, off)
     assert np.abs(first - image(reference, "style-a")).max() <= 1
     assert np.abs(swapped - image(reference, "style-b", 0.6)).max() <= 1
     assert np.abs(swapped - first).max() > 8
     assert np.abs(reweighted - image(reference, "style-a", 0.5)).max() <= 1
     assert np.array_equal(off, image(reference, None))  # weight 0 adds exactly nothing
+
+
+def test_a_preload_that_cannot_load_leaves_the_model_serving(models: Path) -> None:
+    hot = engine(models, preload="kohya-c", lora_hotswap_rank=RANK)  # text-encoder weights: refused
+    hot.load("tiny-sd15")
+    assert hot._adapters["tiny-sd15"].loaded() == []
+    assert image(hot, "style-b").shape == (64, 64, 3)
 
 
 def test_the_api_refuses_two_loras_when_hot_swapping(models: Path, tmp_path: Path) -> None:

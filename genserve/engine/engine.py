@@ -96,6 +96,7 @@ class Engine:
         face_detector: Path | None = None,
         loras: Mapping[str, LoraInfo] | Callable[[], Mapping[str, LoraInfo]] | None = None,
         lora_cache_size: int = 8,
+        lora_hotswap_preload: str | None = None,
         controls: Mapping[str, ControlInfo] | None = None,
         annotators: Mapping[str, Path] | None = None,
     ) -> None:
@@ -116,6 +117,7 @@ class Engine:
         # the adapters loaded into each cached pipeline.
         self._loras = loras if callable(loras) else (builtin_loras if loras is None else lambda: loras)
         self._lora_cache_size = lora_cache_size
+        self._lora_hotswap_preload = lora_hotswap_preload
         self._adapters: dict[str, LoraAdapters | HotswapAdapter] = {}
         # ControlNets, T2I-Adapters, IP-Adapters (models/controls.py) and annotators, loaded on use.
         self._controls = dict(controls or {})
@@ -158,6 +160,7 @@ class Engine:
         self._adapters[name] = self._new_adapters()  # a fresh pipeline has none loaded
         if self._optimizations.lora_hotswap_rank:  # before the first LoRA load (and the compile)
             pipe.enable_lora_hotswap(target_rank=self._optimizations.lora_hotswap_rank)
+            self._preload_hotswap_lora(name, pipe)
         self._preview_maps[name] = fit_latent_rgb_map(pipe.vae, pipe.vae_scale_factor)
         family = self._models[name].family
         self._applied[name] = apply_optimizations(
@@ -426,6 +429,22 @@ class Engine:
         adapters = self._adapters.setdefault(info.name, self._new_adapters())
         adapters.activate(pipe, info.family, active)
 
+    def _preload_hotswap_lora(self, name: str, pipe: DiffusionPipeline) -> None:
+        """The preload LoRA into the hot-swap slot at weight 0, so the compile sees the slot."""
+        lora = self._lora_hotswap_preload
+        info = self._models[name]
+        loras = self._loras()
+        if lora is None or lora not in loras or loras[lora].family != info.family:
+            if lora is not None:
+                log.warning("lora_hotswap_preload %r: no %s LoRA of that name", lora, info.family)
+            return
+        try:
+            self._adapters[name].activate(
+                pipe, info.family, [ActiveLora(loras[lora], 0.0, "lora_hotswap_preload")]
+            )
+        except EngineError as error:  # the model still serves; its first LoRA batch compiles
+            log.warning("lora_hotswap_preload %r not loaded: %s", lora, error)
+
     def _new_adapters(self) -> LoraAdapters | HotswapAdapter:
         if self._optimizations.lora_hotswap_rank:
             return HotswapAdapter()
@@ -475,6 +494,7 @@ def engine_from_settings(
         upscalers=scan_upscalers(settings.models_dir, builtin=settings.builtin_models),
         face_detector=next(iter(face_detectors(settings.models_dir)), None),
         loras=lambda: registered_loras(settings),
+        lora_hotswap_preload=settings.lora_hotswap_preload,
         controls=scan_controls(settings.models_dir, builtin=settings.builtin_models),
         annotators=scan_annotators(settings.models_dir),
     )
