@@ -26,7 +26,9 @@ def run_delivery(worker: Worker, job_id: str) -> str:
         log.info("duplicate delivery", extra={"job_id": job_id, "worker_id": worker.worker_id})
         return DUPLICATE
     if head.kind == "image":
-        chosen = fill_batch(head, queued, worker.max_batch_images(GenerationParams.model_validate(head.params)))
+        chosen = fill_batch(
+            head, queued, worker.max_batch_images(GenerationParams.model_validate(head.params))
+        )
     else:
         chosen = [head]  # a video or one of its segments runs alone
     jobs = worker.store.claim_jobs(
