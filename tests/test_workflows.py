@@ -17,14 +17,14 @@ from genserve.workflows.samplers import (
     denoise_to_strength,
     genserve_sampler,
 )
-from tests.workflow_graphs import img2img, txt2img, with_hires, with_scale
+from tests.workflow_graphs import img2img, txt2img, txt2video, with_hires, with_scale
 
 PICTURE = "sha256:" + "1" * 64
 
 
 class FakeResources:
     def models(self) -> set[str]:
-        return {"genserve-shapes"}
+        return {"genserve-shapes", "genserve-shapes-motion", "wan-tiny"}
 
     def loras(self) -> set[str]:
         return {"shapes-white-frame"}
@@ -40,6 +40,9 @@ class FakeResources:
 
     def mask(self, ref: str) -> str | None:
         return "sha256:" + "2" * 64
+
+    def video_models(self) -> dict[str, str | None]:
+        return {"genserve-shapes-motion": "dpmpp_2m", "wan-tiny": None}
 
 
 def plan(graph: dict):
@@ -370,3 +373,73 @@ def test_a_base_and_refiner_pair_is_one_job_with_genserves_refiner(monkeypatch) 
     graph = sdxl_base_and_refiner()
     graph["8"]["inputs"]["samples"] = ["3", 0]  # decoding the noisy half
     assert ("8", "VAEDecode", "samples") in errors_of(graph)
+
+
+# -- video ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("save", "extension", "output"),
+    [
+        ("SaveAnimatedWEBP", "webp", {"container": "webp"}),
+        ("SaveAnimatedPNG", "png", {"container": "webp"}),
+        ("SaveWEBM", "webm", {"container": "webm", "codec": "vp9", "crf": 32}),
+        ("SaveVideo", "mp4", {"container": "mp4", "codec": "h264"}),
+    ],
+)
+def test_a_video_latent_on_a_video_model_is_one_video_job_encoded_as_the_save_node_says(
+    save: str, extension: str, output: dict
+) -> None:
+    graph = txt2video("a red circle moves right", length=17, size=64, steps=5, seed=9, save=save)
+    graph["3"]["inputs"]["cfg"] = 6.5
+    graph["7"]["inputs"]["text"] = "blurry"
+    planned = plan(graph)
+    (stage,) = planned.stages.values()
+    assert stage.kind == "video" and stage.main_node == "3"
+    assert stage.params == {
+        "prompt": "a red circle moves right", "negative_prompt": "blurry", "model": "genserve-shapes-motion",
+        "mode": "t2v", "seed": 9, "steps": 5, "guidance": 6.5, "num_frames": 17, "width": 64, "height": 64,
+        "fps": 8, "output": output,
+    }  # fmt: skip
+    (out,) = planned.outputs
+    assert (out.node, out.extension, out.video, out.images.stage) == ("9", extension, True, stage.key)
+    assert stage.nodes[:2] == ["3", "8"]
+
+
+def test_video_and_image_latents_and_save_nodes_do_not_mix() -> None:
+    # A video latent into an image model's KSampler, an image latent into a video model's.
+    assert errors_of(txt2video(checkpoint="genserve-shapes.safetensors")) == [
+        ("3", "KSampler", "latent_image")
+    ]
+    image_latent = txt2video()
+    image_latent["5"] = {
+        "class_type": "EmptyLatentImage",
+        "inputs": {"width": 64, "height": 64, "batch_size": 1},
+    }
+    assert errors_of(image_latent) == [("3", "KSampler", "latent_image")]
+    # A clip into SaveImage; a picture into SaveAnimatedWEBP; a video model in KSamplerAdvanced.
+    into_save_image = txt2video()
+    into_save_image["9"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "x"}}
+    assert errors_of(into_save_image) == [("9", "SaveImage", "images")]
+    picture_as_clip = txt2img()
+    picture_as_clip["9"] = txt2video()["9"]
+    assert errors_of(picture_as_clip) == [("9", "SaveAnimatedWEBP", "images")]
+    # An unmappable sampler, one the model does not run, a batch, a fractional fps.
+    for change, blamed in (
+        ({"sampler_name": "lms"}, ("3", "KSampler", "sampler_name")),
+        ({"sampler_name": "euler"}, ("3", "KSampler", "sampler_name")),
+        ({"scheduler": "karras"}, ("3", "KSampler", "scheduler")),
+    ):
+        graph = txt2video()
+        graph["3"]["inputs"].update(change)
+        assert errors_of(graph) == [blamed], change
+    batch = txt2video()
+    batch["5"]["inputs"]["batch_size"] = 2
+    assert errors_of(batch) == [("5", "EmptyHunyuanLatentVideo", "batch_size")]
+    fractional = txt2video()
+    fractional["9"]["inputs"]["fps"] = 7.5
+    assert errors_of(fractional) == [("9", "SaveAnimatedWEBP", "fps")]
+    # A model whose family picks its own scheduler takes any mappable sampler.
+    wan = txt2video(checkpoint="wan-tiny", latent="EmptyLTXVLatentVideo", length=25)
+    wan["3"]["inputs"].update(sampler_name="uni_pc", scheduler="simple")
+    assert next(iter(plan(wan).stages.values())).params["num_frames"] == 25

@@ -75,3 +75,44 @@ def img2img(picture: str, prompt: str, denoise: float, steps: int = 10, seed: in
     graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
     graph["3"]["inputs"].update(latent_image=["11", 0], denoise=denoise)
     return graph
+
+
+def txt2video(
+    prompt: str = "a red circle moves right on a blue background",
+    length: int = 16,
+    size: int = 64,
+    steps: int = 4,
+    seed: int = 1,
+    checkpoint: str = "genserve-shapes-motion",
+    latent: str = "EmptyHunyuanLatentVideo",
+    save: str = "SaveAnimatedWEBP",
+) -> dict[str, Any]:
+    """ComfyUI's Wan text-to-video template on a genserve video model: a video latent into the
+    KSampler, VAEDecode, then a save node (`save`; SaveVideo gets a CreateVideo before it)."""
+    graph = txt2img(prompt, seed=seed, steps=steps, checkpoint=checkpoint, sampler="dpmpp_2m")
+    graph["5"] = {
+        "class_type": latent,
+        "inputs": {"width": size, "height": size, "length": length, "batch_size": 1},
+    }
+    saves = {
+        "SaveAnimatedWEBP": {"fps": 8.0, "lossless": False, "quality": 80, "method": "default"},
+        "SaveAnimatedPNG": {"fps": 8.0, "compress_level": 4},
+        "SaveWEBM": {"codec": "vp9", "fps": 8.0, "crf": 32.0},
+    }
+    if save == "SaveVideo":
+        graph["10"] = {"class_type": "CreateVideo", "inputs": {"images": ["8", 0], "fps": 8.0}}
+        graph["9"] = {
+            "class_type": "SaveVideo",
+            "inputs": {
+                "video": ["10", 0],
+                "filename_prefix": "video/ComfyUI",
+                "format": "auto",
+                "codec": "auto",
+            },
+        }
+    else:
+        graph["9"] = {
+            "class_type": save,
+            "inputs": {"images": ["8", 0], "filename_prefix": "clip", **saves[save]},
+        }
+    return graph  # fmt: skip

@@ -15,7 +15,18 @@ from genserve.workflows.samplers import COMFY_SAMPLERS, COMFY_SCHEDULERS
 MAX_INT = 0xFFFFFFFFFFFFFFFF
 MAX_SIZE = 16384
 LINK_TYPES = frozenset(
-    {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "CONTROL_NET", "UPSCALE_MODEL"}
+    {
+        "MODEL",
+        "CLIP",
+        "VAE",
+        "CONDITIONING",
+        "LATENT",
+        "IMAGE",
+        "MASK",
+        "CONTROL_NET",
+        "UPSCALE_MODEL",
+        "VIDEO",
+    }
 )
 LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 IMAGE_SCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
@@ -85,6 +96,23 @@ _SIZE = _int(512, 16, MAX_SIZE)
 _SAMPLER = Input("COMBO", "euler", options=COMFY_SAMPLERS)
 _SCHEDULER = Input("COMBO", "normal", options=COMFY_SCHEDULERS)
 _ENABLE = Input("COMBO", "enable", options=("enable", "disable"))
+_PREFIX = Input("STRING", "ComfyUI")
+_FPS = _float(6.0, 1.0, 120.0)  # genserve's video fps range (schemas/video.py)
+
+
+def _video_latent(width: int, height: int, length: int) -> Node:
+    return Node(
+        {
+            "width": _int(width, 16, MAX_SIZE),
+            "height": _int(height, 16, MAX_SIZE),
+            "length": _int(length, 1, MAX_SIZE),
+            "batch_size": _int(1, 1, 4096),
+        },
+        ("LATENT",),
+        category="latent/video",
+        description="An empty video latent for a genserve video model's KSampler.",
+    )
+
 
 NODES: dict[str, Node] = {
     "CheckpointLoaderSimple": Node(
@@ -218,6 +246,58 @@ NODES: dict[str, Node] = {
         output_node=True,
     ),
     "PreviewImage": Node({"images": Input("IMAGE")}, (), category="image", output_node=True),
+    "EmptyHunyuanLatentVideo": _video_latent(848, 480, 25),
+    "EmptyLTXVLatentVideo": _video_latent(768, 512, 97),
+    "SaveAnimatedWEBP": Node(
+        {
+            "images": Input("IMAGE"),
+            "filename_prefix": _PREFIX,
+            "fps": _FPS,
+            "lossless": Input("BOOLEAN", False),
+            "quality": _int(80, 0, 100),
+            "method": Input("COMBO", "default", options=("default", "fastest", "slowest")),
+        },
+        (),
+        category="image/animation",
+        output_node=True,
+    ),
+    "SaveAnimatedPNG": Node(
+        {
+            "images": Input("IMAGE"),
+            "filename_prefix": _PREFIX,
+            "fps": _FPS,
+            "compress_level": _int(4, 0, 9),
+        },
+        (),
+        category="image/animation",
+        output_node=True,
+    ),
+    "SaveWEBM": Node(
+        {
+            "images": Input("IMAGE"),
+            "filename_prefix": _PREFIX,
+            "codec": Input("COMBO", "vp9", options=("vp9", "av1")),
+            "fps": _float(24.0, 1.0, 120.0),
+            "crf": _float(32.0, 0.0, 63.0),
+        },
+        (),
+        category="image/video",
+        output_node=True,
+    ),
+    "CreateVideo": Node(
+        {"images": Input("IMAGE"), "fps": _float(30.0, 1.0, 120.0)}, ("VIDEO",), category="image/video"
+    ),
+    "SaveVideo": Node(
+        {
+            "video": Input("VIDEO"),
+            "filename_prefix": Input("STRING", "video/ComfyUI"),
+            "format": Input("COMBO", "auto", options=("auto", "mp4")),
+            "codec": Input("COMBO", "auto", options=("auto", "h264")),
+        },
+        (),
+        category="image/video",
+        output_node=True,
+    ),
 }
 
 

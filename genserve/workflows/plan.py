@@ -22,6 +22,7 @@ from genserve.workflows.graph import Graph, GraphNode, Link, NodeError, Workflow
 from genserve.workflows.samplers import (
     SamplerMappingError,
     advanced_to_strength,
+    comfy_sampler,
     denoise_to_strength,
     genserve_sampler,
 )
@@ -36,6 +37,7 @@ _LATENT_UPSCALERS = {
     "bislerp": "latent_bilinear",
 }
 _LEFTOVER = "a latent with leftover noise goes to a KSamplerAdvanced with add_noise disable (a refiner)"
+_CLIP_NODES = frozenset({"SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveWEBM", "CreateVideo", "SaveVideo"})
 _MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 
 
@@ -48,6 +50,8 @@ class Resources(Protocol):
     def upscalers(self) -> dict[str, float]: ...  # name -> scale
     def picture(self, name: str) -> tuple[str, tuple[int, int]] | None: ...  # (ref, size)
     def mask(self, ref: str) -> str | None: ...  # LoadImage's MASK (1 - alpha) as a stored picture
+    # Video models -> the genserve sampler each runs (None: its family's own scheduler).
+    def video_models(self) -> dict[str, str | None]: ...
 
 
 def model_name(file_name: str) -> str:
@@ -109,6 +113,15 @@ class Empty:
 
 
 @dataclass(frozen=True)
+class EmptyVideo:
+    """EmptyHunyuanLatentVideo / EmptyLTXVLatentVideo: a clip's size and frame count."""
+
+    width: int
+    height: int
+    length: int
+
+
+@dataclass(frozen=True)
 class FromPicture:
     image: Images
     mask: str | None = None
@@ -124,6 +137,17 @@ class Sampled:
     deps: tuple[str, ...]
     node: str
     first_pass: str | None = None  # the KSampler of the first pass, when this is a hires pass
+    video: bool = False  # a video job's parameters (VideoParams), encoded by the save node
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A video model's decoded frames (VAEDecode), and CreateVideo's fps. The video job is made by
+    the save node, which picks the container, codec and fps the worker encodes with."""
+
+    sampled: Sampled
+    nodes: tuple[str, ...]
+    fps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +168,7 @@ class Resized:
     method: str
 
 
-Latent = Empty | FromPicture | Sampled | Resized | Unfinished
+Latent = Empty | FromPicture | Sampled | Resized | Unfinished | EmptyVideo
 
 
 @dataclass
@@ -152,7 +176,7 @@ class Stage:
     """One unit of work: an image job, an upscale job per picture, or a resize in the driver."""
 
     key: str
-    kind: str  # image | upscale | scale
+    kind: str  # image | upscale | scale | video
     params: dict[str, Any]
     deps: tuple[str, ...]
     count: int
@@ -166,6 +190,8 @@ class Output:
     images: Images
     kind: str  # output | temp
     prefix: str
+    extension: str = "png"  # a video job's file: webp, webm, mp4; "png" of a video: APNG
+    video: bool = False
 
 
 @dataclass
@@ -235,7 +261,15 @@ class _Planner:
     def _in(self, node: GraphNode, name: str) -> Any:
         value = node.inputs[name]
         if isinstance(value, Link):
-            return self.values[value.node][value.output]
+            value = self.values[value.node][value.output]
+        if isinstance(value, Clip) and node.class_type not in _CLIP_NODES:
+            raise _Fail(
+                name,
+                "invalid_input_type",
+                "a video's frames go to SaveAnimatedWEBP, SaveAnimatedPNG, SaveWEBM or CreateVideo",
+            )
+        if isinstance(value, EmptyVideo) and node.class_type not in ("KSampler",):
+            raise _Fail(name, "invalid_input_type", "a video latent goes to a video model's KSampler")
         return value
 
     def _add_stage(
@@ -342,6 +376,14 @@ class _Planner:
         width, height = node.inputs["width"] // 8 * 8, node.inputs["height"] // 8 * 8
         return (Empty(width, height, node.inputs["batch_size"]),)
 
+    def _empty_video(self, node: GraphNode) -> tuple[Any, ...]:
+        if node.inputs["batch_size"] != 1:
+            raise _Fail("batch_size", "value_bigger_than_max", "genserve makes one clip per video KSampler")
+        return (EmptyVideo(node.inputs["width"], node.inputs["height"], node.inputs["length"]),)
+
+    _EmptyHunyuanLatentVideo = _empty_video
+    _EmptyLTXVLatentVideo = _empty_video
+
     def _VAEEncode(self, node: GraphNode) -> tuple[Any, ...]:
         return (FromPicture(self._one(self._in(node, "pixels"), "pixels"), vae=self._in(node, "vae")),)
 
@@ -391,7 +433,78 @@ class _Planner:
         denoise = float(node.inputs["denoise"])
         if denoise <= 0:
             raise _Fail("denoise", "value_smaller_than_min", "denoise 0 runs no step")
+        videos = self.res.video_models()
+        model, latent = self._in(node, "model"), self._in(node, "latent_image")
+        if model.model in videos or isinstance(latent, EmptyVideo):
+            return (self._sample_video(node, model, latent, videos, denoise),)
         return (self._sample(node, node.inputs["seed"], denoise=denoise),)
+
+    def _sample_video(
+        self, node: GraphNode, model: ModelVal, latent: Any, videos: dict[str, str | None], denoise: float
+    ) -> Sampled:
+        """A video model's KSampler: one genserve t2v job (its output format comes from the save node)."""
+        if model.model not in videos:
+            raise _Fail(
+                "latent_image",
+                "invalid_input_type",
+                f"a video latent needs a video model; '{model.model}' makes pictures",
+            )
+        if not isinstance(latent, EmptyVideo):
+            raise _Fail(
+                "latent_image",
+                "invalid_input_type",
+                f"'{model.model}' is a video model: its latent comes from EmptyHunyuanLatentVideo or "
+                "EmptyLTXVLatentVideo",
+            )
+        if model.loras:
+            raise _Fail("model", "value_not_in_list", "genserve's video jobs take no LoRA")
+        if denoise < 1:
+            raise _Fail(
+                "denoise", "value_bigger_than_max", "a video model samples the whole schedule (denoise 1)"
+            )
+        positive, negative = self._conditioning(node, model)
+        sampler = self._sampler(node)
+        runs = videos[model.model]
+        if runs is not None and sampler != runs:
+            raise _Fail(
+                "sampler_name" if sampler.removesuffix("_karras") != runs else "scheduler",
+                "value_not_in_list",
+                f"video model '{model.model}' runs one sampler: {comfy_sampler(runs)}",
+            )
+        params = {
+            "prompt": positive.text,
+            "negative_prompt": negative.text,
+            "model": model.model,
+            "mode": "t2v",
+            "seed": node.inputs["seed"] % (MAX_SEED + 1),
+            "steps": node.inputs["steps"],
+            "guidance": float(node.inputs["cfg"]),
+            "num_frames": latent.length,
+            "width": latent.width,
+            "height": latent.height,
+        }
+        return Sampled(params, (), node.id, video=True)
+
+    def _conditioning(self, node: GraphNode, model: ModelVal) -> tuple[Cond, Cond]:
+        positive: Cond = self._in(node, "positive")
+        negative: Cond = self._in(node, "negative")
+        for name, cond in (("positive", positive), ("negative", negative)):
+            if cond.clip.model != model.model:
+                raise _Fail(
+                    name,
+                    "invalid_input_type",
+                    f"encoded with '{cond.clip.model}''s CLIP, not '{model.model}''s",
+                )
+        if not positive.text.strip():
+            raise _Fail("positive", "invalid_input_type", "genserve needs a non-empty positive prompt")
+        return positive, negative
+
+    @staticmethod
+    def _sampler(node: GraphNode) -> str:
+        try:
+            return genserve_sampler(node.inputs["sampler_name"], node.inputs["scheduler"])
+        except SamplerMappingError as error:
+            raise _Fail(error.input, "value_not_in_list", str(error)) from None
 
     def _KSamplerAdvanced(self, node: GraphNode) -> tuple[Any, ...]:
         inputs = node.inputs
@@ -455,21 +568,15 @@ class _Planner:
         latent: Latent | None = None,
     ) -> Sampled:
         model: ModelVal = self._in(node, "model")
-        positive: Cond = self._in(node, "positive")
-        negative: Cond = self._in(node, "negative")
-        for name, cond in (("positive", positive), ("negative", negative)):
-            if cond.clip.model != model.model:
-                raise _Fail(
-                    name,
-                    "invalid_input_type",
-                    f"encoded with '{cond.clip.model}''s CLIP, not '{model.model}''s",
-                )
-        if not positive.text.strip():
-            raise _Fail("positive", "invalid_input_type", "genserve needs a non-empty positive prompt")
-        try:
-            sampler = genserve_sampler(node.inputs["sampler_name"], node.inputs["scheduler"])
-        except SamplerMappingError as error:
-            raise _Fail(error.input, "value_not_in_list", str(error)) from None
+        if model.model in self.res.video_models():
+            raise _Fail(
+                "model",
+                "invalid_input_type",
+                f"'{model.model}' is a video model: it samples in a KSampler with an "
+                "EmptyHunyuanLatentVideo or EmptyLTXVLatentVideo latent",
+            )
+        positive, negative = self._conditioning(node, model)
+        sampler = self._sampler(node)
         steps = node.inputs["steps"]
         params: dict[str, Any] = {
             "prompt": positive.text,
@@ -565,6 +672,8 @@ class _Planner:
                     "invalid_input_type",
                     f"genserve decodes with the sampling model's VAE, not '{vae}''s",
                 )
+            if samples.video:
+                return (Clip(samples, (node.id,)),)
             return (self._decode(samples, [node.id]),)
         if isinstance(samples, FromPicture) and samples.mask is None and samples.size is None:
             return (samples.image,)  # encode then decode: the picture itself
@@ -604,3 +713,54 @@ class _Planner:
     def _PreviewImage(self, node: GraphNode) -> tuple[Any, ...]:
         self.outputs.append(Output(node.id, self._in(node, "images"), "temp", "ComfyUI_temp"))
         return ()
+
+    # -- video outputs: the save node picks the file the video job's worker encodes ----------------
+
+    def _clip(self, node: GraphNode, name: str) -> Clip:
+        clip = self._in(node, name)
+        if not isinstance(clip, Clip):
+            raise _Fail(
+                name, "invalid_input_type", "needs a video model's frames (VAEDecode of its KSampler)"
+            )
+        return clip
+
+    def _save_clip(
+        self, node: GraphNode, clip: Clip, fps: float, output: dict[str, Any], extension: str
+    ) -> tuple[Any, ...]:
+        if fps != int(fps):
+            raise _Fail("fps", "value_not_in_list", "genserve encodes a whole number of frames per second")
+        sampled = clip.sampled
+        params = {**sampled.params, "fps": int(fps), "output": output}
+        nodes = [sampled.node, *clip.nodes]
+        key = self._add_stage("video", params, sampled.deps, 1, nodes, main=sampled.node)
+        size = (sampled.params["width"], sampled.params["height"])
+        prefix = str(node.inputs["filename_prefix"]) or "ComfyUI"
+        images = Images(key, (), 1, size)
+        self.outputs.append(Output(node.id, images, "output", prefix, extension, video=True))
+        return ()
+
+    def _SaveAnimatedWEBP(self, node: GraphNode) -> tuple[Any, ...]:
+        if node.inputs["lossless"]:
+            raise _Fail("lossless", "value_not_in_list", "genserve's animated WebP is lossy (quality 80)")
+        clip = self._clip(node, "images")
+        return self._save_clip(node, clip, node.inputs["fps"], {"container": "webp"}, "webp")
+
+    def _SaveAnimatedPNG(self, node: GraphNode) -> tuple[Any, ...]:
+        # The worker writes a WebP; the driver turns it into an APNG (video encode has no APNG).
+        clip = self._clip(node, "images")
+        return self._save_clip(node, clip, node.inputs["fps"], {"container": "webp"}, "png")
+
+    def _SaveWEBM(self, node: GraphNode) -> tuple[Any, ...]:
+        crf = float(node.inputs["crf"])
+        if crf != int(crf):
+            raise _Fail("crf", "value_not_in_list", "genserve's crf is a whole number")
+        output = {"container": "webm", "codec": node.inputs["codec"], "crf": int(crf)}
+        return self._save_clip(node, self._clip(node, "images"), node.inputs["fps"], output, "webm")
+
+    def _CreateVideo(self, node: GraphNode) -> tuple[Any, ...]:
+        return (replace(self._clip(node, "images"), fps=float(node.inputs["fps"])),)
+
+    def _SaveVideo(self, node: GraphNode) -> tuple[Any, ...]:
+        clip = self._clip(node, "video")
+        output = {"container": "mp4", "codec": "h264"}  # format auto/mp4, codec auto/h264
+        return self._save_clip(node, clip, clip.fps or 30.0, output, "mp4")

@@ -29,6 +29,7 @@ import PIL.Image
 
 from genserve.artifacts.images import ImageStore
 from genserve.artifacts.inputs import InputStore
+from genserve.artifacts.videos import VideoStore
 from genserve.schemas.jobs import JobState
 from genserve.store.jobs import IdempotencyConflict, JobRecord, JobStore
 from genserve.workflows.plan import STAGE_REF, Output, Plan, Stage
@@ -60,6 +61,7 @@ class Submitter(Protocol):
 
     def image(self, params: dict[str, Any], request_id: str) -> tuple[JobRecord, bool]: ...
     def upscale(self, image: str, model: str, scale: float, request_id: str) -> tuple[JobRecord, bool]: ...
+    def video(self, params: dict[str, Any], request_id: str) -> tuple[JobRecord, bool]: ...
 
 
 Emit = Callable[[str | None, str, dict[str, Any]], None]
@@ -75,20 +77,36 @@ def preview_frame(data_url: str) -> bytes | None:
     return struct.pack(">II", PREVIEW_IMAGE, _FORMATS[media]) + base64.b64decode(payload)
 
 
-def output_filename(prefix: str, image_id: str) -> tuple[str, str]:
-    """(subfolder, filename) of an output picture: ComfyUI's prefix with the image id, which
-    `GET /view` reads back (image ids hold no underscore)."""
+def output_filename(prefix: str, image_id: str, extension: str = "png") -> tuple[str, str]:
+    """(subfolder, filename) of an output picture or clip: ComfyUI's prefix with the image id (a
+    video job's id for a clip), which `GET /view` reads back (neither holds an underscore)."""
     folder, _, stem = prefix.replace("\\", "/").rpartition("/")
     stem = _UNSAFE.sub("_", stem).strip() or "ComfyUI"
     folder = "/".join(
         part for part in (_UNSAFE.sub("_", p) for p in folder.split("/")) if part not in ("", ".", "..")
     )
-    return folder, f"{stem}_{image_id}.png"
+    return folder, f"{stem}_{image_id}.{extension}"
 
 
 def image_id_from_filename(filename: str) -> str | None:
     stem = filename.removesuffix(".png")
     return stem.rpartition("_")[2] or None
+
+
+APNG_PREFIX = "wfa"  # a SaveAnimatedPNG's APNG in the image store: "wfa<video job id>"
+
+
+def apng_from_webp(webp: bytes) -> bytes:
+    """An animated WebP as an APNG with the same frames and durations (Pillow)."""
+    with PIL.Image.open(io.BytesIO(webp)) as clip:
+        frames, durations = [], []
+        for index in range(clip.n_frames):
+            clip.seek(index)
+            frames.append(clip.convert("RGB"))
+            durations.append(clip.info.get("duration", 100))
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return buffer.getvalue()
 
 
 @dataclass
@@ -122,8 +140,9 @@ class Driver:
         emit: Emit,
         emit_binary: EmitBinary,
         poll_seconds: float = 0.05,
+        videos: VideoStore | None = None,
     ) -> None:
-        self.store, self.images, self.inputs = store, images, inputs
+        self.store, self.images, self.inputs, self.videos = store, images, inputs, videos
         self.emit, self.emit_binary = emit, emit_binary
         self.poll_seconds = poll_seconds
         self.runs: dict[str, Run] = {}
@@ -201,6 +220,10 @@ class Driver:
             if stage.kind == "image":
                 params = _substitute(stage.params, lambda ref: self._as_input(run, ref))
                 jobs = [self._submit(lambda rid: submitter.image(params, rid), stage.key, stage.main_node)]
+            elif stage.kind == "video":
+                jobs = [
+                    self._submit(lambda rid: submitter.video(stage.params, rid), stage.key, stage.main_node)
+                ]
             else:
                 jobs = [
                     self._submit(
@@ -249,7 +272,10 @@ class Driver:
                 if job.state != JobState.queued:
                     self._forward_events(run, stage, job)
         if all(job.state == JobState.succeeded for job in jobs):
-            images = [image for job in jobs for image in job.image_ids]
+            # A video stage's result is its job: the clip is "<job id>.<container>" in the video store.
+            images = (
+                [job.id for job in jobs] if stage.kind == "video" else [i for j in jobs for i in j.image_ids]
+            )
             self._finish(run, stage, images, stage.key in run.hits)
 
     def _forward_events(self, run: Run, stage: Stage, job: JobRecord) -> None:
@@ -327,15 +353,31 @@ class Driver:
                 continue
             images = []
             for image_id in self._output_ids(run, output):
-                subfolder, filename = output_filename(output.prefix, image_id)
+                name, extension = image_id, output.extension
+                if output.video and extension == "png":
+                    name = self._apng(image_id)
+                subfolder, filename = output_filename(output.prefix, name, extension)
                 images.append({"filename": filename, "subfolder": subfolder, "type": output.kind})
-            run.outputs[output.node] = {"images": images}
+            # ComfyUI's animated outputs (SaveAnimatedWEBP/PNG, SaveWEBM, SaveVideo) list their
+            # files under `images` with `animated: [true]`.
+            result: dict[str, Any] = (
+                {"images": images, "animated": [True]} if output.video else {"images": images}
+            )
+            run.outputs[output.node] = result
             self._emit(run, "executing", {"node": output.node, "display_node": output.node})
             self._emit(
                 run,
                 "executed",
-                {"node": output.node, "display_node": output.node, "output": {"images": images}},
+                {"node": output.node, "display_node": output.node, "output": result},
             )
+
+    def _apng(self, job_id: str) -> str:
+        """SaveAnimatedPNG's file: the video job's WebP as an APNG in the image store."""
+        image_id = APNG_PREFIX + job_id
+        if not self.images.exists(image_id):
+            assert self.videos is not None, "a Driver that runs video outputs needs the video store"
+            self.images.save(image_id, apng_from_webp(self.videos.read(f"{job_id}.webp")))
+        return image_id
 
 
 def _crop_to_aspect(picture: PIL.Image.Image, aspect: float) -> PIL.Image.Image:

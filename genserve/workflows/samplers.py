@@ -64,6 +64,14 @@ def genserve_sampler(sampler_name: str, scheduler: str) -> str:
     return sampler
 
 
+def comfy_sampler(sampler: str) -> str:
+    """ComfyUI's sampler and scheduler for a genserve sampler, as messages name them."""
+    if sampler == "dpmpp_2m_karras":
+        return "sampler_name dpmpp_2m, scheduler karras"
+    name = next((comfy for comfy, ours in _SAMPLERS.items() if ours == sampler), sampler)
+    return f"sampler_name {name}, scheduler normal"
+
+
 def denoise_to_strength(steps: int, denoise: float) -> tuple[int, float]:
     """(genserve steps, strength) that run the same timesteps as ComfyUI's (steps, denoise).
 

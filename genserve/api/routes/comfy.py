@@ -27,8 +27,10 @@ from genserve.api.forms import FORM_SLACK_BYTES, form_file, read_form, too_large
 from genserve.api.input_guard import InputProblem, check_json
 from genserve.api.routes.comfy_ws import Hub, hub_of
 from genserve.api.routes.upscale import submit_upscale_as
+from genserve.api.routes.videos import submit_video_as, video_store
 from genserve.api.submission import resolve_params
 from genserve.api.upscale_submission import registered_upscalers
+from genserve.api.video_submission import VideoJobCreate, resolve_video
 from genserve.artifacts.inputs import (
     MissingPicture,
     PictureError,
@@ -42,11 +44,12 @@ from genserve.engine.models.controls import registered_controls
 from genserve.engine.models.loras import registered_loras
 from genserve.schemas import GenerationParams, JobCreate, LimitError
 from genserve.schemas.upscale import UpscaleJobCreate
+from genserve.schemas.video import VideoParams
 from genserve.workflows.graph import NodeError, WorkflowError, parse_graph
 from genserve.workflows.nodes import NODES, node_info, object_info
 from genserve.workflows.plan import Plan, plan_graph
 from genserve.workflows.records import ACTIVE, PromptRecord, WorkflowRecords
-from genserve.workflows.runner import Driver, Run, image_id_from_filename
+from genserve.workflows.runner import APNG_PREFIX, Driver, Run, image_id_from_filename
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["comfyui"])
@@ -67,7 +70,13 @@ _FIELD_INPUTS = {
     "negative_prompt": "negative",
     "controlnets": "positive",
     "seed": "seed",
+    # a video job's fields
+    "guidance": "cfg",
+    "num_frames": "latent_image",
+    "seconds": "latent_image",
+    "mode": "latent_image",
 }
+_VIDEO_EXTENSIONS = {"webp", "webm", "mp4"}
 _DUMMY_PICTURE = "sha256:" + "0" * 64
 _PREVIEW_METHODS = ("auto", "latent2rgb", "taesd")
 
@@ -89,6 +98,7 @@ class ComfyService:
             hub.send,
             hub.send_binary,
             poll_seconds=services.settings.poll_seconds,
+            videos=video_store(services),
         )
         self.tasks: dict[str, asyncio.Task] = {}
         hub.queue_remaining = lambda: len(self.tasks)
@@ -188,6 +198,10 @@ class _Submitter:
         body = UpscaleJobCreate(image=image, upscale={"model": model, "scale": scale}, request_id=request_id)
         return submit_upscale_as(self.principal, body, self.services, self.client_id, None)
 
+    def video(self, params: dict[str, Any], request_id: str) -> tuple[Any, bool]:
+        body = VideoJobCreate.model_validate({**params, "request_id": request_id})
+        return submit_video_as(self.principal, body, self.services, self.client_id, None)
+
 
 # -- planning against this server's models and pictures -------------------------------------------
 
@@ -200,6 +214,15 @@ class _Resources:
 
     def models(self) -> set[str]:
         return set(self.services.catalog.models())
+
+    def video_models(self) -> dict[str, str | None]:
+        """AnimateDiff models run their model's sampler (pipelines.py); Wan, LTX and the others
+        their family's own scheduler, which genserve does not let a request choose."""
+        return {
+            name: (info.default_sampler or "dpmpp_2m") if info.family.startswith("animatediff") else None
+            for name, info in self.services.catalog.models().items()
+            if info.kind == "video"
+        }
 
     def loras(self) -> set[str]:
         return set(registered_loras(self.services.settings))
@@ -252,11 +275,12 @@ def plan_prompt(prompt: Any, services: Services, owner: str | None) -> Plan:
     runs). Raises WorkflowError naming the node and input."""
     records = WorkflowRecords(services.store.engine)
     plan = plan_graph(parse_graph(prompt), _Resources(services, records, owner))
+    checks = {"image": _check, "video": _check_video}
     errors = [
         error
         for stage in plan.stages.values()
-        if stage.kind == "image"
-        for error in _check(plan, stage.params, stage.main_node, services)
+        if stage.kind in checks
+        for error in checks[stage.kind](plan, stage.params, stage.main_node, services)
     ]
     if errors:
         raise WorkflowError(errors)
@@ -288,6 +312,26 @@ def _check(plan: Plan, params: dict[str, Any], node_id: str, services: Services)
             )
         ]
     return []
+
+
+def _check_video(plan: Plan, params: dict[str, Any], node_id: str, services: Services) -> list[NodeError]:
+    """The video job's request as POST /v1/video/jobs checks it (the family's frame rule, sizes,
+    limits), its 422 message reported on the KSampler's input."""
+    try:
+        resolve_video(VideoParams.model_validate(params), services.catalog.models(), services.settings)
+    except LimitError as error:
+        return [_node_error(plan, node_id, error.field, "value_not_in_list", error.message)]
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        return [_node_error(plan, node_id, field, "invalid_input_type", f"{field}: {first['msg']}")]
+    return []
+
+
+def _node_error(plan: Plan, node_id: str, field: str, kind: str, message: str) -> NodeError:
+    field = field.split("[")[0].split(".")[0]
+    class_type = plan.graph.nodes[node_id].class_type
+    return NodeError(node_id, class_type, _FIELD_INPUTS.get(field, field), kind, message)
 
 
 def error_body(error: WorkflowError) -> dict[str, Any]:
@@ -624,6 +668,9 @@ def view(
             raise HTTPException(404, f"no uploaded picture '{name}'")
         data = services.inputs.get(found[0])
         return Response(data, media_type=media_type_of(data))
+    stem, _, extension = filename.rpartition(".")
+    if extension in _VIDEO_EXTENSIONS:
+        return _view_video(services, principal, stem.rpartition("_")[2], extension, filename)
     image_id = image_id_from_filename(filename)
     try:
         path = services.images.path(image_id or "")
@@ -636,10 +683,30 @@ def view(
     )
 
 
+def _view_video(
+    services: Services, principal: Principal, job_id: str, extension: str, filename: str
+) -> Response:
+    """A video job's clip (SaveAnimatedWEBP, SaveWEBM, SaveVideo), as GET /v1/video/files serves it."""
+    job = services.store.get(job_id) if job_id.isalnum() else None
+    if job is None or job.kind != "video" or not principal.owns(job):
+        raise HTTPException(404, f"no output '{filename}'")
+    path = video_store(services).path(f"{job_id}.{extension}")
+    if not path.is_file():
+        raise HTTPException(404, f"no output '{filename}'")
+    media = {"webp": "image/webp", "webm": "video/webm", "mp4": "video/mp4"}[extension]
+    return Response(
+        path.read_bytes(), media_type=media, headers={"Cache-Control": "private, max-age=31536000"}
+    )
+
+
 def _may_see(services: Services, owner: str | None, image_id: str) -> bool:
     """With auth on (an owner), a job's image belongs to the job's key (as GET /v1/images); the
-    driver's resized pictures (no job) are named by a content hash nobody can guess."""
+    driver's resized pictures (no job) are named by a content hash nobody can guess; an APNG
+    belongs to its video job's key."""
     if owner is None or image_id.startswith(("wfs", "wfi")):
         return True
+    if image_id.startswith(APNG_PREFIX):
+        job = services.store.get(image_id.removeprefix(APNG_PREFIX))
+        return job is not None and job.client_id == owner
     job = services.store.get(image_id.rpartition("-")[0])
     return job is not None and job.client_id == owner
