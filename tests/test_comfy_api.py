@@ -23,7 +23,7 @@ from genserve.toymodel.pixels import measure
 from genserve.toymodel.shapes_classifier import classify_shapes, load_classifier
 from tests.helpers import LiveServer
 from tests.test_web_ui import CHROMIUM, _is_http_error, _unavailable
-from tests.workflow_graphs import img2img, txt2img, with_hires, with_scale
+from tests.workflow_graphs import img2img, txt2img, txt2video, with_hires, with_scale
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +286,32 @@ def test_the_workflows_tab_checks_runs_and_shows_the_outputs(server: LiveServer)
         assert size == [64, 64]
         browser.close()
     assert errors == []
+
+
+def test_a_video_workflow_saves_an_animated_webp_of_the_asked_frames_and_size(server: LiveServer) -> None:
+    """ComfyUI's Wan-style graph on the built-in genserve-shapes-motion: one video job, its steps
+    on the websocket, the animated WebP listed as ComfyUI lists it and served by /view."""
+    graph = txt2video("a red circle moving right on a blue background", length=16, size=64, steps=3, seed=5)
+    prompt_id, messages, _ = run_on_socket(server, {"prompt": graph})
+    progress = [m["data"] for m in messages if m["type"] == "progress"]
+    assert progress and progress[-1] == {"value": 3, "max": 3, "node": "3", "prompt_id": prompt_id}
+    with server.client() as client:
+        done = wait_history(client, prompt_id)
+        assert done["status"]["completed"], done["status"]
+        (saved,) = done["outputs"]["9"]["images"]
+        assert done["outputs"]["9"]["animated"] == [True] and saved["filename"].endswith(".webp")
+        response = client.get("/view", params=saved)
+        assert response.status_code == 200 and response.headers["content-type"] == "image/webp"
+        clip = PIL.Image.open(io.BytesIO(response.content))
+        assert (clip.format, clip.n_frames, clip.size) == ("WEBP", 16, (64, 64))
+        # The video family's frame rule, reported on the KSampler: 400 on /prompt, 422 on validate.
+        too_long = txt2video(length=40)
+        body = client.post("/prompt", json={"prompt": too_long})
+        assert body.status_code == 400
+        (error,) = body.json()["node_errors"]["3"]["errors"]
+        assert error["extra_info"] == {"input_name": "latent_image"} and "32 frames" in error["message"]
+        mine = client.post("/v1/workflows/validate", json={"prompt": txt2video(checkpoint="genserve-shapes")})
+        assert mine.status_code == 422
+        assert mine.json()["detail"][0]["loc"] == ["body", "prompt", "3", "latent_image"]
+        info = client.get("/object_info").json()
+        assert {"EmptyHunyuanLatentVideo", "SaveAnimatedWEBP", "SaveWEBM", "SaveVideo"} <= set(info)
