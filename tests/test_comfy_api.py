@@ -315,3 +315,29 @@ def test_a_video_workflow_saves_an_animated_webp_of_the_asked_frames_and_size(se
         assert mine.json()["detail"][0]["loc"] == ["body", "prompt", "3", "latent_image"]
         info = client.get("/object_info").json()
         assert {"EmptyHunyuanLatentVideo", "SaveAnimatedWEBP", "SaveWEBM", "SaveVideo"} <= set(info)
+
+
+def test_a_video_workflow_saves_an_apng_and_an_mp4_of_the_clip(server: LiveServer) -> None:
+    """SaveAnimatedPNG and CreateVideo + SaveVideo on one clip: each file has its frames and size."""
+    import av
+
+    graph = txt2video(length=8, steps=2, seed=6, save="SaveAnimatedPNG")
+    graph["10"] = {"class_type": "CreateVideo", "inputs": {"images": ["8", 0], "fps": 12.0}}
+    graph["11"] = {
+        "class_type": "SaveVideo",
+        "inputs": {"video": ["10", 0], "filename_prefix": "video/ComfyUI", "format": "auto", "codec": "auto"},
+    }
+    with server.client() as client:
+        done = wait_history(client, client.post("/prompt", json={"prompt": graph}).json()["prompt_id"])
+        assert done["status"]["completed"], done["status"]
+        (apng,) = done["outputs"]["9"]["images"]
+        (mp4,) = done["outputs"]["11"]["images"]
+        assert done["outputs"]["11"]["animated"] == [True] and mp4["subfolder"] == "video"
+        clip = PIL.Image.open(io.BytesIO(client.get("/view", params=apng).content))
+        assert (clip.format, clip.n_frames, clip.size) == ("PNG", 8, (64, 64))
+        data = client.get("/view", params=mp4)
+        assert data.headers["content-type"] == "video/mp4"
+        with av.open(io.BytesIO(data.content)) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+            assert container.streams.video[0].average_rate == 12
+        assert len(frames) == 8 and frames[0].shape == (64, 64, 3)
