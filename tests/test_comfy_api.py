@@ -284,6 +284,12 @@ def test_the_workflows_tab_checks_runs_and_shows_the_outputs(server: LiveServer)
         expect(page.locator('.workflow-node[data-node-id="9"]')).to_have_attribute("data-state", "done")
         size = page.locator("#workflow-images img").evaluate("img => [img.naturalWidth, img.naturalHeight]")
         assert size == [64, 64]
+        # A clip (SaveWEBM) is shown as a video the browser can play, not as a broken picture.
+        page.fill("#workflow-json", json.dumps(txt2video(length=8, steps=2, seed=32, save="SaveWEBM")))
+        page.click("#workflow-run")
+        clip = page.locator("#workflow-images video")
+        expect(clip).to_have_count(1, timeout=60_000)
+        page.wait_for_function("v => v.readyState >= 1 && v.videoWidth === 64", arg=clip.element_handle())
         browser.close()
     assert errors == []
 

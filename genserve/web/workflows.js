@@ -167,11 +167,13 @@ export class WorkflowRunner {
     for (const image of images) {
       const query = new URLSearchParams({ filename: image.filename, subfolder: image.subfolder, type: image.type });
       const url = `/view?${query}`;
-      this.images.append(
-        h("figure", { class: "workflow-image" },
-          h("a", { href: url, target: "_blank", rel: "noopener" }, h("img", { src: url, alt: image.filename })),
-          h("figcaption", {}, image.filename)),  // prettier-ignore
-      );
+      // SaveVideo and SaveWEBM list their clips under `images` too (ComfyUI's shape); an <img> cannot play them.
+      const clip = /\.(mp4|webm)$/i.test(image.filename);
+      const media = clip
+        ? h("video", { src: url, controls: true, loop: true, muted: true, playsinline: true, "aria-label": image.filename })
+        : h("a", { href: url, target: "_blank", rel: "noopener" }, h("img", { src: url, alt: image.filename }));
+      const caption = clip ? h("a", { href: url, target: "_blank", rel: "noopener" }, image.filename) : image.filename;
+      this.images.append(h("figure", { class: "workflow-image" }, media, h("figcaption", {}, caption)));
     }
   }
 }
