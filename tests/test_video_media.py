@@ -231,3 +231,12 @@ def test_colour_matching_removes_the_colour_jump_at_a_seam():
     plain, seams = stitch.stitch([a, shifted])
     matched, _ = stitch.stitch([a, shifted], colour_match=True)
     assert jump(matched, seams[0]) < 0.25 * jump(plain, seams[0])
+
+
+def test_an_av1_encode_leaves_the_thread_at_its_scheduling_policy():
+    # SVT-AV1, run as root, leaves its caller at SCHED_FIFO 99; a real-time worker starved the machine.
+    import os
+
+    before = os.sched_getscheduler(0)
+    encode_clip(np.zeros((8, 64, 64, 3), np.uint8), 8, "webm", "av1")
+    assert os.sched_getscheduler(0) == before

@@ -23,10 +23,12 @@ research/video.md §5.1); the code here only calls it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -185,10 +187,26 @@ def _encode_av(
     frames: np.ndarray, fps: float, container: str, codec: str, encoder: str, crf: int | None
 ) -> bytes:
     # A real file, not BytesIO: faststart rewrites the mp4 by reopening its path, which BytesIO lacks
-    with tempfile.TemporaryDirectory(prefix="genserve-encode-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="genserve-encode-") as tmp, _scheduling_kept():
         path = Path(tmp) / f"clip.{container}"
         _mux(frames, fps, container, codec, encoder, crf, path)
         return path.read_bytes()
+
+
+@contextlib.contextmanager
+def _scheduling_kept() -> Iterator[None]:
+    """Put back the calling thread's scheduling policy after an encode.
+
+    Run as root, SVT-AV1 leaves the thread that opened it at SCHED_FIFO priority 99 (seen in
+    tests/test_video_media.py's av1 cases); a worker left real-time, and every process it starts,
+    starves the rest of a small machine (the test suite hung that way until this)."""
+    policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
+    param = os.sched_getparam(0) if policy is not None else None
+    try:
+        yield
+    finally:
+        if policy is not None and os.sched_getscheduler(0) != policy:
+            os.sched_setscheduler(0, policy, param)
 
 
 def _mux(
