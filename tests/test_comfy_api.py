@@ -22,7 +22,7 @@ from genserve.toymodel import dataset
 from genserve.toymodel.pixels import measure
 from genserve.toymodel.shapes_classifier import classify_shapes, load_classifier
 from tests.helpers import LiveServer
-from tests.test_web_ui import CHROMIUM, _is_http_error, _unavailable
+from tests.test_web_ui import CHROMIUM, _is_http_error, require_playwright
 from tests.workflow_graphs import img2img, txt2img, txt2video, with_hires, with_scale
 
 
@@ -255,12 +255,8 @@ def test_object_info_lists_the_supported_nodes_with_this_servers_models(server: 
 def test_the_workflows_tab_checks_runs_and_shows_the_outputs(server: LiveServer) -> None:
     """The web UI's Workflows tab (Debian's chromium through Playwright): an unmappable sampler is
     shown next to its node; the fixed workflow runs with each node's state and the saved picture."""
-    try:
-        from playwright.sync_api import expect, sync_playwright
-    except ImportError:
-        _unavailable("playwright is not installed (pip install -e '.[test]')")
-    if not Path(CHROMIUM).is_file():
-        _unavailable(f"chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    sync_api = require_playwright()
+    expect, sync_playwright = sync_api.expect, sync_api.sync_playwright
     errors: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM)

@@ -264,14 +264,10 @@ def test_clip_score_with_a_clip_model_in_the_models_folder(tmp_path):
 
 
 def test_experiments_tab_runs_a_spec_and_shows_its_report(server, finished):
-    from tests.test_web_ui import CHROMIUM, SHOTS, _unavailable
+    from tests.test_web_ui import CHROMIUM, SHOTS, require_playwright
 
-    try:
-        from playwright.sync_api import expect, sync_playwright
-    except ImportError:
-        _unavailable("playwright is not installed (pip install -e '.[test]')")
-    if not Path(CHROMIUM).is_file():
-        _unavailable(f"chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    sync_api = require_playwright()
+    expect, sync_playwright = sync_api.expect, sync_api.sync_playwright
     errors: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM)

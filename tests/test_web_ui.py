@@ -63,8 +63,8 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
-def playwright_api():
+def require_playwright():  # noqa: ANN201 - playwright.sync_api, imported only when present
+    """Playwright's sync API, or a skip (a failure under GENSERVE_REQUIRE_SERVICES=1) with the reason."""
     try:
         from playwright import sync_api
     except ImportError:
@@ -72,6 +72,11 @@ def playwright_api():
     if not Path(CHROMIUM).is_file():
         _unavailable(f"chromium is not installed at {CHROMIUM} (apt-get install chromium)")
     return sync_api
+
+
+@pytest.fixture(scope="module")
+def playwright_api():
+    return require_playwright()
 
 
 @pytest.fixture(scope="module")

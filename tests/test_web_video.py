@@ -6,23 +6,15 @@ refused request shows its error next to the field. Skips like tests/test_web_ui.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests.helpers import LiveServer
-from tests.test_web_ui import CHROMIUM, SHOTS, _is_http_error, _unavailable
+from tests.test_web_ui import CHROMIUM, SHOTS, _is_http_error, require_playwright
 
 
 @pytest.fixture(scope="module")
 def playwright_api():
-    try:
-        from playwright import sync_api
-    except ImportError:
-        _unavailable("playwright is not installed (pip install -e '.[test]')")
-    if not Path(CHROMIUM).is_file():
-        _unavailable(f"chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    return sync_api
+    return require_playwright()
 
 
 @pytest.fixture(scope="module")
