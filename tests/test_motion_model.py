@@ -204,3 +204,22 @@ def test_the_pipeline_starts_from_the_noise_its_prompts_name():
         hook.remove()
     expected = prompt_noise(prompts, tuple(seen[0].shape), [torch.Generator().manual_seed(s) for s in (0, 1)])
     torch.testing.assert_close(seen[0], expected * pipe.scheduler.init_noise_sigma)
+
+
+def test_batched_warped_noise_is_the_reference_warp():
+    """train_motion's vectorised warp (used on the GPU) gives `warped_noise`'s values on the same
+    canvas, for every motion of drawn clips (shifts and zooms)."""
+    import torch
+
+    from genserve.toymodel.motion_noise import CANVAS, FINE, clip_trajectory, warped_noise
+    from genserve.toymodel.train_motion import warp_canvases
+
+    rng = random.Random(6)
+    clips = [motion.sample_clip(rng, motion.training_triples(), name) for name in motion.MOTIONS]
+    paths = torch.stack([clip_trajectory(c, 16) for c in clips])
+    reference, canvases = [], []
+    for seed, path in enumerate(paths):
+        reference.append(warped_noise(4, 8, 8, path, torch.Generator().manual_seed(seed)))
+        side = CANVAS * FINE * 8
+        canvases.append(torch.randn(4, side, side, generator=torch.Generator().manual_seed(seed)))
+    torch.testing.assert_close(warp_canvases(torch.stack(canvases), paths, 8, 8), torch.stack(reference))

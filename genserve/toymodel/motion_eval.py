@@ -110,18 +110,23 @@ def generate_clips(
     sampler: str = DEFAULT_SAMPLER,
     batch: int = 4,
     warped_noise: bool = True,
+    device: str = "cpu",
 ) -> list[np.ndarray]:
     """One clip per (prompt, seed) pair, uint8 (frames, 64, 64, 3); a clip does not depend on batching.
 
-    Runs under bf16 autocast when this CPU computes bf16 faster than fp32 (`train.bf16_is_faster`)."""
+    Runs under bf16 autocast when this CPU computes bf16 faster than fp32 (`train.bf16_is_faster`),
+    and always on CUDA. `device="cuda"` moves the cached pipeline there (the initial noise is still
+    drawn on the CPU from the seeds)."""
     import torch
 
     from genserve.toymodel.train import mixed_precision
 
     pipe = load_motion_pipeline(Path(base_dir), Path(motion_dir), sampler, warped_noise)
+    if pipe.device.type != torch.device(device).type:
+        pipe.to(device)
     clips: list[np.ndarray] = []
     # bf16 autocast where the CPU has fast bf16 (the models were trained under it): 3x faster here
-    with torch.inference_mode(), mixed_precision("cpu"):
+    with torch.inference_mode(), mixed_precision(torch.device(device).type):
         for start in range(0, len(prompts), batch):
             chunk = slice(start, start + batch)
             frames = pipe(
@@ -287,6 +292,8 @@ def evaluate_motion(
     motion_dir: Path = MOTION_MODEL,
     frames: int = motion.DEFAULT_FRAMES,
     warped_noise: bool = True,
+    device: str = "cpu",
+    batch: int = 4,
 ) -> tuple[MotionReport, list[tuple[motion.Clip, int, ClipMeasurement]]]:
     """The held-out evaluation: `prompts` held-out prompts x `seeds`, scored clip by clip."""
     from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
@@ -302,17 +309,27 @@ def evaluate_motion(
         cfg=cfg,
         base_dir=base_dir,
         motion_dir=motion_dir,
+        batch=batch,
         warped_noise=warped_noise,
+        device=device,
     )
     results = []
     for (clip, seed), video in zip(jobs, videos, strict=True):
         results.append((clip, seed, measure_clip(video, clip, classify_shapes(classifier, list(video)))))
+    return report_of(results, time.time() - started), results
+
+
+def report_of(
+    results: Sequence[tuple[motion.Clip, int, ClipMeasurement]], seconds: float = 0.0
+) -> MotionReport:
+    """The report over measured clips (`evaluate_motion`'s results, or the first of them: the first
+    2 x n results of a run over N >= n prompts are the n-prompt run's)."""
     per_motion = {}
     for name in motion.MOTIONS:
         mine = [m for c, _, m in results if c.motion == name]
         if mine:
             per_motion[name] = float(np.mean([m.motion == name for m in mine]))
-    report = MotionReport(
+    return MotionReport(
         clips=len(results),
         direction=float(np.mean([m.motion == c.motion for c, _, m in results])),
         shape_frames=float(np.mean([m.shape_frames for _, _, m in results])),
@@ -321,9 +338,8 @@ def evaluate_motion(
         flicker_bar=flicker_bar(),
         training_flicker=training_flicker()[0],
         per_motion=per_motion,
-        seconds=time.time() - started,
+        seconds=seconds,
     )
-    return report, results
 
 
 def main() -> None:
@@ -334,6 +350,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--cfg", type=float, default=DEFAULT_CFG)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--verbose", action="store_true", help="one line per clip")
     parser.add_argument(
         "--plain-noise", action="store_true", help="independent noise per frame (no warping; for comparison)"
@@ -350,6 +367,7 @@ def main() -> None:
         base_dir=args.base_dir,
         motion_dir=args.motion_dir,
         warped_noise=not args.plain_noise,
+        device=args.device,
     )
     if args.verbose:
         for clip, seed, m in results:

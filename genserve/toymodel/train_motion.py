@@ -24,6 +24,21 @@ the training phase also checkpoints every few minutes):
 Everything is seeded. Create a file named STOP in the checkpoint directory to stop cleanly: the run
 checkpoints, exports what it has and exits; running the command again resumes. One torch thread by
 default (the machine is shared); --cpu-threads 2 on a quiet machine.
+
+On a GPU, one command trains from scratch within a wall-clock budget, evaluates and packs the result:
+
+    python -m genserve.toymodel.train_motion --device cuda --out /tmp/m/model --checkpoint-dir /tmp/m/ckpt \
+        --steps 1000000 --batch 32 --clips 6000 --lr 1e-3 --text-lr 3e-4 --render-workers 16 \
+        --time-budget-s 200 --wall-budget-s 300 --eval-prompts 40 --scores scores.json --tar motion.tar
+
+Clips are rendered by --render-workers processes and encoded on the device; the warped noise is drawn
+there too (`warped_noise_batch`), the UNet runs under bf16 autocast (fp32 weights, optimizer and EMA).
+The training phase stops at --time-budget-s seconds (or earlier, so that the whole run ends within
+--wall-budget-s with --eval-reserve-s left for export and evaluation), checkpoints and exports; the
+learning rate's cosine follows whichever of steps and time is further along, so a time-bounded run
+still decays (a resumed time-bounded run starts a new cosine over its new budget). Steps/s are
+logged every ~15 s. --eval-prompts runs the held-out evaluation on the
+device (reports for the first 7, 14 and all prompts, as JSON), --tar packs the exported folder.
 """
 
 from __future__ import annotations
@@ -31,9 +46,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import multiprocessing
 import random
+import tarfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +107,14 @@ class MotionTrainConfig:
     # This fraction of clips keep independent noise per frame (prompts that name no motion).
     warped_noise: bool = True
     plain_noise_fraction: float = 0.1
+    device: str = "cpu"
+    # Wall-clock bounds of the training phase (seconds, None: steps only). `wall_budget_s` bounds the
+    # whole run: training stops early enough to leave `eval_reserve_s` for the export and evaluation.
+    time_budget_s: float | None = None
+    wall_budget_s: float | None = None
+    eval_reserve_s: float = 60.0
+    render_workers: int = 1
+    log_every_s: float = 15.0
 
 
 # 1. Models
@@ -147,24 +173,47 @@ def extract_adapter(unet: nn.Module, template: MotionAdapter) -> MotionAdapter:
 # 2. Data
 
 
+def _render_chunk(job: tuple[list[motion.Clip], int]) -> np.ndarray:
+    clips, frames = job
+    return np.concatenate([motion.render_clip(c, frames) for c in clips])
+
+
 @torch.no_grad()
-def encode_clips(config: MotionTrainConfig, vae: AutoencoderKL) -> tuple[list[motion.Clip], torch.Tensor]:
-    """Render the training clips and encode every frame: latents (clips, frames, C, h, w), fp16."""
+def encode_clips(
+    config: MotionTrainConfig, vae: AutoencoderKL, chunk: int = 16
+) -> tuple[list[motion.Clip], torch.Tensor]:
+    """Render the training clips (`render_workers` processes) and encode every frame on
+    `config.device` (the VAE is moved there): latents (clips, frames, C, h, w), fp16, on the CPU."""
     rng = random.Random(config.seed)
     triples = motion.training_triples()
     clips = [
         motion.sample_clip(rng, triples, motion.MOTIONS[i % len(motion.MOTIONS)]) for i in range(config.clips)
     ]
+    jobs = [(clips[i : i + chunk], config.frames) for i in range(0, len(clips), chunk)]
     latents = []
     start = time.time()
-    for i in range(0, len(clips), 16):
-        frames = torch.from_numpy(
-            np.concatenate([motion.render_clip(c, config.frames) for c in clips[i : i + 16]])
-        )
-        mean = vae.encode(to_model_range(frames)).latent_dist.mean
-        latents.append(mean.reshape(-1, config.frames, *mean.shape[1:]).half())
-        if i % 400 == 0:
-            logger.info("encoded %d / %d clips (%.0fs)", i, len(clips), time.time() - start)
+    pool = None
+    if config.render_workers > 1:
+        # forked before this process touches CUDA (forking after it is initialised is unsafe); the
+        # workers only draw with PIL
+        pool = multiprocessing.get_context("fork").Pool(config.render_workers)
+        rendered = pool.imap(_render_chunk, jobs, chunksize=4)
+    else:
+        rendered = map(_render_chunk, jobs)
+    device = torch.device(config.device)
+    vae.to(device)
+    try:
+        for n, array in enumerate(rendered):
+            frames = torch.from_numpy(array).to(device)
+            mean = vae.encode(to_model_range(frames)).latent_dist.mean
+            latents.append(mean.reshape(-1, config.frames, *mean.shape[1:]).half().cpu())
+            if (n * chunk) % 800 == 0:
+                logger.info("encoded %d / %d clips (%.0fs)", n * chunk, len(clips), time.time() - start)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    logger.info("rendered and encoded %d clips in %.1fs", len(clips), time.time() - start)
     return clips, torch.cat(latents)
 
 
@@ -179,6 +228,7 @@ class MotionState:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     step: int = 0
+    clock: dict = field(default_factory=dict)  # {"progress": 0..1} for a time-bounded schedule
 
     def trained(self) -> list[nn.Parameter]:
         return motion_parameters(self.unet) + list(self.text_encoder.parameters())
@@ -200,6 +250,8 @@ def new_state(
     text_encoder = CLIPTextModel.from_pretrained(config.base / "text_encoder", torch_dtype=torch.float32)
     text_encoder = extend_text_encoder(text_encoder, len(tokenizer), config.seed + 2)
     text_encoder.requires_grad_(True)
+    unet.to(config.device)
+    text_encoder.to(config.device)
     optimizer = torch.optim.AdamW(
         [
             {"params": motion_parameters(unet), "lr": config.lr},
@@ -208,10 +260,29 @@ def new_state(
         weight_decay=0.01,
         betas=(0.9, 0.99),
     )
-    schedule = cosine_schedule(optimizer, config.steps, config.warmup_steps)
-    state = MotionState(unet, text_encoder, [], optimizer, schedule)
+    clock = {"progress": 0.0}
+    if config.time_budget_s is None and config.wall_budget_s is None:
+        schedule = cosine_schedule(optimizer, config.steps, config.warmup_steps)
+    else:
+        schedule = budget_schedule(optimizer, config.warmup_steps, clock)
+    state = MotionState(unet, text_encoder, [], optimizer, schedule, clock=clock)
     state.ema = [p.detach().clone() for p in state.trained()]
     return state, adapter
+
+
+def budget_schedule(
+    optimizer: torch.optim.Optimizer, warmup: int, clock: dict
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """`train.cosine_schedule`'s shape (linear warmup, cosine to 0.1x), but along `clock["progress"]`
+    (0..1, set by the training loop: the larger of the step and the time fractions), for a run
+    bounded by wall-clock time whose step count is not known in advance."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, clock["progress"])))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @torch.no_grad()
@@ -243,25 +314,40 @@ def train(
     tokenizer: PreTrainedTokenizerBase,
     state: MotionState,
     rngs: dict,
+    time_budget_s: float | None = None,
 ) -> MotionState:
+    """Train until `config.steps`, a STOP file, or `time_budget_s` seconds of this phase."""
+    device = torch.device(config.device)
     noise_scheduler = train_noise_scheduler()
-    alphas_cumprod = noise_scheduler.alphas_cumprod
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     rng, gen = rngs["python"], rngs["torch"]
+    noise_gen = rngs.get("device", gen)
+    latents = latents.to(device)
+    total = noise_scheduler.config.num_train_timesteps
     last_checkpoint = time.time()
-    start, losses = time.time(), []
+    started = time.time()
+    first_step = state.step
+    log_start, log_step, losses = time.time(), state.step, []
     state.unet.train()
     state.text_encoder.train()
-    while state.step < config.steps:
-        index = torch.randint(len(clips), (config.batch,), generator=gen).tolist()
-        batch_clips, batch_latents = [], []
-        for i in index:
-            clip, lat = clips[i], latents[i].float()
-            if rng.random() < 0.5:  # the clip played backwards: the opposite motion
-                clip, lat = clip.reversed(), lat.flip(0)
-            batch_clips.append(clip)
-            batch_latents.append(lat)
+
+    def elapsed() -> float:
+        return time.time() - started
+
+    while state.step < config.steps and (time_budget_s is None or elapsed() < time_budget_s):
+        state.clock["progress"] = max(
+            state.step / config.steps, elapsed() / time_budget_s if time_budget_s else 0.0
+        )
+        index = torch.randint(len(clips), (config.batch,), generator=gen)
+        reverse = [rng.random() < 0.5 for _ in range(config.batch)]  # played backwards: the opposite motion
+        batch_clips = [
+            clips[i].reversed() if r else clips[i] for i, r in zip(index.tolist(), reverse, strict=True)
+        ]
+        lat = latents[index.to(device)].float()  # (B, F, C, h, w)
+        flip = torch.tensor(reverse, device=device)[:, None, None, None, None]
+        lat = torch.where(flip, lat.flip(1), lat)
         # (B, F, C, h, w) -> (B, C, F, h, w), UNetMotionModel's layout
-        x0 = torch.stack(batch_latents).permute(0, 2, 1, 3, 4) * scaling_factor
+        x0 = lat.permute(0, 2, 1, 3, 4) * scaling_factor
         captions = [
             "" if rng.random() < config.caption_dropout else motion.motion_caption_for(c, rng)
             for c in batch_clips
@@ -272,15 +358,15 @@ def train(
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids
-        noise = training_noise(config, batch_clips, x0.shape, rng, gen)
-        total = noise_scheduler.config.num_train_timesteps
+        ).input_ids.to(device)
+        noise = training_noise(config, batch_clips, x0.shape, rng, noise_gen)
         t = torch.randint(0, total, (config.batch,), generator=gen)
         high = torch.rand(config.batch, generator=gen) < config.high_noise_fraction
         t = torch.where(high, torch.randint(int(0.6 * total), total, (config.batch,), generator=gen), t)
+        t = t.to(device)
         noisy = noise_scheduler.add_noise(x0, noise, t)
         target = noise_scheduler.get_velocity(x0, noise, t)
-        with mixed_precision("cpu"):
+        with mixed_precision(device.type):
             # one copy of the prompt per frame, UNetMotionModel's convention (as in AnimateDiffPipeline)
             prompt_embeds = state.text_encoder(ids)[0].repeat_interleave(config.frames, dim=0)
             prediction = state.unet(noisy, t, prompt_embeds).sample
@@ -295,17 +381,20 @@ def train(
         state.schedule.step()
         state.step += 1
         update_ema(state, config.ema_decay)
-        losses.append(loss.item())
-        if state.step % 20 == 0:
-            elapsed = time.time() - start
+        losses.append(loss.detach())
+        if time.time() - log_start >= config.log_every_s or state.step % 200 == 0:
+            seconds = time.time() - log_start
             logger.info(
-                "step %d loss %.4f (mean of 20) lr %.2e (%.2fs/step)",
+                "step %d loss %.4f (mean of %d) lr %.2e | %.2f steps/s, %.0fs of training%s",
                 state.step,
-                sum(losses) / len(losses),
+                torch.stack(losses).mean().item(),
+                len(losses),
                 state.schedule.get_last_lr()[0],
-                elapsed / len(losses),
+                (state.step - log_step) / seconds,
+                elapsed(),
+                f" of {time_budget_s:.0f}" if time_budget_s else "",
             )
-            start, losses = time.time(), []
+            log_start, log_step, losses = time.time(), state.step, []
         stop_requested = (config.checkpoint_dir / "STOP").exists()
         if time.time() - last_checkpoint > config.checkpoint_every_s or stop_requested:
             save_checkpoint(config, state, rngs)
@@ -313,6 +402,14 @@ def train(
         if stop_requested:
             logger.info("STOP file found: stopping at step %d", state.step)
             break
+    if time_budget_s is not None and elapsed() >= time_budget_s:
+        logger.info("time budget of %.0fs reached at step %d", time_budget_s, state.step)
+    logger.info(
+        "trained %d steps in %.1fs (%.2f steps/s)",
+        state.step - first_step,
+        elapsed(),
+        (state.step - first_step) / max(elapsed(), 1e-9),
+    )
     save_checkpoint(config, state, rngs)
     return state
 
@@ -324,17 +421,58 @@ def training_noise(
     rng: random.Random,
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """(B, C, F, h, w): each clip's noise warped along its own motion (`motion_noise`), or
-    independent per frame for a `plain_noise_fraction` of clips (and for all without warped_noise)."""
-    _, channels, frames, height, width = shape
-    noise = []
-    for clip in clips:
-        if config.warped_noise and rng.random() >= config.plain_noise_fraction:
-            path = motion_noise.clip_trajectory(clip, frames)
-            noise.append(motion_noise.warped_noise(channels, height, width, path, gen))
-        else:
-            noise.append(torch.randn(shape[1:], generator=gen))
-    return torch.stack(noise)
+    """(B, C, F, h, w) on the generator's device: each clip's noise warped along its own motion
+    (`warped_noise_batch`), or independent per frame for a `plain_noise_fraction` of clips (and for
+    all without warped_noise)."""
+    batch, channels, frames, height, width = shape
+    warped = [config.warped_noise and rng.random() >= config.plain_noise_fraction for _ in clips]
+    noise = torch.randn(shape, generator=gen, device=gen.device)
+    chosen = [i for i, w in enumerate(warped) if w]
+    if chosen:
+        paths = torch.stack([motion_noise.clip_trajectory(clips[i], frames) for i in chosen])
+        noise[chosen] = warped_noise_batch(channels, height, width, paths.to(gen.device), gen)
+    return noise
+
+
+def warp_canvases(canvas: torch.Tensor, paths: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`motion_noise.warped_noise` for a batch, vectorised (no per-frame loop, no `unique`): canvases
+    (B, C, CANVAS*FINE*height, CANVAS*FINE*width) of N(0, 1) and paths (B, F, 3) give (B, C, F, height,
+    width). Same values as `warped_noise` on the same canvas (up to float summation order).
+
+    The source of fine pixel (r, c) is (sy[r], sx[c]), so two fine pixels of a block share a source
+    exactly when their rows' and their columns' sources agree: the block's sum of squared
+    multiplicities is the product of its rows' and its columns' (pairs with equal source)."""
+    fine, grid = motion_noise.FINE, motion_noise.CANVAS
+    batch, channels = canvas.shape[:2]
+    frames = paths.shape[1]
+    fine_h, fine_w = height * fine, width * fine
+    device = canvas.device
+    u = (torch.arange(fine_w, device=device) + 0.5) / fine_w
+    v = (torch.arange(fine_h, device=device) + 0.5) / fine_h
+    dx, dy, zoom = (paths[..., i : i + 1].float() for i in range(3))  # (B, F, 1)
+    offset_h, offset_w = (grid - 1) // 2 * fine_h, (grid - 1) // 2 * fine_w
+    sx = (torch.floor((0.5 + (u - dx - 0.5) / zoom) * fine_w).long() + offset_w).clamp(0, grid * fine_w - 1)
+    sy = (torch.floor((0.5 + (v - dy - 0.5) / zoom) * fine_h).long() + offset_h).clamp(0, grid * fine_h - 1)
+    source = sy[..., :, None] * (grid * fine_w) + sx[..., None, :]  # (B, F, fine_h, fine_w)
+    flat = canvas.reshape(batch, channels, -1)
+    values = flat.gather(2, source.reshape(batch, 1, -1).expand(batch, channels, -1))
+    sums = values.reshape(batch, channels, frames, height, fine, width, fine).sum(dim=(4, 6))
+    rows = sy.reshape(batch, frames, height, fine)
+    cols = sx.reshape(batch, frames, width, fine)
+    row_pairs = (rows[..., :, None] == rows[..., None, :]).sum(dim=(-1, -2)).float()  # (B, F, height)
+    col_pairs = (cols[..., :, None] == cols[..., None, :]).sum(dim=(-1, -2)).float()  # (B, F, width)
+    variance = row_pairs[..., :, None] * col_pairs[..., None, :]  # (B, F, height, width)
+    return sums / variance.sqrt()[:, None]
+
+
+def warped_noise_batch(
+    channels: int, height: int, width: int, paths: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """(B, C, F, height, width) warped noise along paths (B, F, 3), drawn on the generator's device."""
+    fine, grid = motion_noise.FINE, motion_noise.CANVAS
+    shape = (len(paths), channels, grid * fine * height, grid * fine * width)
+    canvas = torch.randn(shape, generator=generator, device=generator.device)
+    return warp_canvases(canvas, paths, height, width)
 
 
 # 4. Checkpoints and export
@@ -353,6 +491,8 @@ def save_checkpoint(config: MotionTrainConfig, state: MotionState, rngs: dict) -
         "python_rng": rngs["python"].getstate(),
         "torch_rng": rngs["torch"].get_state(),
         "global_torch_rng": torch.get_rng_state(),
+        "device_rng": rngs["device"].get_state() if "device" in rngs else None,
+        "progress": state.clock.get("progress", 0.0),
     }
     path = config.checkpoint_dir / "motion.pt"
     torch.save(payload, path.with_suffix(".tmp"))
@@ -364,7 +504,7 @@ def load_checkpoint(config: MotionTrainConfig, state: MotionState, rngs: dict) -
     path = config.checkpoint_dir / "motion.pt"
     if not path.exists():
         return False
-    payload = torch.load(path, weights_only=False)
+    payload = torch.load(path, weights_only=False, map_location=config.device)
     state.unet.load_state_dict(payload["motion"], strict=False)
     state.text_encoder.load_state_dict(payload["text_encoder"])
     with torch.no_grad():
@@ -376,6 +516,9 @@ def load_checkpoint(config: MotionTrainConfig, state: MotionState, rngs: dict) -
     rngs["python"].setstate(payload["python_rng"])
     rngs["torch"].set_state(payload["torch_rng"])
     torch.set_rng_state(payload["global_torch_rng"])
+    if "device" in rngs and payload.get("device_rng") is not None:
+        rngs["device"].set_state(payload["device_rng"])
+    state.clock["progress"] = payload.get("progress", 0.0)
     logger.info("resumed at step %d", state.step)
     return True
 
@@ -390,7 +533,7 @@ def init_from(path: Path, state: MotionState) -> int:
     if path.is_dir():
         payload = exported_weights(path)
     else:
-        payload = torch.load(path, weights_only=False)
+        payload = torch.load(path, weights_only=False, map_location="cpu")
     missing, unexpected = state.unet.load_state_dict(payload["motion"], strict=False)
     assert not unexpected, unexpected
     state.text_encoder.load_state_dict(payload["text_encoder"])
@@ -447,26 +590,36 @@ def export(
 
 
 def run(config: MotionTrainConfig) -> None:
-    torch.set_num_threads(config.cpu_threads)
-    config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    torch.set_num_threads(config.cpu_threads)
+    if config.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda, but torch sees no CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes
+    config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL.from_pretrained(config.base / "vae", torch_dtype=torch.float32).eval()
     scaling_factor = float(vae.config.scaling_factor)
     cache = config.checkpoint_dir / "latents.pt"
-    if cache.exists():
-        payload = torch.load(cache, weights_only=False)
+    payload = torch.load(cache, weights_only=False) if cache.exists() else None
+    if payload is not None and len(payload["clips"]) == config.clips:
         clips, latents = payload["clips"], payload["latents"]
     else:
         clips, latents = encode_clips(config, vae)
         torch.save({"clips": clips, "latents": latents}, cache)
+    del vae
     logger.info("%d clips, latents %s (%.0fs)", len(clips), tuple(latents.shape), time.time() - started)
 
     tokenizer = motion.build_motion_tokenizer()
     state, template = new_state(config, tokenizer)
     rngs = {"python": random.Random(config.seed + 4), "torch": torch.Generator().manual_seed(config.seed + 4)}
+    if config.device != "cpu":
+        rngs["device"] = torch.Generator(device=config.device).manual_seed(config.seed + 5)
     if not load_checkpoint(config, state, rngs) and config.init_from is not None:
         init_from(config.init_from, state)
-    state = train(config, clips, latents, scaling_factor, tokenizer, state, rngs)
+    budget = training_budget(config, time.time() - started)
+    state = train(config, clips, latents, scaling_factor, tokenizer, state, rngs, budget)
     export(config, state, template, tokenizer)
     logger.info(
         "done in %.1f min this session (step %d of %d)",
@@ -474,6 +627,47 @@ def run(config: MotionTrainConfig) -> None:
         state.step,
         config.steps,
     )
+
+
+def training_budget(config: MotionTrainConfig, spent_s: float) -> float | None:
+    """Seconds the training phase may take: `time_budget_s`, less if the whole run must end within
+    `wall_budget_s` (`spent_s` already used, `eval_reserve_s` kept for export and evaluation)."""
+    budgets = []
+    if config.time_budget_s is not None:
+        budgets.append(config.time_budget_s)
+    if config.wall_budget_s is not None:
+        budgets.append(config.wall_budget_s - spent_s - config.eval_reserve_s)
+    if not budgets:
+        return None
+    budget = max(10.0, min(budgets))
+    logger.info("training phase budget: %.0fs (%.0fs spent before it)", budget, spent_s)
+    return budget
+
+
+def evaluate_export(config: MotionTrainConfig, prompts: int, batch: int) -> dict:
+    """The held-out evaluation (`motion_eval.evaluate_motion`, 20 steps, CFG 4, seeds 0 and 1) of the
+    exported folder on `config.device`: reports for the first 7 (the test's), 14 (the model card's)
+    and all `prompts` prompts (the first 2n clips of a run are the n-prompt run's)."""
+    from genserve.toymodel.motion_eval import evaluate_motion, report_of
+
+    report, results = evaluate_motion(
+        prompts, base_dir=config.base, motion_dir=config.out, device=config.device, batch=batch
+    )
+    scores = {}
+    for n in sorted({min(7, prompts), min(14, prompts), prompts}):
+        sub = report_of(results[: 2 * n], report.seconds if n == prompts else 0.0)
+        scores[f"prompts_{n}"] = asdict(sub)
+        logger.info("held-out, %d prompts: %s", n, sub.summary())
+    return scores
+
+
+def pack(folder: Path, tar_path: Path) -> Path:
+    """The exported folder as one uncompressed .tar (fp16 safetensors do not compress)."""
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(folder, arcname=folder.name)
+    logger.info("packed %s into %s (%.1f MB)", folder, tar_path, tar_path.stat().st_size / 2**20)
+    return tar_path
 
 
 def main() -> None:
@@ -491,10 +685,26 @@ def main() -> None:
         help="start from another run's motion.pt or a model folder (fresh optimizer)",
     )
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--text-lr", type=float)
     parser.add_argument("--warmup-steps", type=int)
     parser.add_argument("--cpu-threads", type=int, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--device", help="cpu (default) or cuda")
+    parser.add_argument("--time-budget-s", type=float, help="wall-clock limit of the training phase")
+    parser.add_argument(
+        "--wall-budget-s", type=float, help="wall-clock limit of the whole run (training stops in time)"
+    )
+    parser.add_argument("--eval-reserve-s", type=float, help="seconds --wall-budget-s keeps for the end")
+    parser.add_argument("--render-workers", type=int, help="processes drawing the clips")
+    parser.add_argument("--log-every-s", type=float, help="seconds between progress lines (default 15)")
+    parser.add_argument(
+        "--eval-prompts", type=int, default=0, help="then run the held-out evaluation on N prompts (<= 40)"
+    )
+    parser.add_argument("--eval-batch", type=int, default=4, help="clips per pipeline call in the evaluation")
+    parser.add_argument("--scores", type=Path, help="write the evaluation's scores here (JSON)")
+    parser.add_argument("--tar", type=Path, help="pack the exported folder into this .tar")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    started = time.time()
     config = MotionTrainConfig(
         out=args.out, checkpoint_dir=args.checkpoint_dir, base=args.base, seed=args.seed
     )
@@ -505,11 +715,31 @@ def main() -> None:
         "cpu_threads": args.cpu_threads,
         "init_from": args.init_from,
         "lr": args.lr,
+        "text_lr": args.text_lr,
         "warmup_steps": args.warmup_steps,
+        "device": args.device,
+        "time_budget_s": args.time_budget_s,
+        "wall_budget_s": args.wall_budget_s,
+        "eval_reserve_s": args.eval_reserve_s,
+        "render_workers": args.render_workers,
+        "log_every_s": args.log_every_s,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     logger.info("config: %s", config)
     run(config)
+    if args.tar is not None:
+        pack(config.out, args.tar)
+    if args.eval_prompts:
+        eval_started = time.time()
+        scores = evaluate_export(config, args.eval_prompts, args.eval_batch)
+        scores["eval_seconds"] = time.time() - eval_started
+        scores["total_seconds"] = time.time() - started
+        text = json.dumps(scores)
+        print(text, flush=True)
+        if args.scores is not None:
+            args.scores.parent.mkdir(parents=True, exist_ok=True)
+            args.scores.write_text(text + "\n")
+    logger.info("all done in %.0fs", time.time() - started)
 
 
 if __name__ == "__main__":
