@@ -110,3 +110,30 @@ def test_real_architecture_configs_resolve_references():
     assert vae["block_out_channels"] == [128, 256, 512, 512] and vae["scaling_factor"] == 0.13025
     assert "note" not in vae and "class" not in vae
     assert component("sd3", "transformer")["num_layers"] == 24
+
+
+def test_an_interrupted_bench_keeps_the_cases_it_finished(tmp_path, monkeypatch):
+    # On a lent GPU each part runs under `timeout --signal=INT`: what finished must still be written.
+    import genserve.bench.run as bench_run
+
+    finished = []
+    real_run_case = bench_run.run_case
+
+    def run_case_then_stop(*args, **kwargs):
+        if finished:
+            raise KeyboardInterrupt
+        finished.append(real_run_case(*args, **kwargs))
+        return finished[-1]
+
+    monkeypatch.setattr(bench_run, "run_case", run_case_then_stop)
+    out = tmp_path / "results"
+    args = ["bench", "--tiny", "--models", "sd15", "--batch", "1,2", "--steps", "2", "--repeats", "1"]
+    args += ["--threads", "1", "--out", str(out), "--compile-cache", str(tmp_path / "cache")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    [json_path] = out.glob("*-bench-*.json")
+    report = json.loads(json_path.read_text())
+    assert report["interrupted"] is True
+    assert [case["batch"] for case in report["cases"]] == [1]
+    [md_path] = out.glob("*-bench-*.md")
+    assert "**Interrupted:**" in md_path.read_text()

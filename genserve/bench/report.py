@@ -81,6 +81,11 @@ def markdown(report: BenchReport) -> str:
         "",
         f"Command: `{report.command}`" if report.command else "",
         "",
+        *(
+            ["**Interrupted:** the run was stopped early; the table holds the cases it finished.", ""]
+            if report.interrupted
+            else []
+        ),
         "| " + " | ".join(rows[0]) + " |",
         "|" + "|".join("---" for _ in rows[0]) + "|",
         *("| " + " | ".join(row) + " |" for row in rows[1:]),

@@ -164,6 +164,7 @@ class BenchReport:
     tag: str
     models: list[ModelResult] = field(default_factory=list)
     cases: list[CaseResult] = field(default_factory=list)
+    interrupted: bool = False  # stopped early (Ctrl-C, `timeout --signal=INT`): the cases are those finished
 
 
 def run_bench(config: BenchConfig, *, command: str = "", echo: Callable[[str], None] = print) -> BenchReport:
@@ -201,8 +202,13 @@ def run_bench(config: BenchConfig, *, command: str = "", echo: Callable[[str], N
         tag=config.tag or "-".join(config.models),
     )
     echo(f"device {report.device}; matmul peak {', '.join(f'{k} {v:.3g}' for k, v in peaks.items())} TFLOP/s")
-    for model in config.models:
-        run_model(config, model, device, dtypes[model], cache_dir, report, echo)
+    try:
+        for model in config.models:
+            run_model(config, model, device, dtypes[model], cache_dir, report, echo)
+    except KeyboardInterrupt:
+        # A time-boxed run keeps what it measured: on a lent GPU the minutes are the scarce thing.
+        report.interrupted = True
+        echo(f"interrupted: keeping the {len(report.cases)} case(s) finished")
     return report
 
 
