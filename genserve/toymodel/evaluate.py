@@ -143,13 +143,17 @@ def pipeline_generator(
 
 
 def engine_generator(
-    folder: Path, cfg: float | None = None, steps: int = DEFAULT_STEPS, sampler: str = "euler"
+    folder: Path, cfg: float | None = None, steps: int = DEFAULT_STEPS, sampler: str = "euler", batch: int = 8
 ) -> Generate:
     """A `Generate` function through genserve's serving path: the registry and the Engine.
 
     `cfg=None` leaves the CFG scale to the model, as a request that names none: its card's default.
+    Requests go to the Engine `batch` at a time, as a worker batches them (each row keeps its own seed
+    and noise; a row's pixels match the same request alone to within 1/255): half the CPU time of
+    one at a time on 2 cores.
     """
     from genserve.engine.engine import Engine
+    from genserve.engine.loop.denoise import BatchItem
     from genserve.engine.models.registry import read_model_info
     from genserve.schemas.generation import GenerationParams
 
@@ -157,26 +161,32 @@ def engine_generator(
     engine = Engine({info.name: info}, device="cpu", dtype="float32")
 
     def generate(captions: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]:
-        images = []
-        for caption, seed in zip(captions, seeds, strict=True):
-            params = GenerationParams(
-                prompt=caption,
-                model=info.name,
-                seed=seed,
-                steps=steps,
-                cfg_scale=cfg,
-                width=info.native_width,
-                height=info.native_height,
-                sampler=sampler,
+        items = [
+            BatchItem(
+                GenerationParams(
+                    prompt=caption,
+                    model=info.name,
+                    seed=seed,
+                    steps=steps,
+                    cfg_scale=cfg,
+                    width=info.native_width,
+                    height=info.native_height,
+                    sampler=sampler,
+                )
             )
-            images.extend(np.asarray(image.convert("RGB")) for image in engine.generate(params))
+            for caption, seed in zip(captions, seeds, strict=True)
+        ]
+        images = []
+        for start in range(0, len(items), batch):
+            for outcome in engine.generate_batch(items[start : start + batch]):
+                images.extend(np.asarray(image.convert("RGB")) for image in outcome.images)
         return images
 
     return generate
 
 
 def evaluate_folder(
-    folder: Path, cfg: float | None = None, steps: int = DEFAULT_STEPS, sampler: str = "euler"
+    folder: Path, cfg: float | None = None, steps: int = DEFAULT_STEPS, sampler: str = "euler", batch: int = 8
 ) -> EvalReport:
     """Evaluate a saved pipeline folder through genserve's Engine with its committed shape classifier."""
     import torch
@@ -186,7 +196,7 @@ def evaluate_folder(
     classifier = load_classifier(folder / "eval" / CLASSIFIER_FILE)
     with torch.inference_mode():
         return evaluate(
-            engine_generator(folder, cfg, steps, sampler),
+            engine_generator(folder, cfg, steps, sampler, batch),
             lambda images: classify_shapes(classifier, images),
             held_out_scenes(),
         )
