@@ -34,7 +34,7 @@ from batching_throughput import TimedStore  # the sibling script (its folder is 
 
 from genserve.artifacts.images import ImageStore
 from genserve.config import Settings
-from genserve.engine.engine import Engine
+from genserve.engine.engine import Engine, engine_optimizations
 from genserve.engine.models.registry import scan_models
 from genserve.engine.speed.optimize import device_name, device_slug
 from genserve.schemas import GenerationParams
@@ -146,7 +146,9 @@ def main() -> None:
         )
     models = scan_models(args.models_dir, builtin=True)
     args.size = args.size or models[args.model].native_width
-    engine = Engine(models, threads=args.threads)
+    # The levers as the server reads them (GENSERVE_OPTIMIZATIONS__COMPILE=off and so on).
+    levers = engine_optimizations(Settings(models_dir=args.models_dir, data_dir=Path(tempfile.mkdtemp())))
+    engine = Engine(models, threads=args.threads, optimizations=levers)
     engine.warmup(args.model)
     modes = {  # name: (prefetch, background_finish)
         "sequential": (False, False),
