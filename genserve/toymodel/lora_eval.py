@@ -78,23 +78,28 @@ def engine_frame_report(
     seeds: tuple[int, ...] = (0,),
     steps: int = 20,
     batch: int = 12,
+    lora_file: Path | None = None,
 ) -> dict[str, float]:
     """Held-out frame and fidelity figures through genserve's Engine, with and without the LoRA.
 
     `framed` is the fraction of images with a white frame (`is_framed`); background, foreground
     and shape are measured on the inside of the frame (`unframed`) against each scene's caption.
+    `lora_file` measures a LoRA file outside the built-in folder (a training candidate) under the name
+    `lora`; by default the built-in LoRAs are served.
     """
     import torch
 
     from genserve.engine.engine import Engine
     from genserve.engine.loop.denoise import BatchItem
+    from genserve.engine.models.loras import read_lora_info
     from genserve.engine.models.registry import read_model_info
     from genserve.schemas.generation import GenerationParams
     from genserve.toymodel.evaluate import score
     from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
 
     info = read_model_info(folder)
-    engine = Engine({info.name: info}, device="cpu", dtype="float32")
+    loras = None if lora_file is None else {lora: read_lora_info(lora_file)}
+    engine = Engine({info.name: info}, device="cpu", dtype="float32", loras=loras)
     classifier = load_classifier(folder / "eval" / CLASSIFIER_FILE)
     jobs = [(scene, seed) for scene in held_out_frame_scenes() for seed in seeds]
     figures: dict[str, float] = {"images": float(len(jobs))}
