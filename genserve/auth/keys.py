@@ -20,34 +20,13 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from genserve.store.db import UTCDateTime, create_db_engine, db_now, jobs, metadata, write_transaction
+from genserve.store.db import create_db_engine, db_now, write_transaction
+from genserve.store.tables import api_keys, jobs
 
 Role = Literal["user", "admin"]
 ROLES: tuple[str, ...] = ("user", "admin")
 PREFIX = "gs_"
 _TOKEN = re.compile(r"gs_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
-
-api_keys = sa.Table(
-    "api_keys",
-    metadata,
-    sa.Column("id", sa.String(12), primary_key=True),
-    sa.Column("name", sa.String(200), nullable=False),
-    sa.Column("role", sa.String(16), nullable=False),
-    sa.Column("salt", sa.String(32), nullable=False),
-    sa.Column("secret_hash", sa.String(64), nullable=False),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-    sa.Column("revoked_at", UTCDateTime),
-    # Limits; None means the server default (rate) or no limit (the rest).
-    sa.Column("rate_per_second", sa.Float),
-    sa.Column("rate_burst", sa.Integer),
-    sa.Column("images_per_day", sa.Integer),
-    sa.Column("gpu_seconds_per_day", sa.Float),
-    sa.Column("allowed_models", sa.JSON),
-    sa.Column("allowed_controls", sa.JSON),
-    sa.Column("allowed_loras", sa.JSON),
-    sa.Column("max_width", sa.Integer),
-    sa.Column("max_height", sa.Integer),
-)
 
 
 @dataclass(frozen=True)

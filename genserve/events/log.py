@@ -12,7 +12,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from genserve.store.db import db_now, job_events, write_transaction
+from genserve.store.db import db_now, write_transaction
+from genserve.store.tables import job_events
 
 # Each retry follows a commit by a competing appender, so this bound is never reached in practice.
 _MAX_APPEND_TRIES = 50

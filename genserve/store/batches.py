@@ -10,26 +10,8 @@ from uuid import uuid4
 
 import sqlalchemy as sa
 
-from genserve.store.db import UTCDateTime, db_now, metadata, write_transaction
-
-batches = sa.Table(
-    "batches",
-    metadata,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("name", sa.String(200), nullable=False),
-    sa.Column("spec", sa.JSON, nullable=False),
-    sa.Column("client_id", sa.String(200)),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-)
-
-batch_items = sa.Table(
-    "batch_items",
-    metadata,
-    sa.Column("batch_id", sa.String(32), primary_key=True),
-    sa.Column("item_index", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("item_key", sa.String(64), nullable=False),
-    sa.Column("job_id", sa.String(32), nullable=False, index=True),
-)
+from genserve.store.db import db_now, write_transaction
+from genserve.store.tables import batch_items, batches
 
 
 @dataclass(frozen=True)

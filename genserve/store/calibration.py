@@ -1,7 +1,6 @@
 """Stored step timings for the cost model: `genserve calibrate` writes them, serving refines them.
 
-One row per (device, model, width, height, batch). `create_db_engine` imports this module, so the
-`step_timings` table is created with the others on SQLite and PostgreSQL.
+One row per (device, model, width, height, batch), in the `step_timings` table (store/tables.py).
 """
 
 from __future__ import annotations
@@ -10,23 +9,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from genserve.scheduler.cost import StepTiming, default_device, lookup, refine
-from genserve.store.db import UTCDateTime, create_db_engine, db_now, metadata, write_transaction
-
-step_timings = sa.Table(
-    "step_timings",
-    metadata,
-    sa.Column("device", sa.String(200), primary_key=True),
-    sa.Column("model", sa.String(200), primary_key=True),
-    sa.Column("width", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("height", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("batch", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("overhead_s", sa.Float, nullable=False),
-    sa.Column("step_s", sa.Float, nullable=False),
-    sa.Column("source", sa.String(16), nullable=False),
-    sa.Column("samples", sa.Integer, nullable=False),
-    sa.Column("observations", sa.Integer, nullable=False),
-    sa.Column("updated_at", UTCDateTime, nullable=False),
-)
+from genserve.store.db import create_db_engine, db_now, write_transaction
+from genserve.store.tables import step_timings
 
 _KEY = ("device", "model", "width", "height", "batch")
 _VALUES = ("overhead_s", "step_s", "source", "samples", "observations")

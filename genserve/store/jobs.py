@@ -21,7 +21,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from genserve.events.log import EventLog, append_event
 from genserve.schemas.jobs import JobState
-from genserve.store.db import create_db_engine, db_now, jobs, workers, write_transaction
+from genserve.store.db import create_db_engine, db_now, write_transaction
+from genserve.store.tables import jobs, workers
 
 QUEUED, RUNNING, WAITING = JobState.queued.value, JobState.running.value, JobState.waiting.value
 SEGMENT = "segment"

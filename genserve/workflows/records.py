@@ -13,42 +13,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from genserve.store.db import UTCDateTime, db_now, write_transaction
-
-metadata = sa.MetaData()
-
-prompts = sa.Table(
-    "workflow_prompts",
-    metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("number", sa.Integer, nullable=False),
-    sa.Column("client_id", sa.String(200)),
-    sa.Column("owner", sa.String(200)),  # the API key's id with auth on
-    sa.Column("prompt", sa.JSON, nullable=False),
-    sa.Column("extra", sa.JSON, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),  # queued | running | success | error
-    sa.Column("outputs", sa.JSON, nullable=False),
-    sa.Column("messages", sa.JSON, nullable=False),
-    sa.Column("error", sa.JSON),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-    sa.Column("finished_at", UTCDateTime),
-    sa.Index("ix_workflow_prompts_state", "state", "number"),
-    sa.Index("ix_workflow_prompts_created", "created_at"),
-)
-
-files = sa.Table(
-    "workflow_files",
-    metadata,
-    sa.Column("owner", sa.String(200), primary_key=True),  # "" with auth off
-    sa.Column("name", sa.String(400), primary_key=True),  # "subfolder/filename" as LoadImage names it
-    sa.Column("ref", sa.String(80), nullable=False),  # sha256:<hex> in the input store
-    sa.Column("width", sa.Integer, nullable=False),
-    sa.Column("height", sa.Integer, nullable=False),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-)
+from genserve.store.db import db_now, write_transaction
+from genserve.store.tables import workflow_files as files
+from genserve.store.tables import workflow_prompts as prompts
 
 ACTIVE = ("queued", "running")
-_LOCK_KEY = 0x676E7766  # "gnwf": creating these tables from several API replicas at once
 
 
 @dataclass(frozen=True)
@@ -69,11 +38,7 @@ class PromptRecord:
 
 class WorkflowRecords:
     def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
-        with write_transaction(engine) as conn:
-            if engine.dialect.name == "postgresql":
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCK_KEY)))
-            metadata.create_all(conn)
+        self.engine = engine  # opened by db.create_db_engine, which created the tables
 
     def add(
         self, prompt_id: str, prompt: dict, client_id: str | None, owner: str | None, extra: dict
