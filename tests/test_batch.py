@@ -184,7 +184,7 @@ def test_killed_batch_resumes_without_rendering_any_item_twice(tiny_models_dir, 
         tmp_path / "spec.yaml",
         name="resume",
         prompts=[f"shape {i}" for i in range(8)],
-        variants={"seed": [3, 4], "steps": [20]},
+        variants={"seed": [3, 4], "steps": [8]},
         output={"dir": "out", "pattern": "{index:03d}.{ext}"},
     )
     env = {
