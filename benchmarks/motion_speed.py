@@ -23,7 +23,7 @@ import torch
 
 from genserve.engine.speed.optimize import device_name
 from genserve.toymodel.motion_eval import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, generate_clip
-from genserve.toymodel.train import bf16_is_faster
+from genserve.toymodel.train import uses_bf16
 
 TARGET_S = 5.0
 FRAMES = 16
@@ -54,7 +54,8 @@ def main() -> None:
         "device": device_name("cpu"),
         "cpu_threads": args.threads,
         "torch": torch.__version__,
-        "bf16_autocast": bf16_is_faster("cpu"),
+        # the decision the runs above used (a fresh probe here could answer otherwise)
+        "bf16_autocast": uses_bf16("cpu"),
         "prompt": PROMPT,
         "frames": int(clip.shape[0]),
         "size": f"{clip.shape[2]}x{clip.shape[1]}",

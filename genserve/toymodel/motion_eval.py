@@ -59,21 +59,31 @@ FLICKER_BAR_FACTOR = 2.0
 # 1. Generation
 
 
-@functools.cache
 def load_motion_pipeline(
-    base_dir: Path = BASE_MODEL,
-    motion_dir: Path = MOTION_MODEL,
+    base_dir: Path | str = BASE_MODEL,
+    motion_dir: Path | str = MOTION_MODEL,
     sampler: str = DEFAULT_SAMPLER,
     warped_noise: bool = True,
 ) -> AnimateDiffPipeline:
     """An `AnimateDiffPipeline` from genserve-shapes (UNet, VAE) and the motion folder (adapter,
     text encoder and tokenizer with the motion words, motion text conditioning), fp32 on the CPU,
-    loaded offline. Cached.
+    loaded offline. Cached per resolved folders, sampler and noise: `load_motion_pipeline()`,
+    `generate_clip`'s call and the engine's (folders as str) share one pipeline (the cache was keyed
+    on the arguments as given, and each of those loaded its own copy).
 
     With `warped_noise` (the default) it is a `motion_noise.WarpedNoiseAnimateDiffPipeline`: the
     motion the prompt names is written into the initial noise, which the adapter was trained to follow.
     The UNet is `motion.ShapesUNetMotionModel` (a `UNetMotionModel` keeping the base UNet's text
     addition embedding, plus the conditioning), passed to the pipeline ready-built."""
+    return _load_motion_pipeline(
+        Path(base_dir).resolve(), Path(motion_dir).resolve(), sampler, bool(warped_noise)
+    )
+
+
+@functools.cache
+def _load_motion_pipeline(
+    base_dir: Path, motion_dir: Path, sampler: str, warped_noise: bool
+) -> AnimateDiffPipeline:
     import torch
     from diffusers import AnimateDiffPipeline, AutoencoderKL, MotionAdapter, UNet2DConditionModel
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
@@ -81,7 +91,6 @@ def load_motion_pipeline(
     from genserve.engine.models.samplers import build_scheduler
     from genserve.toymodel.motion_noise import WarpedNoiseAnimateDiffPipeline
 
-    base_dir, motion_dir = Path(base_dir), Path(motion_dir)
     kwargs = {"torch_dtype": torch.float32, "local_files_only": True}
     adapter = MotionAdapter.from_pretrained(motion_dir, **kwargs)
     unet = UNet2DConditionModel.from_pretrained(base_dir / "unet", **kwargs)
