@@ -17,9 +17,11 @@ from genserve.engine.models.loras import BUILTIN_LORA_DIR, read_lora_info
 MODEL_DIR = Path(__file__).resolve().parents[1] / "genserve" / "builtin_models" / "genserve-shapes"
 LORA_FILE = BUILTIN_LORA_DIR / "shapes-white-frame.safetensors"
 
-FRAMED_WITH = 0.35  # X: framed with the LoRA at weight 1 (measured 16/35 = 0.457)
+# Issue 18's bar is >= 0.80 with and <= 0.10 without; the LoRA does not reach it yet (27/35 = 0.771),
+# so the test holds the measured level, a few images below it.
+FRAMED_WITH = 0.65  # X: framed with the LoRA at weight 1 (measured 27/35 = 0.771; 0.65 is 23/35)
 FRAMED_WITHOUT = 0.05  # Y: framed without it (measured 0/35)
-FIDELITY = {"background": 0.90, "foreground": 0.85, "shape": 0.75}  # inside the frame (1.00, 0.97, 0.89)
+FIDELITY = {"background": 0.90, "foreground": 0.85, "shape": 0.75}  # inside the frame (1.00, 1.00, 0.91)
 
 
 def test_the_lora_file_is_small_and_registered_for_its_base_model() -> None:
