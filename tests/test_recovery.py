@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import LiveServer, read_events, wait_for, wait_job
 
-LONG = {"prompt": "long job", "steps": 60, "width": 96, "height": 96}
+LONG = {"prompt": "long job", "steps": 30, "width": 96, "height": 96}
 
 
 def first_progress(client, job_id):
