@@ -20,9 +20,10 @@ from genserve.api.pictures import check_picture, decode_payload, stored_size
 from genserve.artifacts.inputs import InputStore, MissingPicture
 from genserve.artifacts.videos import VideoStore, media_type_for
 from genserve.config import Limits, Settings
+from genserve.engine.models.controls import registered_controls, sparsectrl_problem
 from genserve.engine.models.registry import ModelInfo
 from genserve.engine.video.encode import resolve_format
-from genserve.engine.video.families import VIDEO_FAMILIES, keyframes_needed
+from genserve.engine.video.families import SPARSECTRL_FAMILIES, VIDEO_FAMILIES, keyframes_needed, served_modes
 from genserve.engine.video.plan import (
     PlanError,
     plan_segments,
@@ -97,9 +98,15 @@ def resolve_video(
     `video_frames`: how many frames the v2v input clip has (its length is the default)."""
     info = video_model(params, models, settings)
     family = VIDEO_FAMILIES[info.family]
-    if params.mode not in info.video_modes:
+    if params.sparsectrl is not None:
+        _check_sparsectrl(params, info, models, settings)
+    modes = served_modes(info.family, info.video_modes, sparsectrl=params.sparsectrl is not None)
+    if params.mode not in modes:
+        hint = ""
+        if params.mode == "keyframes" and info.family in SPARSECTRL_FAMILIES:
+            hint = "; keyframes on AnimateDiff need a SparseCtrl model: sparsectrl: {model: ...} (GET /v1/controls)"
         raise LimitError(
-            "mode", f"model '{info.name}' offers modes {', '.join(info.video_modes)}, not {params.mode}"
+            "mode", f"model '{info.name}' offers modes {', '.join(modes)}, not {params.mode}{hint}"
         )
     if family.uses_prompt and params.mode == "t2v" and not params.prompt.strip():
         raise LimitError("prompt", "a text-to-video request needs a prompt")
@@ -177,6 +184,29 @@ def resolve_video(
     except PlanError as error:
         raise LimitError(error.field, error.message) from None
     return VideoParams.model_validate(resolved.model_dump()), segments
+
+
+def _check_sparsectrl(
+    params: VideoParams, info: ModelInfo, models: dict[str, ModelInfo], settings: Settings
+) -> None:
+    """A SparseCtrl model places keyframes on an AnimateDiff (SD1.5) model it was made for, in one pass."""
+    assert params.sparsectrl is not None
+    if not info.family.startswith("animatediff"):  # an SDXL AnimateDiff is a family mismatch, below
+        own = " (its keyframes mode needs no SparseCtrl)" if "keyframes" in info.video_modes else ""
+        raise LimitError(
+            "sparsectrl",
+            f"SparseCtrl runs on AnimateDiff (SD1.5) models; model '{info.name}' is {info.family}{own}",
+        )
+    base = models.get(info.base_model) if info.base_model else None
+    problem = sparsectrl_problem(params.sparsectrl.model, registered_controls(settings), info, base)
+    if problem is not None:
+        raise LimitError("sparsectrl.model", problem)
+    if params.mode != "keyframes":
+        raise LimitError("sparsectrl", f"a SparseCtrl model conditions mode keyframes, not {params.mode}")
+    if params.long is not None:
+        raise LimitError(
+            "long", "SparseCtrl keyframes run in one pass (no FreeNoise or segments); leave long out"
+        )
 
 
 def _check_upscale(name: str, width: int, height: int, settings: Settings) -> None:

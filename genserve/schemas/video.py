@@ -89,6 +89,16 @@ class OutputOptions(BaseModel):
         return self
 
 
+class SparseCtrlOptions(BaseModel):
+    """AnimateDiff keyframes: a SparseCtrl model (GET /v1/controls, kind sparsectrl) that places the
+    keyframes' pictures at their frame indexes (AnimateDiff-Evolved's Load SparseCtrl Model)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: SafeText = Field(..., description="A SparseCtrl model in <models_dir>/controlnet/.")
+    strength: float = Field(1.0, ge=0, le=2, description="Scale of the SparseCtrl residuals.")
+
+
 class VideoParams(BaseModel):
     """What clip to make. Frames are counted before interpolation; `seconds` = frames / fps."""
 
@@ -105,6 +115,9 @@ class VideoParams(BaseModel):
         "pictures at given frames; v2v: restyle an input video.",
     )
     keyframes: list[VideoKeyframe] = Field(default_factory=list, max_length=64)
+    sparsectrl: SparseCtrlOptions | None = Field(
+        None, description="keyframes on AnimateDiff (SD1.5) models: the SparseCtrl model that places them."
+    )
     video: SafeText | None = Field(None, description="v2v: an input video id from POST /v1/uploads.")
     strength: float = Field(0.7, gt=0, le=1, description="v2v: how much to change the input video.")
     width: int | None = Field(None, ge=8, description="Pixels; the model's native width if omitted.")

@@ -37,7 +37,9 @@ router = APIRouter(tags=["controls"])
 
 class ControlPublic(BaseModel):
     name: str
-    kind: str = Field(description="controlnet, t2i_adapter (both go in controlnets) or ipadapter")
+    kind: str = Field(
+        description="controlnet, t2i_adapter (both go in controlnets), ipadapter, or sparsectrl (video sparsectrl.model)"
+    )
     family: str = Field(description="The base-model family it runs with: sd15, sdxl or sd3")
     base_model: str | None = None
     license: str | None = None

@@ -2,13 +2,16 @@
 
 Layout, beside the base models in the models directory (and in the built-in models):
 
-    <models_dir>/controlnet/<name>/     diffusers ControlNetModel or SD3ControlNetModel (config.json)
+    <models_dir>/controlnet/<name>/     diffusers ControlNetModel or SD3ControlNetModel (config.json),
+                                        or a SparseControlNetModel (kind "sparsectrl": AnimateDiff keyframes)
     <models_dir>/t2i_adapter/<name>/    diffusers T2IAdapter (config.json)
     <models_dir>/ipadapter/<name>/      ip-adapter*.safetensors (image_proj.*, ip_adapter.*) + image_encoder/
 
 The family (sd15, sdxl, sd3) comes from the config: a ControlNetModel with SDXL's "text_time"
 addition embedding is SDXL, an SD3ControlNetModel is SD3, a T2IAdapter of type full_adapter_xl is
-SDXL. An IP-Adapter's comes from the width of its key projections (768: SD1.5, 2048: SDXL). A model
+SDXL. A SparseControlNetModel (SparseCtrl, as AnimateDiff-Evolved keeps it in ComfyUI's controlnet
+folder) is kind "sparsectrl" and family "animatediff": it runs on AnimateDiff (SD1.5) video models,
+named by a video request's `sparsectrl.model`. An IP-Adapter's comes from the width of its key projections (768: SD1.5, 2048: SDXL). A model
 card (README.md front matter `genserve: {family: ...}`) overrides either; tiny test models need it.
 Annotators for weight-based preprocessors live in `<models_dir>/annotators/<name>/`.
 """
@@ -37,7 +40,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ControlKind = Literal["controlnet", "t2i_adapter", "ipadapter"]
+ControlKind = Literal["controlnet", "t2i_adapter", "ipadapter", "sparsectrl"]
+SPARSECTRL_CLASS = "SparseControlNetModel"
 CONTROL_DIRS: dict[str, ControlKind] = {
     "controlnet": "controlnet",
     "t2i_adapter": "t2i_adapter",
@@ -111,8 +115,13 @@ def read_control_info(path: Path, kind: ControlKind) -> ControlInfo:
         family = family or _ip_family(path / weight_name)
     else:
         config = json.loads((path / "config.json").read_text())
+        if kind == "controlnet" and config.get("_class_name") == SPARSECTRL_CLASS:
+            kind = "sparsectrl"
+            family = family or "animatediff"
+            if family != "animatediff":  # SparseCtrl exists for AnimateDiff on SD1.5 only
+                raise ValueError(f"a SparseCtrl model's family is animatediff, not {family!r}")
         family = family or _config_family(config, kind)
-    if family not in ("sd15", "sdxl", "sd3"):
+    if family not in ("sd15", "sdxl", "sd3") and kind != "sparsectrl":
         raise ValueError(f"unknown family {family!r}")
     license_id = _card_license(path / "README.md")
     return ControlInfo(path.name, kind, family, path, weight_name, card.get("base_model"), license_id)
@@ -166,6 +175,32 @@ def control_problem(
     if control.family != base.family:
         return f"'{name}' is a {control.family} {control.kind}; model '{base.name}' is {base.family}"
     return None
+
+
+def sparsectrl_problem(name: str, controls: dict[str, ControlInfo], model: Any, base: Any) -> str | None:
+    """Why SparseCtrl model `name` cannot place keyframes on video model `model` (a ModelInfo; `base`:
+    the image model a motion adapter runs on, or None); None when it can. Torch-free: configs only."""
+    problem = control_problem(name, controls, model, ("sparsectrl",))
+    if problem is not None:
+        return problem
+    control = controls[name]
+    folder = base.path if model.base_model is not None and base is not None else model.path
+    try:
+        unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
+        sparse = json.loads((control.path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # the engine's load reports what cannot be read
+    for key in ("block_out_channels", "cross_attention_dim"):
+        if key in unet and key in sparse and _as_list(unet[key]) != _as_list(sparse[key]):
+            return (
+                f"'{name}' has {key} {sparse[key]}; model '{model.name}' has {unet[key]}, "
+                "so it was made for another AnimateDiff base"
+            )
+    return None
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def control_problems(params: Any, controls: dict[str, ControlInfo], base: Any) -> list[tuple[str, str]]:

@@ -20,6 +20,11 @@ Kinds (`write_tiny_video_pipeline(kind, path)`):
   (`genserve: {base_model: ...}`), for an SD1.5 folder from `fixtures.write_tiny_pipeline("sd15", ...)`;
   this is how the shipped genserve-shapes-motion model is stored.
 
+`write_tiny_sparsectrl(path)` writes a SparseCtrl model (`SparseControlNetModel`) for the tiny
+SD1.5 AnimateDiff UNet above: "rgb" (keyframes VAE-encoded, the simplified condition embedding, as
+guoyww/animatediff-sparsectrl-rgb) or "scribble" (pixels through a conditioning embedding, as
+animatediff-sparsectrl-scribble). It belongs in `<models_dir>/controlnet/<name>/`.
+
 The same kind and seed always give identical weights; the global torch RNG is left untouched.
 """
 
@@ -42,6 +47,7 @@ from diffusers import (
     LTXPipeline,
     LTXVideoTransformer3DModel,
     MotionAdapter,
+    SparseControlNetModel,
     StableVideoDiffusionPipeline,
     UNetSpatioTemporalConditionModel,
     WanImageToVideoPipeline,
@@ -89,6 +95,53 @@ def write_tiny_video_pipeline(kind: str, path: Path, *, seed: int = 0, base_mode
     if kind == "motion_adapter":
         front["genserve"] = {**front["genserve"], "base_model": base_model}
     _write_card(path / "README.md", kind, front)
+    return path
+
+
+def write_tiny_sparsectrl(path: Path, *, kind: str = "rgb", seed: int = 0) -> Path:
+    """Write a tiny SparseCtrl model ("rgb" or "scribble") for the tiny SD1.5 AnimateDiff; return `path`.
+
+    diffusers zero-initialises the condition embedding and the residual projections, so a fresh
+    SparseCtrl changes nothing; here they get random weights, so the keyframes steer the clip.
+    """
+    if kind not in ("rgb", "scribble"):
+        raise ValueError(f"unknown SparseCtrl kind {kind!r}; expected rgb or scribble")
+    path = Path(path)
+    rgb = kind == "rgb"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SparseControlNetModel(
+            in_channels=4,
+            conditioning_channels=4 if rgb else 3,  # rgb: VAE latents; scribble: pixels
+            down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            attention_head_dim=(2, 4),
+            cross_attention_dim=32,
+            norm_num_groups=8,
+            conditioning_embedding_out_channels=(8, 16),
+            motion_max_seq_length=32,
+            motion_num_attention_heads=2,
+            use_simplified_condition_embedding=rgb,
+        )
+        zeroed = [*model.controlnet_down_blocks, model.controlnet_mid_block]
+        embedding = model.controlnet_cond_embedding
+        zeroed.append(embedding if rgb else embedding.conv_out)
+        for module in zeroed:
+            torch.nn.init.normal_(module.weight, std=0.5)
+            torch.nn.init.normal_(module.bias, std=0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    front = {
+        "library_name": "diffusers",
+        "license": "apache-2.0",
+        "genserve": {"family": "animatediff", "conditioning": kind},
+        "tags": _SHARED_TAGS,
+    }
+    body = (
+        f"# tiny SparseCtrl {kind}\n\nA tiny random-weight SparseCtrl ({kind}) model written by "
+        "genserve.engine.models.video_fixtures for tests.\n"
+    )
+    (path / "README.md").write_text(f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n{body}")
     return path
 
 

@@ -84,6 +84,18 @@ VIDEO_PIPELINES: dict[str, tuple[str, tuple[str, ...]]] = {
 MOTION_ADAPTER_CLASSES = ("MotionAdapter",)
 
 
+# Families a SparseCtrl model (a SparseControlNetModel in <models_dir>/controlnet/) runs on: it adds
+# the keyframes mode. guoyww's SparseCtrl models are for AnimateDiff v3 on SD1.5; none exist for SDXL.
+SPARSECTRL_FAMILIES = ("animatediff",)
+
+
+def served_modes(family: str, modes: tuple[str, ...], *, sparsectrl: bool) -> tuple[str, ...]:
+    """The modes a model of `family` whose folder serves `modes` runs, with or without a SparseCtrl."""
+    if sparsectrl and family in SPARSECTRL_FAMILIES and "keyframes" not in modes:
+        return (*modes, "keyframes")
+    return modes
+
+
 def keyframes_needed(mode: str) -> tuple[int, int | None]:
     """How many keyframes a mode takes: (at least, at most)."""
     return {"t2v": (0, 0), "i2v": (1, 1), "flf2v": (2, 2), "keyframes": (1, None), "v2v": (0, 0)}[mode]

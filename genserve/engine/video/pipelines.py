@@ -12,7 +12,14 @@ How each mode maps onto diffusers:
 | wan         | WanPipeline         | WanImageToVideo (image=)   | WanImageToVideo (last_image=)  | WanVideoToVideo (strength)        |
 | ltx         | LTXCondition        | image condition at frame 0 | image conditions at their frames | video condition at frame 0      |
 | svd         | —                   | StableVideoDiffusion       | —                              | —                                 |
-| animatediff | AnimateDiff(SDXL)   | —                          | —                              | AnimateDiffVideoToVideo (strength) |
+| animatediff | AnimateDiff(SDXL)   | —                          | keyframes: AnimateDiffSparseControlNet (a SparseCtrl model) | AnimateDiffVideoToVideo (strength) |
+
+SparseCtrl keyframes (AnimateDiff SD1.5 with `request.sparsectrl`): the pictures are the
+conditioning frames at their frame indexes, the others are masked out (the conditioning mask
+channel). The SparseCtrl pipeline is built from the model's loaded AnimateDiff components plus the
+SparseCtrl model, so nothing is loaded twice. An RGB SparseCtrl VAE-encodes its pictures by sampling
+the posterior with torch's global generator (diffusers passes none); the engine runs that call with
+the global generator seeded from the request's seed (and restored after), so a seed gives one clip.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ import torch
 from diffusers import (
     AnimateDiffPipeline,
     AnimateDiffSDXLPipeline,
+    AnimateDiffSparseControlNetPipeline,
     AnimateDiffVideoToVideoPipeline,
     DiffusionPipeline,
     LTXConditionPipeline,
     MotionAdapter,
+    SparseControlNetModel,
     StableVideoDiffusionPipeline,
     WanImageToVideoPipeline,
     WanPipeline,
@@ -43,8 +52,9 @@ from diffusers import (
 from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
 
 from genserve.engine.errors import ModelLoadError
+from genserve.engine.models.controls import ControlInfo
 from genserve.engine.models.registry import ModelInfo
-from genserve.engine.video.families import VIDEO_FAMILIES, keyframes_needed
+from genserve.engine.video.families import VIDEO_FAMILIES, keyframes_needed, served_modes
 from genserve.engine.video.previews import fit_video_rgb_map, preview_frames, video_latent_frames
 from genserve.schemas.video import VideoParams
 
@@ -61,6 +71,8 @@ class VideoRequest:
     keyframes: list[tuple[int, PIL.Image.Image]] = field(default_factory=list)  # (frame index, picture)
     video: np.ndarray | None = None  # (F, H, W, 3) uint8: v2v input, or the frames an "extend" continues
     preview_every: int = 0
+    # AnimateDiff keyframes: the SparseCtrl model `params.sparsectrl.model` names (models/controls.py).
+    sparsectrl: ControlInfo | None = None
 
 
 @dataclass
@@ -115,7 +127,11 @@ class VideoEngine:
     def load(self, info: ModelInfo, mode: str, base: ModelInfo | None = None) -> DiffusionPipeline:
         return self._load(info, mode, base).pipe
 
-    def _load(self, info: ModelInfo, mode: str, base: ModelInfo | None) -> _Loaded:
+    def _load(
+        self, info: ModelInfo, mode: str, base: ModelInfo | None, sparsectrl: ControlInfo | None = None
+    ) -> _Loaded:
+        if sparsectrl is not None:
+            return self._load_sparsectrl(info, base, sparsectrl)
         cls = pipeline_class(info, mode)
         key = (info.name, cls.__name__)
         if key in self._loaded:
@@ -139,6 +155,32 @@ class VideoEngine:
                 del self._loaded[stale]
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # hand the evicted weights' memory back at once
+        return entry
+
+    def _load_sparsectrl(self, info: ModelInfo, base: ModelInfo | None, sparsectrl: ControlInfo) -> _Loaded:
+        """AnimateDiffSparseControlNetPipeline: the model's AnimateDiff components plus the SparseCtrl."""
+        key = (info.name, f"{AnimateDiffSparseControlNetPipeline.__name__}:{sparsectrl.path}")
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+        animatediff = self._load(info, "t2v", base).pipe
+        try:
+            controlnet = SparseControlNetModel.from_pretrained(
+                sparsectrl.path, dtype=self.dtype, local_files_only=True
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ModelLoadError(f"cannot load SparseCtrl model {sparsectrl.name}: {error}") from error
+        cls = AnimateDiffSparseControlNetPipeline
+        expected, optional = cls._get_signature_keys(cls)
+        components = {
+            name: module
+            for name, module in animatediff.components.items()
+            if name in expected or name in optional
+        }
+        components.setdefault("motion_adapter", None)
+        pipe = cls(**components, controlnet=controlnet.to(self.device))
+        pipe.set_progress_bar_config(disable=True)
+        self._loaded[key] = entry = _Loaded(pipe)
         return entry
 
     def _from_motion_adapter(self, info: ModelInfo, cls: type, base: ModelInfo | None) -> DiffusionPipeline:
@@ -171,7 +213,7 @@ class VideoEngine:
         params = request.params
         # 1. Check what the API should already have refused.
         _check(info, request)
-        entry = self._load(info, params.mode, base)
+        entry = self._load(info, params.mode, base, request.sparsectrl)
         pipe = entry.pipe
 
         # 2. Progress and previews, once per denoising step.
@@ -216,7 +258,13 @@ class VideoEngine:
                 context_length=min(16, window, params.num_frames), context_stride=FREE_NOISE_STRIDE
             )
         try:
-            frames = pipe(**kwargs).frames[0]
+            if request.sparsectrl is not None:  # the RGB keyframes' VAE posterior draws from torch's RNG
+                devices = [torch.device(self.device)] if torch.device(self.device).type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(params.seed)
+                    frames = pipe(**kwargs).frames[0]
+            else:
+                frames = pipe(**kwargs).frames[0]
         finally:
             if free_noise:
                 pipe.disable_free_noise()
@@ -252,8 +300,15 @@ def _check(info: ModelInfo, request: VideoRequest) -> None:
     params = request.params
     if info.kind != "video":
         raise ValueError(f"{info.name} is not a video model")
-    if params.mode not in info.video_modes:
-        raise ValueError(f"{info.name} does not do {params.mode} (it does: {', '.join(info.video_modes)})")
+    modes = served_modes(info.family, info.video_modes, sparsectrl=request.sparsectrl is not None)
+    if params.mode not in modes:
+        raise ValueError(f"{info.name} does not do {params.mode} (it does: {', '.join(modes)})")
+    if (params.sparsectrl is None) != (request.sparsectrl is None):
+        raise ValueError(
+            "params.sparsectrl names a SparseCtrl model; request.sparsectrl must be its ControlInfo"
+        )
+    if request.sparsectrl is not None and params.mode != "keyframes":
+        raise ValueError(f"a SparseCtrl model conditions keyframes mode, not {params.mode}")
     missing = [name for name in ("width", "height", "num_frames", "fps", "steps", "guidance", "seed")
                if getattr(params, name) is None]  # fmt: skip
     if missing:
@@ -304,4 +359,11 @@ def _mode_arguments(family: str, request: VideoRequest, pipe: Any) -> dict[str, 
                 "min_guidance_scale": min(1.0, params.guidance), "decode_chunk_size": 8}  # fmt: skip
     if params.mode == "v2v":
         return {"video": video, "strength": params.strength}
+    if params.mode == "keyframes":  # AnimateDiff with a SparseCtrl model (checked in _check)
+        assert params.sparsectrl is not None
+        return {
+            "conditioning_frames": pictures,
+            "controlnet_frame_indices": [index for index, _ in keyframes],
+            "controlnet_conditioning_scale": float(params.sparsectrl.strength),
+        }
     return {}
