@@ -327,6 +327,34 @@ def test_estimate_gives_cost_per_second_of_video(settings):
         assert longer["estimated_seconds"] > estimate["estimated_seconds"]
 
 
+def test_v1_estimate_takes_a_video_body_too(settings):
+    """/v1/estimate answers a video request with what /v1/video/estimate gives; image bodies as before."""
+    with api(settings) as client:
+        body = {"model": "tiny-ltx", "prompt": "x", "num_frames": 17, "width": 32, "height": 32, "fps": 8,
+                "post": {"interpolate": 2}, "gpu_price_per_hour": 2.0}  # fmt: skip
+        video = client.post("/v1/video/estimate", json=body)
+        both = client.post("/v1/estimate", json=body)
+        assert both.status_code == video.status_code == 200, both.text
+        assert both.json() == video.json() and both.json()["cost_per_video_second"] > 0
+        # Naming a video model is enough; the video defaults then apply, as on /v1/video/estimate.
+        short = {"model": "tiny-ltx", "prompt": "x", "width": 32, "height": 32}
+        assert (
+            client.post("/v1/estimate", json=short).json()
+            == client.post("/v1/video/estimate", json=short).json()
+        )
+        # An image body still gets the image estimate.
+        image = client.post(
+            "/v1/estimate", json={"model": "tiny-sd15", "steps": 4, "width": 64, "height": 64}
+        )
+        assert image.status_code == 200 and "images_per_hour" in image.json() and "frames" not in image.json()
+        # The video rules and the field names of the 422s are the video estimate's.
+        for bad, field in (({**body, "num_frames": 10}, "num_frames"), ({**body, "batch": 2}, "batch"),
+                           ({**body, "long": {"segment_frames": 9, "overlap": 9}}, "long")):  # fmt: skip
+            response = client.post("/v1/estimate", json=bad)
+            assert response.status_code == 422, response.text
+            assert field in response.json()["detail"][0]["loc"], response.json()
+
+
 def test_models_list_video_models_with_licence_and_modes(settings):
     with api(settings) as client:
         models = {m["name"]: m for m in client.get("/v1/models").json()["data"]}

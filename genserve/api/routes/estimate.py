@@ -1,15 +1,33 @@
-"""What a request would take and cost: the cost model over calibrated step timings (no torch)."""
+"""What a request would take and cost: the cost model over calibrated step timings (no torch).
+
+`POST /v1/estimate` takes a video request too: a body with any video field (mode, num_frames,
+seconds, fps, guidance, keyframes, video, long, post, output, sparsectrl), or one that names a video
+model, gets what `POST /v1/video/estimate` gives for it (device-seconds, and cost per second of
+video), from the same function. Image bodies validate and answer exactly as before.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from genserve.api.deps import ServicesDep
 from genserve.api.pictures import store_pictures
+from genserve.api.routes.videos import VideoEstimate, VideoEstimateRequest, estimate_video
 from genserve.api.submission import resolve_params, second_stage_seconds
+from genserve.auth.deps import PrincipalDep
 from genserve.scheduler.cost import estimate, steps_run
-from genserve.schemas import GenerationParams
+from genserve.schemas import GenerationParams, LimitError
+from genserve.schemas.text import SafeText
+from genserve.schemas.video import (
+    LongOptions,
+    OutputOptions,
+    PostOptions,
+    SparseCtrlOptions,
+    VideoKeyframe,
+    VideoModeName,
+)
 from genserve.store.calibration import CalibrationStore
 
 router = APIRouter(tags=["estimate"])
@@ -30,6 +48,28 @@ class EstimateRequest(GenerationParams):
     device: str | None = Field(
         None, description="Device to plan for, as calibrated; default: the model's calibrated device."
     )
+    # A video request (POST /v1/video/estimate's body): any of these, or a video model, makes it one.
+    mode: VideoModeName | None = Field(None, description="Video: t2v, i2v, flf2v, keyframes or v2v.")
+    num_frames: int | None = Field(None, ge=1, description="Video: frames generated.")
+    seconds: float | None = Field(None, gt=0, description="Video: instead of num_frames, seconds at fps.")
+    fps: int | None = Field(None, ge=1, le=120, description="Video: frames per second.")
+    guidance: float | None = Field(None, ge=0, description="Video: guidance scale.")
+    keyframes: list[VideoKeyframe] | None = Field(None, max_length=64, description="Video: keyframes.")
+    video: SafeText | None = Field(None, description="Video v2v: an input video id.")
+    long: LongOptions | None = Field(None, description="Video: a long clip's segments.")
+    post: PostOptions | None = Field(None, description="Video: post-processing.")
+    output: OutputOptions | None = Field(None, description="Video: container, codec, crf.")
+    sparsectrl: SparseCtrlOptions | None = Field(None, description="Video: AnimateDiff SparseCtrl keyframes.")
+
+
+VIDEO_ONLY_FIELDS = (
+    frozenset(VideoEstimateRequest.model_fields)
+    - frozenset(GenerationParams.model_fields)
+    - {"gpu_price_per_hour"}
+)
+assert VIDEO_ONLY_FIELDS <= frozenset(EstimateRequest.model_fields), (
+    "EstimateRequest must take every video field"
+)
 
 
 class EstimatePublic(BaseModel):
@@ -56,10 +96,16 @@ class EstimatePublic(BaseModel):
     basis: str
 
 
-@router.post("/v1/estimate", response_model=EstimatePublic, operation_id="estimate_cost")
-def estimate_cost(body: EstimateRequest, services: ServicesDep) -> EstimatePublic:
-    """Time per image, images/hour and cost per 1,000 images for this request on a calibrated device."""
+@router.post("/v1/estimate", response_model=EstimatePublic | VideoEstimate, operation_id="estimate_cost")
+def estimate_cost(
+    body: EstimateRequest, services: ServicesDep, principal: PrincipalDep
+) -> EstimatePublic | VideoEstimate:
+    """Time per image, images/hour and cost per 1,000 images for this request on a calibrated device;
+    for a video request (a video field, or a video model), what POST /v1/video/estimate gives."""
     models = services.catalog.models()
+    named = models.get(body.model or "")
+    if body.model_fields_set & VIDEO_ONLY_FIELDS or (named is not None and named.kind == "video"):
+        return estimate_video(_video_body(body), services, principal)
     # exclude_unset: steps and sampler left out take the model card's, as a submitted job would.
     asked = body.model_dump(include=set(GenerationParams.model_fields), exclude_unset=True)
     generation = GenerationParams.model_validate({"prompt": body.prompt, **asked})
@@ -111,3 +157,20 @@ def estimate_cost(body: EstimateRequest, services: ServicesDep) -> EstimatePubli
         calibrated=result.calibrated,
         basis=result.basis,
     )
+
+
+def _video_body(body: EstimateRequest) -> VideoEstimateRequest:
+    """The video estimate's body from an /v1/estimate body: its fields as set, checked as
+    /v1/video/estimate checks them (an image-only field is a 422 naming it)."""
+    image_only = sorted(body.model_fields_set - set(VideoEstimateRequest.model_fields))
+    if image_only:
+        field = image_only[0]
+        raise LimitError(
+            field, f"{field} is an image estimate's field; a video estimate takes the video request"
+        )
+    fields = body.model_dump(include=body.model_fields_set, exclude_unset=True)
+    try:
+        return VideoEstimateRequest.model_validate(fields)
+    except ValidationError as error:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
