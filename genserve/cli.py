@@ -418,7 +418,13 @@ def _video_request(
             if picture.size != size:
                 picture = picture.resize(size, PIL.Image.LANCZOS)
             keyframes.append((key.frame_index, picture))
-    return VideoRequest(params=params, keyframes=keyframes, video=video, preview_every=0)
+    control = None
+    if params.sparsectrl is not None:  # checked by resolve_video
+        from genserve.engine.models.controls import scan_controls
+
+        settings = Settings()
+        control = scan_controls(settings.models_dir, builtin=settings.builtin_models)[params.sparsectrl.model]
+    return VideoRequest(params=params, keyframes=keyframes, video=video, preview_every=0, sparsectrl=control)
 
 
 def _segment_request(segment: VideoSegment, pictures: dict, before: np.ndarray | None) -> VideoRequest:
@@ -539,6 +545,12 @@ def video(
     strategy: Annotated[
         str, typer.Option(help="Long clip: keyframe_parallel, extend or free_noise.")
     ] = "keyframe_parallel",
+    sparsectrl: Annotated[
+        str | None,
+        typer.Option(
+            help="AnimateDiff keyframes: a SparseCtrl model in models/controlnet/ (--mode keyframes)."
+        ),
+    ] = None,
     server: Annotated[str | None, typer.Option(help="Run on a genserve server at this URL instead.")] = None,
 ) -> None:
     """Make a video clip locally, or on a server with --server."""
@@ -562,6 +574,7 @@ def video(
         long={"segment_frames": long_segment_frames, "overlap": overlap, "strategy": strategy}
         if long_segment_frames is not None
         else None,
+        sparsectrl={"model": sparsectrl} if sparsectrl else None,
     )
     report = _video_remote(params, output, server) if server else _video_local(params, output)
     console.print(f"wrote {output}")

@@ -238,3 +238,26 @@ def test_bad_sparsectrl_requests_get_a_422_naming_the_field(
     assert response.status_code == 422, response.text
     detail = response.json()["detail"][0]
     assert detail["loc"][-1] == field and words in detail["msg"], detail
+
+
+def test_cli_video_takes_a_sparsectrl(models_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from genserve.cli import app
+    from genserve.engine.video.encode import probe_video
+
+    env = {
+        "GENSERVE_MODELS_DIR": str(models_dir), "GENSERVE_DATA_DIR": str(tmp_path / "data"),
+        "GENSERVE_BUILTIN_MODELS": "false", "GENSERVE_DEFAULT_MODEL": "tiny-sd15",
+        "GENSERVE_DEFAULT_VIDEO_MODEL": MODEL, "GENSERVE_DEVICE": "cpu", "GENSERVE_TORCH_THREADS": "1",
+    }  # fmt: skip
+    key = tmp_path / "key.png"
+    _picture((220, 30, 30)).save(key)
+    output = tmp_path / "clip.mp4"
+    args = ["video", "a bird", "-o", str(output), "--mode", "keyframes", "--keyframe", f"{key}@2",
+            "--frames", "8", "--steps", "2", "--seed", "3", "--width", "32", "--height", "32"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--sparsectrl", "tiny-sparsectrl-scribble"], env=env)
+    assert result.exit_code == 0, result.output
+    assert probe_video(output.read_bytes()).frames == 8
+    refused = CliRunner().invoke(app, args, env=env)  # keyframes on AnimateDiff without a SparseCtrl
+    assert refused.exit_code == 2 and "SparseCtrl" in refused.output, refused.output
