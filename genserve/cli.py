@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # torch, numpy and PIL load only for the commands that run a 
 
     from genserve.engine.video.pipelines import VideoRequest
     from genserve.schemas.video import VideoParams, VideoSegment
+    from genserve.store.video_calibration import VideoSpeed
 
 app = typer.Typer(help="genserve: a self-hosted image generation server.", no_args_is_help=True)
 app.add_typer(batch_app, name="batch")
@@ -653,8 +654,16 @@ def calibrate(
     upscaler: Annotated[
         str | None, typer.Option(help="Measure this upscaler's seconds per output megapixel instead.")
     ] = None,
+    video: Annotated[
+        str | None, typer.Option("--video", help="Measure this video model's speed scale instead.")
+    ] = None,
+    frames: Annotated[int | None, typer.Option(min=1, help="--video: frames (model default).")] = None,
+    width: Annotated[int | None, typer.Option(min=8, help="--video: width (model default).")] = None,
+    height: Annotated[int | None, typer.Option(min=8, help="--video: height (model default).")] = None,
+    video_steps: Annotated[int, typer.Option(min=3, help="--video: denoising steps to time.")] = 4,
 ) -> None:
-    """Measure the cost model's O and t_step on this machine and store them for `plan` and the server."""
+    """Measure the cost model's O and t_step on this machine and store them for `plan` and the server;
+    with --video, a video model's speed relative to the published figures."""
     from genserve.engine.engine import Engine, EngineError, engine_optimizations
     from genserve.engine.models.registry import registered_models
     from genserve.scheduler.calibrate import calibrate as run_calibration
@@ -664,6 +673,9 @@ def calibrate(
     settings = _settings(models_dir=models_dir, store_url=store, device=device)
     if upscaler is not None:
         _calibrate_upscaler(settings, upscaler, repeats)
+        return
+    if video is not None:
+        _calibrate_video(settings, video, frames=frames, width=width, height=height, steps=video_steps)
         return
     models = registered_models(settings)
     name = model or settings.default_model
@@ -739,6 +751,43 @@ def _calibrate_upscaler(settings: Settings, name: str, repeats: int) -> None:
                   f"(stored in {_display_url(settings.resolved_store_url)})")  # fmt: skip
 
 
+def _calibrate_video(settings: Settings, name: str, **size: int | None) -> None:
+    """`genserve calibrate --video NAME`: time its denoising steps here, store measured / predicted."""
+    from genserve.engine.engine import EngineError
+    from genserve.scheduler.video_calibrate import calibrate_video_model
+    from genserve.store.video_calibration import VideoCalibrationStore
+
+    with _progress() as progress:
+        task = progress.add_task(f"loading {name}", total=2)
+        try:
+            result = calibrate_video_model(
+                settings, name, **size, on_run=lambda what: progress.update(task, advance=1, description=what)
+            )
+        except LimitError as error:
+            console.print(f"[red]{error.field}: {error.message}[/red]")
+            raise typer.Exit(2) from None
+        except (EngineError, ValueError, RuntimeError, OSError) as error:
+            console.print(f"[red]calibration failed: {error}[/red]")
+            raise typer.Exit(1) from None
+    timing = result.timing
+    VideoCalibrationStore.from_url(settings.resolved_store_url).save(timing)
+    table = Table(
+        "device", "model", "frames", "size", "steps", "measured s/step", "published s/step", "scale"
+    )
+    table.add_row(
+        timing.device,
+        timing.model,
+        str(result.frames),
+        f"{result.width}x{result.height}",
+        str(result.steps),
+        f"{result.measured_step_s:.5f}",
+        f"{result.predicted_step_s:.5f}",
+        f"{timing.scale:.4g}",
+    )
+    Console().print(table)
+    console.print(f"stored the scale in {_display_url(settings.resolved_store_url)}")
+
+
 def _read_timings(url: str) -> list:  # list[StepTiming]; the store module is imported lazily
     """Stored timings; none (and no file created) when the SQLite store does not exist yet."""
     import sqlalchemy as sa
@@ -811,7 +860,7 @@ def plan(
             fps=fps, mode=mode, keyframes=keyframes, interpolate=interpolate, gpu_price=gpu_price,
             clips=clips, long=None if long_segment_frames is None else {
                 "segment_frames": long_segment_frames, "overlap": overlap, "strategy": strategy},
-            steps=steps,
+            steps=steps, device=device,
         )  # fmt: skip
         _plan_video(settings, **fields)
         return
@@ -889,6 +938,7 @@ def _plan_video(
     steps: int | None,
     gpu_price: float | None,
     clips: int | None,
+    device: str | None = None,
 ) -> None:
     """The video cost model (engine/video/plan.py) for one request, as POST /v1/video/estimate has it."""
     from genserve.api.video_submission import estimated_video_seconds, resolve_video
@@ -934,7 +984,8 @@ def _plan_video(
     except LimitError as error:
         console.print(f"[red]{error.field}: {error.message}[/red]")
         raise typer.Exit(2) from None
-    gpu_seconds = estimated_video_seconds(resolved, info.family, settings)
+    speed = _video_speed(settings, name, device)
+    gpu_seconds = estimated_video_seconds(resolved, info.family, settings, speed)
     video_seconds = output_seconds(resolved)
     title = (
         f"{name} ({info.family}) {resolved.mode} {resolved.width}x{resolved.height}, "
@@ -956,11 +1007,21 @@ def _plan_video(
         table.add_row(f"GPU-hours for {clips:,} clips", f"{gpu_seconds * clips / 3600:,.3f}")
     out = Console()
     out.print(table)
-    out.print(
-        "basis: step time from latent tokens fitted to published H100-class figures "
-        f"(engine/video/plan.py) × video_speed_scale {settings.video_speed_scale:g}",
-        soft_wrap=True,
-    )
+    out.print(f"basis: {speed.basis}", soft_wrap=True)
+
+
+def _video_speed(settings: Settings, model: str, device: str | None) -> VideoSpeed:
+    """The stored video calibration of (device, model) (none, and no file made, without a store)."""
+    import sqlalchemy as sa
+
+    from genserve.store.video_calibration import PUBLISHED_BASIS, VideoCalibrationStore, VideoSpeed
+
+    url = settings.resolved_store_url
+    sa_url = sa.make_url(url)
+    if sa_url.get_backend_name() == "sqlite" and not Path(sa_url.database or "").is_file():
+        scale = settings.video_speed_scale
+        return VideoSpeed(scale, PUBLISHED_BASIS.format(scale=scale), None, False)
+    return VideoCalibrationStore.from_url(url).speed(model, settings.video_speed_scale, device)
 
 
 @app.command()

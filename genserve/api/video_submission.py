@@ -36,6 +36,7 @@ from genserve.schemas.image_inputs import is_image_hash
 from genserve.schemas.text import SafeText
 from genserve.schemas.video import VideoOutputs, VideoParams, VideoRef, VideoSegment
 from genserve.store.jobs import JobRecord, JobStore
+from genserve.store.video_calibration import VideoSpeed, video_speed
 
 
 class VideoJobCreate(VideoParams):
@@ -326,10 +327,13 @@ def request_hash(body: VideoJobCreate) -> str:
     return "video:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def estimated_video_seconds(params: VideoParams, family: str, settings: Settings) -> float:
-    """The cost model's run time: every segment's (or the one pass's) steps and decode."""
+def estimated_video_seconds(
+    params: VideoParams, family: str, settings: Settings, speed: VideoSpeed | None = None
+) -> float:
+    """The cost model's run time: every segment's (or the one pass's) steps and decode; `speed` is the
+    stored calibration (store/video_calibration.py), else the published figures × video_speed_scale."""
     assert params.num_frames is not None and params.width and params.height and params.steps
-    scale = settings.video_speed_scale
+    scale = settings.video_speed_scale if speed is None else speed.scale
     return video_seconds(family, params.num_frames, params.width, params.height, params.steps, scale)
 
 
@@ -349,7 +353,8 @@ def submit_video(
     )
     resolved, segments = resolve_video(asked, models, settings, video_frames)
     family = models[resolved.model].family
-    seconds = estimated_video_seconds(resolved, family, settings)
+    speed = video_speed(store.engine, resolved.model or "", settings.video_speed_scale)
+    seconds = estimated_video_seconds(resolved, family, settings, speed)
     job, created = store.submit(
         resolved.model_dump(),
         request_id=body.request_id,

@@ -1,8 +1,9 @@
 """The whole schema in one place: every table of the job store, on SQLite and PostgreSQL alike.
 
 The modules that read and write these tables (store/jobs.py, events/log.py, store/batches.py,
-store/experiments.py, store/calibration.py, auth/keys.py, workflows/records.py) import them from here, and
-`db.create_db_engine` creates them all, so a process that opens the store always finds every table.
+store/experiments.py, store/calibration.py, store/video_calibration.py, auth/keys.py,
+workflows/records.py) import them from here, and `db.create_db_engine` creates them all, so a process
+that opens the store always finds every table.
 Times are stored as UTC and always come back as timezone-aware UTC datetimes.
 """
 
@@ -170,6 +171,20 @@ step_timings = sa.Table(
     sa.Column("source", sa.String(16), nullable=False),
     sa.Column("samples", sa.Integer, nullable=False),
     sa.Column("observations", sa.Integer, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+
+# Video cost model speed per (device, model): measured / predicted seconds per denoising step, where
+# the prediction is engine/video/plan.py's (published H100-class figures). store/video_calibration.py.
+video_timings = sa.Table(
+    "video_timings",
+    metadata,
+    sa.Column("device", sa.String(200), primary_key=True),
+    sa.Column("model", sa.String(200), primary_key=True),
+    sa.Column("scale", sa.Float, nullable=False),
+    sa.Column("samples", sa.Integer, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 

@@ -32,9 +32,15 @@ from genserve.engine.video.encode import encode_clip, filmstrip, first_frame_png
 from genserve.engine.video.pipelines import VideoEngine, VideoRequest
 from genserve.engine.video.plan import output_seconds
 from genserve.metrics import VIDEO_SECONDS_MADE, VIDEO_STAGE_SECONDS
+from genserve.scheduler.calibrate import device_name
 from genserve.schemas.upscale import UpscaleOptions
 from genserve.schemas.video import VideoParams, VideoSegment
 from genserve.store.jobs import JobRecord, JobStore
+from genserve.store.video_calibration import (
+    VideoCalibrationStore,
+    predicted_step_seconds,
+    steady_step_seconds,
+)
 from genserve.worker.lease import JobCanceled, LeaseKeeper, LeaseLost
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,8 @@ class VideoJob:
         self.params = segment.params if segment is not None else VideoParams.model_validate(job.params)
         # Where progress goes: the job's own log, and for a segment its video's too.
         self.logs = [job.id] + ([job.parent_id] if job.parent_id else [])
+        self.step_intervals: list[float] = []  # seconds between step callbacks, for the cost model
+        self._step_mark = 0.0
 
     # -- the job's one ending -----------------------------------------------------------------------
 
@@ -155,11 +163,26 @@ class VideoJob:
         base = self.models.get(info.base_model) if info.base_model else None
         started = time.perf_counter()
         self._event("stage", {"stage": "denoise", **self._where()})
+        self.step_intervals, self._step_mark = [], time.perf_counter()
         frames = self.context.engine.generate(
             info, request, on_step=self._on_step, on_preview=self._on_preview, base=base
         )
         self._time("denoise", started)
+        self._observe_speed(info, request.params)
         return frames
+
+    def _observe_speed(self, info: ModelInfo, params: VideoParams) -> None:
+        """Refine the video cost model's stored scale for this device and model with this clip's
+        steady-state step time (store/video_calibration.py). Advisory: a failure only logs."""
+        step_s = steady_step_seconds(self.step_intervals)
+        if step_s is None or not (params.num_frames and params.width and params.height):
+            return
+        predicted = predicted_step_seconds(info.family, params.num_frames, params.width, params.height)
+        try:
+            device = device_name(self.context.engine.device)
+            VideoCalibrationStore(self.context.store.engine).observe(device, info.name, step_s / predicted)
+        except Exception:
+            log.warning("could not record a video step time", exc_info=True)
 
     def _where(self) -> dict:
         if self.segment is None:
@@ -167,6 +190,13 @@ class VideoJob:
         return {"segment": self.segment.index, "segments": self.segment.count}
 
     def _on_step(self, step: int, steps: int) -> None:
+        self.step_intervals.append(time.perf_counter() - self._step_mark)
+        try:
+            self._report_step(step, steps)
+        finally:  # the next interval is the pipeline's alone: events and previews are left out
+            self._step_mark = time.perf_counter()
+
+    def _report_step(self, step: int, steps: int) -> None:
         self.context.leases.check(self.job.id)
         done = step / steps
         if self.segment is not None:  # the video's share: segments are equal parts
@@ -187,6 +217,7 @@ class VideoJob:
         self._event(
             "preview", {"step": step, "steps": steps, "filmstrip": preview_data_url(strip), **self._where()}
         )
+        self._step_mark = time.perf_counter()
 
     def _event(self, type: str, data: dict) -> None:
         self.context.store.events.append_many([(log_id, type, data) for log_id in self.logs])

@@ -31,6 +31,7 @@ from genserve.engine.video.plan import output_frames, output_seconds
 from genserve.schemas import JobState
 from genserve.schemas.video import VideoParams
 from genserve.store.jobs import JobRecord
+from genserve.store.video_calibration import video_speed
 
 router = APIRouter(tags=["video"])
 
@@ -64,7 +65,8 @@ def submit_video_as(
             stored.model_dump(exclude={"request_id", "priority"}, exclude_unset=True)
         )
         resolved, _ = resolve_video(asked, models, settings, video_frames)
-        seconds = estimated_video_seconds(resolved, models[resolved.model].family, settings)
+        speed = video_speed(services.store.engine, resolved.model or "", settings.video_speed_scale)
+        seconds = estimated_video_seconds(resolved, models[resolved.model].family, settings, speed)
         check_video_key_limits(principal, services, resolved, seconds)
     job, created = submit_video(
         body, models, settings, services.store, services.inputs, principal.client_id(client_header), trace_id
@@ -175,6 +177,9 @@ class VideoEstimate(BaseModel):
     seconds_per_video_second: float
     cost: float | None
     cost_per_video_second: float | None
+    device: str | None = Field(description="The calibrated device planned for; null: published figures.")
+    calibrated: bool = Field(description="True when a stored video calibration scaled the estimate.")
+    basis: str
 
 
 class VideoEstimateRequest(VideoParams):
@@ -199,7 +204,8 @@ def estimate_video(
             }
         )
     resolved, segments = resolve_video(asked, models, settings)
-    seconds = estimated_video_seconds(resolved, models[resolved.model].family, settings)
+    speed = video_speed(services.store.engine, resolved.model or "", settings.video_speed_scale)
+    seconds = estimated_video_seconds(resolved, models[resolved.model].family, settings, speed)
     video_seconds = output_seconds(resolved)
     price = body.gpu_price_per_hour
     cost = None if price is None else price * seconds / 3600
@@ -213,4 +219,7 @@ def estimate_video(
         seconds_per_video_second=round(seconds / video_seconds, 3),
         cost=None if cost is None else round(cost, 9),
         cost_per_video_second=None if cost is None else round(cost / video_seconds, 9),
+        device=speed.device,
+        calibrated=speed.calibrated,
+        basis=speed.basis,
     )
