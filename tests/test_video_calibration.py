@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from genserve.cli import app
-from genserve.engine.video.plan import video_seconds
+from genserve.engine.video.plan import predicted_step_seconds, video_seconds
 from genserve.scheduler.cost import EMA_ALPHA, MAX_JUMP
-from genserve.store.video_calibration import VideoCalibrationStore, VideoTiming, predicted_step_seconds
+from genserve.store.video_calibration import VideoCalibrationStore, VideoTiming
 
 SIZE = {"num_frames": 9, "width": 32, "height": 32}
 PUBLISHED = "published H100-class figures"

@@ -119,6 +119,9 @@ def print_video_estimate(
     """The video cost model's GPU-seconds for every clip, per model, size and length."""
     from genserve.api.video_submission import estimated_video_seconds
     from genserve.engine.video.plan import output_seconds
+    from genserve.store.video_calibration import VideoCalibrationStore
+
+    calibration = VideoCalibrationStore.from_url(settings.resolved_store_url)
 
     groups: dict[tuple, list[VideoItem]] = {}
     for item in items:
@@ -130,7 +133,8 @@ def print_video_estimate(
     total_seconds, total_video = 0.0, 0.0
     for group in groups.values():
         p = group[0].params
-        seconds = estimated_video_seconds(p, models[p.model].family, settings)
+        speed = calibration.speed(p.model, settings.video_speed_scale)
+        seconds = estimated_video_seconds(p, models[p.model].family, settings, speed)
         video = output_seconds(p)
         total_seconds += seconds * len(group)
         total_video += video * len(group)

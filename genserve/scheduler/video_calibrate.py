@@ -18,10 +18,11 @@ import PIL.Image
 from genserve.config import Settings
 from genserve.engine.models.registry import ModelInfo
 from genserve.engine.video.pipelines import VideoEngine, VideoRequest
+from genserve.engine.video.plan import predicted_step_seconds
 from genserve.scheduler.calibrate import device_name
 from genserve.scheduler.cost import CALIBRATED
 from genserve.schemas.video import VideoParams
-from genserve.store.video_calibration import VideoTiming, predicted_step_seconds, steady_step_seconds
+from genserve.store.video_calibration import VideoTiming, steady_step_seconds
 
 CALIBRATION_PROMPT = "a red fox running through fresh snow, morning light"
 MIN_STEPS = 3  # two intervals after the first step

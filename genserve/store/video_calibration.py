@@ -23,7 +23,6 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from genserve.engine.video.plan import MIN_STEP_SECONDS, STEP_COEFFICIENTS, latent_tokens
 from genserve.scheduler.cost import CALIBRATED, EMA_ALPHA, MAX_JUMP, MEASURED_SOURCES, OBSERVED
 from genserve.store.db import create_db_engine, db_now, write_transaction
 from genserve.store.tables import video_timings
@@ -54,13 +53,6 @@ class VideoSpeed:
     basis: str
     device: str | None  # the calibrated device, None for the published figures
     calibrated: bool
-
-
-def predicted_step_seconds(family: str, frames: int, width: int, height: int) -> float:
-    """plan.py's seconds per denoising step (guidance included) on the reference GPU."""
-    a, b = STEP_COEFFICIENTS.get(family, STEP_COEFFICIENTS["animatediff"])
-    tokens = latent_tokens(family, frames, width, height)
-    return max(MIN_STEP_SECONDS, a * tokens + b * tokens * tokens)
 
 
 def steady_step_seconds(intervals: Sequence[float]) -> float | None:

@@ -30,17 +30,13 @@ from genserve.engine.upscale.stage import PostStage
 from genserve.engine.video.deliver import finish_clip, stitch_segments
 from genserve.engine.video.encode import encode_clip, filmstrip, first_frame_png
 from genserve.engine.video.pipelines import VideoEngine, VideoRequest
-from genserve.engine.video.plan import output_seconds
+from genserve.engine.video.plan import output_seconds, predicted_step_seconds
 from genserve.metrics import VIDEO_SECONDS_MADE, VIDEO_STAGE_SECONDS
 from genserve.scheduler.calibrate import device_name
 from genserve.schemas.upscale import UpscaleOptions
 from genserve.schemas.video import VideoParams, VideoSegment
 from genserve.store.jobs import JobRecord, JobStore
-from genserve.store.video_calibration import (
-    VideoCalibrationStore,
-    predicted_step_seconds,
-    steady_step_seconds,
-)
+from genserve.store.video_calibration import VideoCalibrationStore, steady_step_seconds
 from genserve.worker.lease import JobCanceled, LeaseKeeper, LeaseLost
 
 log = logging.getLogger(__name__)

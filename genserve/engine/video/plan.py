@@ -146,12 +146,17 @@ def latent_tokens(family: str, frames: int, width: int, height: int) -> int:
     return ((frames - 1) // temporal + 1) * max(1, height // spatial) * max(1, width // spatial)
 
 
+def predicted_step_seconds(family: str, frames: int, width: int, height: int) -> float:
+    """Seconds per denoising step (guidance included) on the reference GPU."""
+    a, b = STEP_COEFFICIENTS.get(family, STEP_COEFFICIENTS["animatediff"])
+    tokens = latent_tokens(family, frames, width, height)
+    return max(MIN_STEP_SECONDS, a * tokens + b * tokens * tokens)
+
+
 def video_seconds(family: str, frames: int, width: int, height: int, steps: int, scale: float = 1.0) -> float:
     """Estimated seconds to denoise and decode one pass of `frames` frames. `scale` is the
     device's speed relative to the reference GPU (a CPU is hundreds of times slower)."""
-    a, b = STEP_COEFFICIENTS.get(family, STEP_COEFFICIENTS["animatediff"])
-    tokens = latent_tokens(family, frames, width, height)
-    step = max(MIN_STEP_SECONDS, a * tokens + b * tokens * tokens)
+    step = predicted_step_seconds(family, frames, width, height)
     decode = DECODE_SECONDS_PER_MEGAPIXEL_FRAME * frames * width * height / 1e6
     return scale * (steps * step + decode)
 
