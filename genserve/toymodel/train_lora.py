@@ -28,6 +28,10 @@ Options for a second run:
   VAE round trip), which caps what the LoRA can learn from them.
 - `--frame-loss-weight W` weighs the loss on the outer ring of latent pixels (the frame's, one latent
   pixel wide for the 4x VAE) W times the inside's, so the frame is not drowned by the scene's loss.
+- `--concept brown` trains the second built-in LoRA, `shapes-brown`, instead: "brown" as a shape
+  colour (the base model knows it only as a background), on half brown-shape scenes and half the base
+  model's own scenes (`lora_colour_eval`); with `--fit-latent-iters` only the brown scenes' latents
+  are fitted (the base VAE turns most small brown shapes red or green otherwise).
 - `--cpu-budget-min M` stops training (and saves) once the process has used M CPU-minutes
   (`time.process_time`, all threads, data preparation included).
 
@@ -47,7 +51,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from genserve.toymodel import dataset, lora_eval
+from genserve.toymodel import dataset, lora_colour_eval, lora_eval
 from genserve.toymodel.evaluate import DEFAULT_CFG, pipeline_generator, score
 from genserve.toymodel.train import cosine_schedule, min_snr_weights, to_model_range, train_noise_scheduler
 
@@ -79,6 +83,7 @@ class LoraTrainConfig:
     fit_latent_lr: float = 0.05
     cpu_budget_min: float | None = None
     frame_loss_weight: float = 1.0
+    concept: str = "frame"
 
 
 def load_base(base: Path) -> StableDiffusionPipeline:
@@ -91,16 +96,32 @@ def load_base(base: Path) -> StableDiffusionPipeline:
 def encode_framed(
     pipe: StableDiffusionPipeline, config: LoraTrainConfig
 ) -> tuple[list, torch.Tensor, torch.Tensor]:
-    scenes = lora_eval.frame_training_scenes(config.dataset_size, config.seed)
+    if config.concept == "brown":
+        scenes = lora_colour_eval.training_scenes(config.dataset_size, config.seed)
+    else:
+        scenes = lora_eval.frame_training_scenes(config.dataset_size, config.seed)
     rng = random.Random(config.seed + 1)
     means, stds = [], []
     for start in range(0, len(scenes), 256):
         chunk = scenes[start : start + 256]
-        images = np.stack([lora_eval.add_frame(np.asarray(dataset.draw_scene(s, 64, rng))) for s in chunk])
+        if config.concept == "brown":
+            images = np.stack([lora_colour_eval.draw(s, rng) for s in chunk])
+        else:
+            images = np.stack(
+                [lora_eval.add_frame(np.asarray(dataset.draw_scene(s, 64, rng))) for s in chunk]
+            )
         pixels = to_model_range(torch.from_numpy(images))
         dist = pipe.vae.encode(pixels).latent_dist
         mean = dist.mean
-        if config.fit_latent_iters > 0:
+        if config.fit_latent_iters > 0 and config.concept == "brown":
+            # only the brown shapes need it: the base VAE draws them red or green otherwise
+            index = torch.tensor(
+                [i for i, s in enumerate(chunk) if s.fg == lora_colour_eval.WORD], dtype=torch.long
+            )
+            if len(index):
+                mean = mean.clone()
+                mean[index] = fit_latents(pipe, mean[index], pixels[index], config)
+        elif config.fit_latent_iters > 0:
             mean = fit_latents(pipe, mean, pixels, config)
         means.append(mean)
         stds.append(dist.std)
@@ -123,12 +144,14 @@ def fit_latents(
     with torch.no_grad():
         decoded = ((pipe.vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5).round()
     images = decoded.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    check = lora_colour_eval.shows_word if config.concept == "brown" else lora_eval.is_framed
     logger.info(
-        "fitted %d latents (%d steps): pixel mse %.4f, framed after decoding %.3f",
+        "fitted %d latents (%d steps): pixel mse %.4f, %s after decoding %.3f",
         len(latents),
         config.fit_latent_iters,
         loss.item(),
-        float(np.mean([lora_eval.is_framed(image) for image in images])),
+        "brown shape" if config.concept == "brown" else "framed",
+        float(np.mean([check(image) for image in images])),
     )
     return latents.detach()
 
@@ -297,12 +320,20 @@ def main() -> None:
         "--cpu-budget-min", type=float, default=None, help="stop and save after this much CPU"
     )
     parser.add_argument("--frame-loss-weight", type=float, default=LoraTrainConfig.frame_loss_weight)
+    parser.add_argument(
+        "--concept",
+        choices=("frame", "brown"),
+        default="frame",
+        help="frame: shapes-white-frame; brown: shapes-brown, brown as a shape colour (lora_colour_eval)",
+    )
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--skip-report", action="store_true", help="no held-out pictures after training")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = LoraTrainConfig(
         out=args.out,
+        name=lora_colour_eval.NAME if args.concept == "brown" else NAME,
+        concept=args.concept,
         steps=args.steps,
         threads=args.threads,
         lr=args.lr,
@@ -324,7 +355,14 @@ def main() -> None:
             (time.time() - began) / 60,
             (time.process_time() - cpu_began) / 60,
         )
-    if not args.skip_report:
+    if args.skip_report:
+        return
+    if config.concept == "brown":
+        figures = lora_colour_eval.engine_colour_report(
+            config.base, lora_file=config.out / f"{config.name}.safetensors"
+        )
+        logger.info("held-out through the Engine: %s", figures)
+    else:
         report(config)
 
 
