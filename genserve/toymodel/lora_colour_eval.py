@@ -69,8 +69,12 @@ def held_out_scenes() -> list[dataset.Scene]:
     ]
 
 
-def training_scenes(count: int, seed: int) -> list[dataset.Scene]:
-    """Half brown-shape scenes on the other (shape, background) pairs, half the base model's training scenes."""
+def training_scenes(count: int, seed: int, bg_weights: dict[str, float] | None = None) -> list[dataset.Scene]:
+    """Half brown-shape scenes on the other (shape, background) pairs, half the base model's training scenes.
+
+    `bg_weights` (background -> weight, default 1) draws the brown-shape scenes' pairs more often on
+    the given backgrounds, e.g. {"white": 4} for brown on white; the held-out pairs stay out either way.
+    """
     rng = random.Random(seed)
     pairs = [
         (s, b)
@@ -78,11 +82,15 @@ def training_scenes(count: int, seed: int) -> list[dataset.Scene]:
         for b in dataset.BACKGROUNDS
         if b != WORD and (s, b) not in HELD_OUT_PAIRS
     ]
+    unknown = set(bg_weights or {}) - set(dataset.BACKGROUNDS)
+    if unknown:
+        raise ValueError(f"unknown backgrounds in bg_weights: {sorted(unknown)}")
+    pair_weights = [float((bg_weights or {}).get(b, 1.0)) for _, b in pairs]
     base_triples = dataset.training_triples(dataset.held_out_triples())
     scenes = []
     for _ in range(count):
         if rng.random() < CYAN_SHARE:
-            shape, bg = rng.choice(pairs)
+            shape, bg = rng.choices(pairs, pair_weights)[0] if bg_weights else rng.choice(pairs)
             size = "small" if rng.random() < 0.6 else "large"
             scenes.append(dataset.Scene(shape, WORD, bg, rng.choice(dataset.POSITIONS), size))
         else:

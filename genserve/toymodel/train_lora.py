@@ -84,6 +84,7 @@ class LoraTrainConfig:
     cpu_budget_min: float | None = None
     frame_loss_weight: float = 1.0
     concept: str = "frame"
+    brown_bg_weight: tuple[tuple[str, float], ...] = ()
 
 
 def load_base(base: Path) -> StableDiffusionPipeline:
@@ -97,7 +98,9 @@ def encode_framed(
     pipe: StableDiffusionPipeline, config: LoraTrainConfig
 ) -> tuple[list, torch.Tensor, torch.Tensor]:
     if config.concept == "brown":
-        scenes = lora_colour_eval.training_scenes(config.dataset_size, config.seed)
+        scenes = lora_colour_eval.training_scenes(
+            config.dataset_size, config.seed, dict(config.brown_bg_weight) or None
+        )
     else:
         scenes = lora_eval.frame_training_scenes(config.dataset_size, config.seed)
     rng = random.Random(config.seed + 1)
@@ -304,6 +307,17 @@ def report(config: LoraTrainConfig) -> dict[str, float]:
     return figures
 
 
+def parse_bg_weights(text: str) -> tuple[tuple[str, float], ...]:
+    """`white=4,gray=2` -> (("white", 4.0), ("gray", 2.0))."""
+    if not text:
+        return ()
+    weights = []
+    for item in text.split(","):
+        bg, _, weight = item.partition("=")
+        weights.append((bg.strip(), float(weight)))
+    return tuple(weights)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train the shapes-white-frame LoRA.")
     parser.add_argument("--out", type=Path, default=Path("genserve/builtin_models/lora"))
@@ -326,6 +340,13 @@ def main() -> None:
         default="frame",
         help="frame: shapes-white-frame; brown: shapes-brown, brown as a shape colour (lora_colour_eval)",
     )
+    parser.add_argument(
+        "--brown-bg-weight",
+        type=parse_bg_weights,
+        default=(),
+        help="--concept brown: draw brown shapes more often on these backgrounds, e.g. white=4,gray=2 "
+        "(other backgrounds weigh 1; the held-out pairs stay held out)",
+    )
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--skip-report", action="store_true", help="no held-out pictures after training")
     args = parser.parse_args()
@@ -345,6 +366,7 @@ def main() -> None:
         fit_latent_lr=args.fit_latent_lr,
         cpu_budget_min=args.cpu_budget_min,
         frame_loss_weight=args.frame_loss_weight,
+        brown_bg_weight=args.brown_bg_weight,
     )
     torch.set_num_threads(config.threads)
     if not args.report_only:
