@@ -788,16 +788,19 @@ def _calibrate_video(settings: Settings, name: str, **size: int | None) -> None:
     console.print(f"stored the scale in {_display_url(settings.resolved_store_url)}")
 
 
-def _read_timings(url: str) -> list:  # list[StepTiming]; the store module is imported lazily
-    """Stored timings; none (and no file created) when the SQLite store does not exist yet."""
+def _store_exists(url: str) -> bool:
+    """False for a SQLite store whose file is not there yet: planning reads it, and must not create it."""
     import sqlalchemy as sa
 
+    sa_url = sa.make_url(url)
+    return sa_url.get_backend_name() != "sqlite" or Path(sa_url.database or "").is_file()
+
+
+def _read_timings(url: str) -> list:  # list[StepTiming]; the store module is imported lazily
+    """Stored timings; none (and no file created) when the SQLite store does not exist yet."""
     from genserve.store.calibration import CalibrationStore
 
-    sa_url = sa.make_url(url)
-    if sa_url.get_backend_name() == "sqlite" and not Path(sa_url.database or "").is_file():
-        return []
-    return CalibrationStore.from_url(url).all()
+    return CalibrationStore.from_url(url).all() if _store_exists(url) else []
 
 
 @app.command()
@@ -1012,13 +1015,10 @@ def _plan_video(
 
 def _video_speed(settings: Settings, model: str, device: str | None) -> VideoSpeed:
     """The stored video calibration of (device, model) (none, and no file made, without a store)."""
-    import sqlalchemy as sa
-
     from genserve.store.video_calibration import PUBLISHED_BASIS, VideoCalibrationStore, VideoSpeed
 
     url = settings.resolved_store_url
-    sa_url = sa.make_url(url)
-    if sa_url.get_backend_name() == "sqlite" and not Path(sa_url.database or "").is_file():
+    if not _store_exists(url):
         scale = settings.video_speed_scale
         return VideoSpeed(scale, PUBLISHED_BASIS.format(scale=scale), None, False)
     return VideoCalibrationStore.from_url(url).speed(model, settings.video_speed_scale, device)

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import secrets
+from collections.abc import Callable
 from datetime import datetime
 
 import PIL.Image
@@ -36,7 +37,7 @@ from genserve.schemas.image_inputs import is_image_hash
 from genserve.schemas.text import SafeText
 from genserve.schemas.video import VideoOutputs, VideoParams, VideoRef, VideoSegment
 from genserve.store.jobs import JobRecord, JobStore
-from genserve.store.video_calibration import VideoSpeed, video_speed
+from genserve.store.video_calibration import VideoCalibrationStore, VideoSpeed
 
 
 class VideoJobCreate(VideoParams):
@@ -345,7 +346,10 @@ def submit_video(
     inputs: InputStore,
     client_id: str | None,
     trace_id: str | None = None,
+    check: Callable[[VideoParams, float], None] | None = None,
 ) -> tuple[JobRecord, bool]:
+    """Resolve, price and queue a video job. `check(resolved, seconds)` runs before anything is
+    queued (an API key's limits and quota), so the request is resolved and priced once."""
     body = store_keyframes(body, inputs, settings)
     body, video_frames = store_video_input(body, inputs, settings)
     asked = VideoParams.model_validate(
@@ -353,8 +357,10 @@ def submit_video(
     )
     resolved, segments = resolve_video(asked, models, settings, video_frames)
     family = models[resolved.model].family
-    speed = video_speed(store.engine, resolved.model or "", settings.video_speed_scale)
+    speed = VideoCalibrationStore(store.engine).speed(resolved.model or "", settings.video_speed_scale)
     seconds = estimated_video_seconds(resolved, family, settings, speed)
+    if check is not None:
+        check(resolved, seconds)
     job, created = store.submit(
         resolved.model_dump(),
         request_id=body.request_id,

@@ -7,7 +7,7 @@ size), fitted to published H100-class figures. One row per (device, model) in `v
 `genserve calibrate --video`, refined by every finished video job's steady-state step time (the
 image rule, `cost.refine`: an exponential moving average, each observation clipped to within a
 factor MAX_JUMP); a job on a device and model with no row starts an "observed" one. An estimate
-multiplies the published prediction by the stored scale when there is one (`video_speed`), else by
+multiplies the published prediction by the stored scale when there is one (`speed`), else by
 the setting video_speed_scale.
 """
 
@@ -153,13 +153,6 @@ class VideoCalibrationStore:
             f"latent tokens, published H100-class figures × {timing.scale:.4g} measured"
         )
         return VideoSpeed(timing.scale, basis, device, True)
-
-
-def video_speed(
-    engine: sa.Engine, model: str, video_speed_scale: float, device: str | None = None
-) -> VideoSpeed:
-    """`VideoCalibrationStore(engine).speed(...)`: what a video estimate multiplies plan.py by."""
-    return VideoCalibrationStore(engine).speed(model, video_speed_scale, device)
 
 
 def _upsert(conn: sa.Connection, timing: VideoTiming) -> None:

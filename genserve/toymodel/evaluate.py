@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from genserve.toymodel.pixels import measure
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
+
+    from genserve.engine.engine import Engine
+    from genserve.engine.models.registry import ModelInfo
 
 DEFAULT_CFG = 4.0
 DEFAULT_STEPS = 20
@@ -142,25 +145,28 @@ def pipeline_generator(
     return generate
 
 
-def engine_generator(
-    folder: Path, cfg: float | None = None, steps: int = DEFAULT_STEPS, sampler: str = "euler", batch: int = 8
-) -> Generate:
-    """A `Generate` function through genserve's serving path: the registry and the Engine.
+def engine_images(
+    engine: Engine,
+    info: ModelInfo,
+    captions: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    batch: int,
+    **params: Any,
+) -> list[np.ndarray]:
+    """RGB pictures of (caption, seed) pairs at the model's native size through genserve's Engine,
+    `batch` requests at a time, as a worker batches them (each row keeps its own seed and noise; a
+    row's pixels match the same request alone to within 1/255). `params`: further GenerationParams
+    fields (cfg_scale, sampler, loras); left out, they are the model card's, as in a request."""
+    import torch
 
-    `cfg=None` leaves the CFG scale to the model, as a request that names none: its card's default.
-    Requests go to the Engine `batch` at a time, as a worker batches them (each row keeps its own seed
-    and noise; a row's pixels match the same request alone to within 1/255): half the CPU time of
-    one at a time on 2 cores.
-    """
-    from genserve.engine.engine import Engine
     from genserve.engine.loop.denoise import BatchItem
-    from genserve.engine.models.registry import read_model_info
     from genserve.schemas.generation import GenerationParams
 
-    info = read_model_info(folder)
-    engine = Engine({info.name: info}, device="cpu", dtype="float32")
-
-    def generate(captions: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]:
+    pairs = list(zip(captions, seeds, strict=True))
+    images: list[np.ndarray] = []
+    for start in range(0, len(pairs), batch):
         items = [
             BatchItem(
                 GenerationParams(
@@ -168,19 +174,37 @@ def engine_generator(
                     model=info.name,
                     seed=seed,
                     steps=steps,
-                    cfg_scale=cfg,
                     width=info.native_width,
                     height=info.native_height,
-                    sampler=sampler,
+                    **params,
                 )
             )
-            for caption, seed in zip(captions, seeds, strict=True)
+            for caption, seed in pairs[start : start + batch]
         ]
-        images = []
-        for start in range(0, len(items), batch):
-            for outcome in engine.generate_batch(items[start : start + batch]):
+        with torch.inference_mode():
+            for outcome in engine.generate_batch(items):
                 images.extend(np.asarray(image.convert("RGB")) for image in outcome.images)
-        return images
+    return images
+
+
+def engine_generator(
+    folder: Path, cfg: float | None = None, steps: int = DEFAULT_STEPS, sampler: str = "euler", batch: int = 8
+) -> Generate:
+    """A `Generate` function through genserve's serving path: the registry and the Engine
+    (`engine_images`, `batch` requests at a time: half the CPU time of one at a time on 2 cores).
+
+    `cfg=None` leaves the CFG scale to the model, as a request that names none: its card's default.
+    """
+    from genserve.engine.engine import Engine
+    from genserve.engine.models.registry import read_model_info
+
+    info = read_model_info(folder)
+    engine = Engine({info.name: info}, device="cpu", dtype="float32")
+
+    def generate(captions: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]:
+        return engine_images(
+            engine, info, captions, seeds, steps=steps, batch=batch, cfg_scale=cfg, sampler=sampler
+        )
 
     return generate
 

@@ -114,13 +114,11 @@ def engine_colour_report(
     generates that many of the base model's own held-out prompts (other colours) and reports `lora_base_foreground`:
     the share whose foreground is still the asked colour (the LoRA must not paint everything brown).
     """
-    import torch
 
     from genserve.engine.engine import Engine
-    from genserve.engine.loop.denoise import BatchItem
     from genserve.engine.models.loras import read_lora_info
     from genserve.engine.models.registry import read_model_info
-    from genserve.schemas.generation import GenerationParams
+    from genserve.toymodel.evaluate import engine_images
     from genserve.toymodel.evaluate import held_out_scenes as base_held_out
     from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
 
@@ -130,26 +128,10 @@ def engine_colour_report(
     classifier = load_classifier(folder / "eval" / CLASSIFIER_FILE)
 
     def generate(scenes: list[dataset.Scene], active: list[dict] | None) -> list[np.ndarray]:
-        images: list[np.ndarray] = []
-        for start in range(0, len(scenes), batch):
-            items = [
-                BatchItem(
-                    GenerationParams(
-                        prompt=dataset.canonical_caption(scene),
-                        model=info.name,
-                        seed=0,
-                        steps=steps,
-                        width=info.native_width,
-                        height=info.native_height,
-                        loras=active,
-                    )
-                )
-                for scene in scenes[start : start + batch]
-            ]
-            with torch.inference_mode():
-                for outcome in engine.generate_batch(items):
-                    images.extend(np.asarray(image.convert("RGB")) for image in outcome.images)
-        return images
+        captions = [dataset.canonical_caption(scene) for scene in scenes]
+        return engine_images(
+            engine, info, captions, [0] * len(scenes), steps=steps, batch=batch, loras=active
+        )
 
     scenes = held_out_scenes()
     figures: dict[str, float] = {"images": float(len(scenes))}

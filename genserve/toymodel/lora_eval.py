@@ -87,14 +87,11 @@ def engine_frame_report(
     `lora_file` measures a LoRA file outside the built-in folder (a training candidate) under the name
     `lora`; by default the built-in LoRAs are served.
     """
-    import torch
 
     from genserve.engine.engine import Engine
-    from genserve.engine.loop.denoise import BatchItem
     from genserve.engine.models.loras import read_lora_info
     from genserve.engine.models.registry import read_model_info
-    from genserve.schemas.generation import GenerationParams
-    from genserve.toymodel.evaluate import score
+    from genserve.toymodel.evaluate import engine_images, score
     from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
 
     info = read_model_info(folder)
@@ -104,25 +101,9 @@ def engine_frame_report(
     jobs = [(scene, seed) for scene in held_out_frame_scenes() for seed in seeds]
     figures: dict[str, float] = {"images": float(len(jobs))}
     for label, loras in (("base", None), ("lora", [{"name": lora, "weight": weight}])):
-        images: list[np.ndarray] = []
-        for start in range(0, len(jobs), batch):
-            items = [
-                BatchItem(
-                    GenerationParams(
-                        prompt=dataset.canonical_caption(scene),
-                        model=info.name,
-                        seed=seed,
-                        steps=steps,
-                        width=info.native_width,
-                        height=info.native_height,
-                        loras=loras,
-                    )
-                )
-                for scene, seed in jobs[start : start + batch]
-            ]
-            with torch.inference_mode():
-                for outcome in engine.generate_batch(items):
-                    images.extend(np.asarray(image.convert("RGB")) for image in outcome.images)
+        captions = [dataset.canonical_caption(scene) for scene, _ in jobs]
+        seeds_of = [seed for _, seed in jobs]
+        images = engine_images(engine, info, captions, seeds_of, steps=steps, batch=batch, loras=loras)
         inner = [unframed(image) for image in images]
         fidelity = score([scene for scene, _ in jobs], inner, classify_shapes(classifier, inner))
         figures[f"{label}_framed"] = float(np.mean([is_framed(image) for image in images]))

@@ -138,19 +138,15 @@ def bf16_is_faster(device: str) -> bool:
 
 
 @functools.cache
-def _use_bf16(device: str) -> bool:
+def uses_bf16(device: str) -> bool:
+    """Whether `mixed_precision(device)` autocasts to bf16 in this process (decided once, cached)."""
     fast = bf16_is_faster(device)
     logger.info("training in %s on %s", "bf16 autocast" if fast else "fp32", device)
     return fast
 
 
-def uses_bf16(device: str) -> bool:
-    """Whether `mixed_precision(device)` autocasts to bf16 in this process (decided once, cached)."""
-    return _use_bf16(device)
-
-
 def mixed_precision(device: str) -> contextlib.AbstractContextManager:
-    if _use_bf16(device):
+    if uses_bf16(device):
         return torch.autocast(device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -24,7 +24,7 @@ from genserve.artifacts.inputs import InputStore, open_picture
 from genserve.artifacts.png import preview_data_url
 from genserve.artifacts.videos import VideoStore
 from genserve.config import Settings
-from genserve.engine.models.controls import scan_controls
+from genserve.engine.models.controls import registered_controls
 from genserve.engine.models.registry import ModelInfo
 from genserve.engine.upscale.stage import PostStage
 from genserve.engine.video.deliver import finish_clip, stitch_segments
@@ -121,10 +121,7 @@ class VideoJob:
             video = self._input_video(params.video, size)
         sparsectrl = None
         if params.sparsectrl is not None:  # AnimateDiff keyframes (checked when the job was submitted)
-            controls = scan_controls(
-                self.context.settings.models_dir, builtin=self.context.settings.builtin_models
-            )
-            sparsectrl = controls.get(params.sparsectrl.model)
+            sparsectrl = registered_controls(self.context.settings).get(params.sparsectrl.model)
             if sparsectrl is None or sparsectrl.kind != "sparsectrl":
                 raise VideoInputError(f"SparseCtrl model {params.sparsectrl.model} is no longer registered")
         return VideoRequest(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response
@@ -19,8 +20,6 @@ from genserve.api.video_submission import (
     VideoJobPublic,
     estimated_video_seconds,
     resolve_video,
-    store_keyframes,
-    store_video_input,
     submit_video,
     to_video_public,
 )
@@ -31,7 +30,7 @@ from genserve.engine.video.plan import output_frames, output_seconds
 from genserve.schemas import JobState
 from genserve.schemas.video import VideoParams
 from genserve.store.jobs import JobRecord
-from genserve.store.video_calibration import video_speed
+from genserve.store.video_calibration import VideoCalibrationStore
 
 router = APIRouter(tags=["video"])
 
@@ -56,20 +55,19 @@ def submit_video_as(
 ) -> tuple[JobRecord, bool]:
     """`submit_video` for this caller: its model and size limits, its GPU-seconds quota."""
     models, settings = services.catalog.models(), services.settings
+    check = None
     if principal.authenticated:
         body = body.model_copy(update={"request_id": principal.scoped_request_id(body.request_id)})
-        stored, video_frames = store_video_input(
-            store_keyframes(body, services.inputs, settings), services.inputs, settings
-        )
-        asked = VideoParams.model_validate(
-            stored.model_dump(exclude={"request_id", "priority"}, exclude_unset=True)
-        )
-        resolved, _ = resolve_video(asked, models, settings, video_frames)
-        speed = video_speed(services.store.engine, resolved.model or "", settings.video_speed_scale)
-        seconds = estimated_video_seconds(resolved, models[resolved.model].family, settings, speed)
-        check_video_key_limits(principal, services, resolved, seconds)
+        check = partial(check_video_key_limits, principal, services)
     job, created = submit_video(
-        body, models, settings, services.store, services.inputs, principal.client_id(client_header), trace_id
+        body,
+        models,
+        settings,
+        services.store,
+        services.inputs,
+        principal.client_id(client_header),
+        trace_id,
+        check=check,
     )
     if created:
         tracing.job_submitted(job.id, job.trace_id)
@@ -204,7 +202,9 @@ def estimate_video(
             }
         )
     resolved, segments = resolve_video(asked, models, settings)
-    speed = video_speed(services.store.engine, resolved.model or "", settings.video_speed_scale)
+    speed = VideoCalibrationStore(services.store.engine).speed(
+        resolved.model or "", settings.video_speed_scale
+    )
     seconds = estimated_video_seconds(resolved, models[resolved.model].family, settings, speed)
     video_seconds = output_seconds(resolved)
     price = body.gpu_price_per_hour
