@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # torch, numpy and PIL load only for the commands that run a 
     import PIL.Image
 
     from genserve.engine.video.pipelines import VideoRequest
+    from genserve.scheduler.video_cost import VideoSpeed
     from genserve.schemas.video import VideoParams, VideoSegment
-    from genserve.store.video_calibration import VideoSpeed
 
 app = typer.Typer(help="genserve: a self-hosted image generation server.", no_args_is_help=True)
 app.add_typer(batch_app, name="batch")
@@ -753,16 +753,26 @@ def _calibrate_upscaler(settings: Settings, name: str, repeats: int) -> None:
 
 def _calibrate_video(settings: Settings, name: str, **size: int | None) -> None:
     """`genserve calibrate --video NAME`: time its denoising steps here, store measured / predicted."""
+    from genserve.api.video_submission import resolve_video
     from genserve.engine.engine import EngineError
-    from genserve.scheduler.video_calibrate import calibrate_video_model
+    from genserve.engine.models.registry import registered_models
+    from genserve.scheduler.video_calibrate import calibrate_video_model, calibration_request
     from genserve.store.video_calibration import VideoCalibrationStore
 
+    models = registered_models(settings)
     with _progress() as progress:
         task = progress.add_task(f"loading {name}", total=2)
         try:
+            if name not in models:
+                raise ValueError(f"'{name}' is not a video model in {settings.models_dir}")
+            info = models[name]
+            # Checked as a request would be: frame rules, sizes, the model's defaults.
+            resolved, _ = resolve_video(calibration_request(info, **size), models, settings)
+            base = models.get(info.base_model) if info.base_model else None
             result = calibrate_video_model(
-                settings, name, **size, on_run=lambda what: progress.update(task, advance=1, description=what)
-            )
+                settings, info, resolved, base=base,
+                on_run=lambda what: progress.update(task, advance=1, description=what),
+            )  # fmt: skip
         except LimitError as error:
             console.print(f"[red]{error.field}: {error.message}[/red]")
             raise typer.Exit(2) from None
@@ -1015,12 +1025,12 @@ def _plan_video(
 
 def _video_speed(settings: Settings, model: str, device: str | None) -> VideoSpeed:
     """The stored video calibration of (device, model) (none, and no file made, without a store)."""
-    from genserve.store.video_calibration import PUBLISHED_BASIS, VideoCalibrationStore, VideoSpeed
+    from genserve.scheduler.video_cost import VideoSpeed
+    from genserve.store.video_calibration import VideoCalibrationStore
 
     url = settings.resolved_store_url
     if not _store_exists(url):
-        scale = settings.video_speed_scale
-        return VideoSpeed(scale, PUBLISHED_BASIS.format(scale=scale), None, False)
+        return VideoSpeed.published(settings.video_speed_scale)
     return VideoCalibrationStore.from_url(url).speed(model, settings.video_speed_scale, device)
 
 

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from genserve.cli import app
 from genserve.engine.video.plan import predicted_step_seconds, video_seconds
 from genserve.scheduler.cost import EMA_ALPHA, MAX_JUMP
-from genserve.store.video_calibration import VideoCalibrationStore, VideoTiming
+from genserve.scheduler.video_cost import VideoTiming
+from genserve.store.video_calibration import VideoCalibrationStore
 
 SIZE = {"num_frames": 9, "width": 32, "height": 32}
 PUBLISHED = "published H100-class figures"

@@ -31,13 +31,14 @@ from genserve.engine.video.plan import (
     video_seconds,
 )
 from genserve.scheduler.policy import classify
+from genserve.scheduler.video_cost import VideoSpeed
 from genserve.schemas import JobState, LimitError
 from genserve.schemas.generation import MAX_SEED
 from genserve.schemas.image_inputs import is_image_hash
 from genserve.schemas.text import SafeText
 from genserve.schemas.video import VideoOutputs, VideoParams, VideoRef, VideoSegment
 from genserve.store.jobs import JobRecord, JobStore
-from genserve.store.video_calibration import VideoCalibrationStore, VideoSpeed
+from genserve.store.video_calibration import VideoCalibrationStore
 
 
 class VideoJobCreate(VideoParams):

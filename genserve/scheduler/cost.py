@@ -361,6 +361,14 @@ def _along_batch(points: Sequence[StepTiming], batch: int) -> tuple[float, float
     return upper[0].overhead_s, upper[0].step_s, [upper[0]]
 
 
+def clipped_average(previous: float, observed: float, alpha: float = EMA_ALPHA) -> float:
+    """One step of the moving average that refines stored speeds from served work: previous +
+    alpha × (observed − previous), the observation first clipped to within a factor MAX_JUMP of
+    previous, so one stalled or lucky run cannot swing the figure."""
+    clipped = min(max(observed, previous / MAX_JUMP), previous * MAX_JUMP)
+    return _lerp(previous, clipped, alpha)
+
+
 def _lerp(a: float, b: float, f: float) -> float:
     return a + (b - a) * f
 
@@ -411,13 +419,12 @@ def refine(
         batch,
     ):
         raise ValueError("refine() got a previous timing for another (device, model, size, batch)")
-    clipped = min(max(observed_step_s, previous.step_s / MAX_JUMP), previous.step_s * MAX_JUMP)
     new_overhead = previous.overhead_s
     if previous.source == OBSERVED and overhead is not None:
         new_overhead = _lerp(previous.overhead_s, overhead, alpha)
     return replace(
         previous,
-        step_s=_lerp(previous.step_s, clipped, alpha),
+        step_s=clipped_average(previous.step_s, observed_step_s, alpha),
         overhead_s=new_overhead,
         observations=previous.observations + 1,
         scaled_from=None,

@@ -21,8 +21,8 @@ from genserve.engine.video.pipelines import VideoEngine, VideoRequest
 from genserve.engine.video.plan import predicted_step_seconds
 from genserve.scheduler.calibrate import device_name
 from genserve.scheduler.cost import CALIBRATED
+from genserve.scheduler.video_cost import VideoTiming, steady_interval_seconds
 from genserve.schemas.video import VideoParams
-from genserve.store.video_calibration import VideoTiming, steady_step_seconds
 
 CALIBRATION_PROMPT = "a red fox running through fresh snow, morning light"
 MIN_STEPS = 3  # two intervals after the first step
@@ -70,7 +70,7 @@ def calibrate_video(
     intervals = step_intervals(engine, info, request, base)
     if on_run is not None:
         on_run(f"timed {params.steps} steps")
-    measured = steady_step_seconds(intervals)
+    measured = steady_interval_seconds(intervals)
     if measured is None:
         raise ValueError(f"the pipeline reported {len(intervals)} steps; too few to time")
     predicted = predicted_step_seconds(info.family, params.num_frames, params.width, params.height)
@@ -82,46 +82,48 @@ def calibrate_video(
     )
 
 
-def calibrate_video_model(
-    settings: Settings,
-    name: str,
-    *,
-    frames: int | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    steps: int = 4,
-    on_run: Callable[[str], None] | None = None,
-) -> VideoCalibration:
-    """`genserve calibrate --video NAME`: the registered video model, at the size and frames given
-    (its defaults otherwise), checked as a request would be, on the device and dtype of settings."""
-    import torch
-
-    from genserve.api.video_submission import resolve_video
-    from genserve.engine.models.loading import resolve_device, resolve_dtype
-    from genserve.engine.models.registry import registered_models
+def calibration_request(
+    info: ModelInfo, *, frames: int | None, width: int | None, height: int | None, steps: int
+) -> VideoParams:
+    """The clip `genserve calibrate --video` times on `info`, at the size and frames given (the
+    model's defaults otherwise), before a request's checks resolve it (`resolve_video`): t2v, i2v
+    or flf2v, whichever the model offers first; a mode's keyframes are placeholders (grey here)."""
     from genserve.engine.video.families import VIDEO_FAMILIES, keyframes_needed
 
-    models = registered_models(settings)
-    info = models.get(name)
-    if info is None or info.kind != "video":
-        raise ValueError(f"'{name}' is not a video model in {settings.models_dir}")
+    if info.kind != "video":
+        raise ValueError(f"'{info.name}' is not a video model")
     mode = next((m for m in ("t2v", "i2v", "flf2v") if m in info.video_modes), None)
     if mode is None:
-        raise ValueError(f"{name} offers {', '.join(info.video_modes)}; calibration runs t2v, i2v or flf2v")
+        raise ValueError(
+            f"{info.name} offers {', '.join(info.video_modes)}; calibration runs t2v, i2v or flf2v"
+        )
     count, _ = keyframes_needed(mode)
     if frames is None and count:  # the keyframes go on the first and the last frame
         frames = info.default_frames or VIDEO_FAMILIES[info.family].default_frames
     keyframes = [
         {"image": "sha256:" + "0" * 64, "frame_index": index} for index in [0, (frames or 1) - 1][:count]
     ]
-    asked = VideoParams.model_validate(
-        {"model": name, "mode": mode, "prompt": CALIBRATION_PROMPT, "num_frames": frames, "width": width,
-         "height": height, "steps": steps, "seed": 0, "keyframes": keyframes}
+    return VideoParams.model_validate(
+        {"model": info.name, "mode": mode, "prompt": CALIBRATION_PROMPT, "num_frames": frames,
+         "width": width, "height": height, "steps": steps, "seed": 0, "keyframes": keyframes}
     )  # fmt: skip
-    resolved, _ = resolve_video(asked, models, settings)
+
+
+def calibrate_video_model(
+    settings: Settings,
+    info: ModelInfo,
+    params: VideoParams,
+    *,
+    base: ModelInfo | None = None,
+    on_run: Callable[[str], None] | None = None,
+) -> VideoCalibration:
+    """`calibrate_video` on the device, dtype and threads of `settings`; `params` resolved."""
+    import torch
+
+    from genserve.engine.models.loading import resolve_device, resolve_dtype
+
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     engine = VideoEngine(device=device, dtype=resolve_dtype(settings.dtype, device))
-    base = models.get(info.base_model) if info.base_model else None
-    return calibrate_video(engine, info, resolved, base=base, on_run=on_run)
+    return calibrate_video(engine, info, params, base=base, on_run=on_run)

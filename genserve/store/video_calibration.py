@@ -5,8 +5,8 @@ engine/video/plan.py predicts seconds per denoising step from the latent tokens 
 size), fitted to published H100-class figures. One row per (device, model) in `video_timings`
 (store/tables.py) holds scale = measured / predicted seconds per step: a "calibrated" row from
 `genserve calibrate --video`, refined by every finished video job's steady-state step time (the
-image rule, `cost.refine`: an exponential moving average, each observation clipped to within a
-factor MAX_JUMP); a job on a device and model with no row starts an "observed" one. An estimate
+image rule, `cost.clipped_average`: an exponential moving average, each observation clipped to
+within a factor MAX_JUMP); a job on a device and model with no row starts an "observed" one. An estimate
 multiplies the published prediction by the stored scale when there is one (`speed`), else by
 the setting video_speed_scale.
 """
@@ -14,75 +14,15 @@ the setting video_speed_scale.
 from __future__ import annotations
 
 import math
-import statistics
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from genserve.scheduler.cost import CALIBRATED, EMA_ALPHA, MAX_JUMP, MEASURED_SOURCES, OBSERVED
+from genserve.scheduler.cost import CALIBRATED, MEASURED_SOURCES
+from genserve.scheduler.video_cost import VideoSpeed, VideoTiming, refine_scale
 from genserve.store.db import create_db_engine, db_now, write_transaction
 from genserve.store.tables import video_timings
-
-PUBLISHED_BASIS = (
-    "step time from latent tokens fitted to published H100-class figures (engine/video/plan.py) "
-    "× video_speed_scale {scale:g}"
-)
-
-
-@dataclass(frozen=True)
-class VideoTiming:
-    """How fast `model` runs on `device` relative to plan.py's published step times."""
-
-    device: str
-    model: str
-    scale: float  # measured / predicted seconds per denoising step
-    source: str  # "calibrated" | "observed"
-    samples: int  # step times behind the figure: calibration steps, then one per observed job
-    updated_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class VideoSpeed:
-    """The factor an estimate multiplies plan.py's prediction by, and why."""
-
-    scale: float
-    basis: str
-    device: str | None  # the calibrated device, None for the published figures
-    calibrated: bool
-
-
-def steady_step_seconds(intervals: Sequence[float]) -> float | None:
-    """The median of the step intervals after the first (which carries warm-up); None with fewer
-    than two of those."""
-    steady = [seconds for seconds in intervals[1:] if seconds > 0]
-    return statistics.median(steady) if len(steady) >= 2 else None
-
-
-def refine_scale(
-    previous: VideoTiming | None,
-    observed_scale: float,
-    *,
-    device: str,
-    model: str,
-    samples: int = 1,
-    alpha: float = EMA_ALPHA,
-) -> VideoTiming:
-    """Fold one observed scale into a stored one: scale ← scale + alpha × (clip(observed) − scale),
-    the observation clipped to within a factor MAX_JUMP of scale (`cost.refine`'s rule). The source
-    is kept (a calibrated row stays calibrated); without a previous row it starts an observed one."""
-    if not (math.isfinite(observed_scale) and observed_scale > 0):
-        raise ValueError(f"observed scale must be a positive number, got {observed_scale}")
-    if previous is None:
-        return VideoTiming(device, model, observed_scale, OBSERVED, samples)
-    if (previous.device, previous.model) != (device, model):
-        raise ValueError("refine_scale() got a previous timing for another (device, model)")
-    clipped = min(max(observed_scale, previous.scale / MAX_JUMP), previous.scale * MAX_JUMP)
-    scale = previous.scale + alpha * (clipped - previous.scale)
-    return replace(previous, scale=scale, samples=previous.samples + samples, updated_at=None)
 
 
 class VideoCalibrationStore:
@@ -146,7 +86,7 @@ class VideoCalibrationStore:
         device = device or self.default_device(model)
         timing = self.get(device, model) if device else None
         if timing is None:
-            return VideoSpeed(video_speed_scale, PUBLISHED_BASIS.format(scale=video_speed_scale), None, False)
+            return VideoSpeed.published(video_speed_scale)
         how = "genserve calibrate --video" if timing.source == CALIBRATED else "observed jobs only"
         basis = (
             f"calibrated on {device} for {model} ({how}, {timing.samples} samples): step time from "

@@ -33,10 +33,11 @@ from genserve.engine.video.pipelines import VideoEngine, VideoRequest
 from genserve.engine.video.plan import output_seconds, predicted_step_seconds
 from genserve.metrics import VIDEO_SECONDS_MADE, VIDEO_STAGE_SECONDS
 from genserve.scheduler.calibrate import device_name
+from genserve.scheduler.video_cost import steady_interval_seconds
 from genserve.schemas.upscale import UpscaleOptions
 from genserve.schemas.video import VideoParams, VideoSegment
 from genserve.store.jobs import JobRecord, JobStore
-from genserve.store.video_calibration import VideoCalibrationStore, steady_step_seconds
+from genserve.store.video_calibration import VideoCalibrationStore
 from genserve.worker.lease import JobCanceled, LeaseKeeper, LeaseLost
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class VideoJob:
     def _observe_speed(self, info: ModelInfo, params: VideoParams) -> None:
         """Refine the video cost model's stored scale for this device and model with this clip's
         steady-state step time (store/video_calibration.py). Advisory: a failure only logs."""
-        step_s = steady_step_seconds(self.step_intervals)
+        step_s = steady_interval_seconds(self.step_intervals)
         if step_s is None or not (params.num_frames and params.width and params.height):
             return
         predicted = predicted_step_seconds(info.family, params.num_frames, params.width, params.height)
