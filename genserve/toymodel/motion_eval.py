@@ -64,6 +64,7 @@ def load_motion_pipeline(
     motion_dir: Path | str = MOTION_MODEL,
     sampler: str = DEFAULT_SAMPLER,
     warped_noise: bool = True,
+    trajectory_start: bool = True,
 ) -> AnimateDiffPipeline:
     """An `AnimateDiffPipeline` from genserve-shapes (UNet, VAE) and the motion folder (adapter,
     text encoder and tokenizer with the motion words, motion text conditioning), fp32 on the CPU,
@@ -73,19 +74,32 @@ def load_motion_pipeline(
 
     With `warped_noise` (the default) it is a `motion_noise.WarpedNoiseAnimateDiffPipeline`: the
     motion the prompt names is written into the initial noise, which the adapter was trained to follow.
+    With `trajectory_start` as well (the default), genserve-shapes draws each clip's first frame and
+    the clip is denoised from that picture carried along the prompt's trajectory (the pipeline's
+    `first_frame`; `motion_noise.WarpedNoiseAnimateDiffPipeline` says how).
     The UNet is `motion.ShapesUNetMotionModel` (a `UNetMotionModel` keeping the base UNet's text
     addition embedding, plus the conditioning), passed to the pipeline ready-built."""
     return _load_motion_pipeline(
-        Path(base_dir).resolve(), Path(motion_dir).resolve(), sampler, bool(warped_noise)
+        Path(base_dir).resolve(),
+        Path(motion_dir).resolve(),
+        sampler,
+        bool(warped_noise),
+        bool(warped_noise and trajectory_start),
     )
 
 
 @functools.cache
 def _load_motion_pipeline(
-    base_dir: Path, motion_dir: Path, sampler: str, warped_noise: bool
+    base_dir: Path, motion_dir: Path, sampler: str, warped_noise: bool, trajectory_start: bool
 ) -> AnimateDiffPipeline:
     import torch
-    from diffusers import AnimateDiffPipeline, AutoencoderKL, MotionAdapter, UNet2DConditionModel
+    from diffusers import (
+        AnimateDiffPipeline,
+        AutoencoderKL,
+        MotionAdapter,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
     from genserve.engine.models.samplers import build_scheduler
@@ -105,6 +119,18 @@ def _load_motion_pipeline(
         scheduler=build_scheduler("sd15", sampler, scheduler_config),
     )
     pipe.set_progress_bar_config(disable=True)
+    if trajectory_start:
+        pipe.first_frame = StableDiffusionPipeline(
+            vae=pipe.vae,
+            text_encoder=CLIPTextModel.from_pretrained(base_dir / "text_encoder", **kwargs),
+            tokenizer=PreTrainedTokenizerFast.from_pretrained(base_dir / "tokenizer", local_files_only=True),
+            unet=unet,
+            scheduler=build_scheduler("sd15", sampler, scheduler_config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.first_frame.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -120,6 +146,7 @@ def generate_clips(
     batch: int = 4,
     warped_noise: bool = True,
     device: str = "cpu",
+    trajectory_start: bool = True,
 ) -> list[np.ndarray]:
     """One clip per (prompt, seed) pair, uint8 (frames, 64, 64, 3); a clip does not depend on batching.
 
@@ -128,28 +155,35 @@ def generate_clips(
     drawn on the CPU from the seeds)."""
     import torch
 
+    from genserve.toymodel.motion_noise import motion_of_prompt
     from genserve.toymodel.train import mixed_precision
 
-    pipe = load_motion_pipeline(Path(base_dir), Path(motion_dir), sampler, warped_noise)
+    pipe = load_motion_pipeline(Path(base_dir), Path(motion_dir), sampler, warped_noise, trajectory_start)
     if pipe.device.type != torch.device(device).type:
         pipe.to(device)
-    clips: list[np.ndarray] = []
+    clips: dict[int, np.ndarray] = {}
+    # Prompts that name a motion and prompts that do not are batched apart: the pipeline starts a
+    # batch from a carried first frame only when every prompt names a motion (trajectory start).
+    named = [i for i, p in enumerate(prompts) if motion_of_prompt(p) is not None]
+    unnamed = [i for i in range(len(prompts)) if motion_of_prompt(prompts[i]) is None]
     # bf16 autocast where the CPU has fast bf16 (the models were trained under it): 3x faster here
     with torch.inference_mode(), mixed_precision(torch.device(device).type):
-        for start in range(0, len(prompts), batch):
-            chunk = slice(start, start + batch)
-            frames = pipe(
-                prompt=list(prompts[chunk]),
-                num_frames=num_frames,
-                height=64,
-                width=64,
-                num_inference_steps=steps,
-                guidance_scale=cfg,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds[chunk]],
-                output_type="np",
-            ).frames
-            clips.extend((np.clip(np.asarray(f), 0, 1) * 255).round().astype(np.uint8) for f in frames)
-    return clips
+        for group in (named, unnamed):
+            for start in range(0, len(group), batch):
+                chunk = group[start : start + batch]
+                frames = pipe(
+                    prompt=[prompts[i] for i in chunk],
+                    num_frames=num_frames,
+                    height=64,
+                    width=64,
+                    num_inference_steps=steps,
+                    guidance_scale=cfg,
+                    generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in chunk],
+                    output_type="np",
+                ).frames
+                for i, f in zip(chunk, frames, strict=True):
+                    clips[i] = (np.clip(np.asarray(f), 0, 1) * 255).round().astype(np.uint8)
+    return [clips[i] for i in range(len(prompts))]
 
 
 def generate_clip(
@@ -303,6 +337,7 @@ def evaluate_motion(
     warped_noise: bool = True,
     device: str = "cpu",
     batch: int = 4,
+    trajectory_start: bool = True,
 ) -> tuple[MotionReport, list[tuple[motion.Clip, int, ClipMeasurement]]]:
     """The held-out evaluation: `prompts` held-out prompts x `seeds`, scored clip by clip."""
     from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
@@ -321,6 +356,7 @@ def evaluate_motion(
         batch=batch,
         warped_noise=warped_noise,
         device=device,
+        trajectory_start=trajectory_start,
     )
     results = []
     for (clip, seed), video in zip(jobs, videos, strict=True):
@@ -364,7 +400,17 @@ def main() -> None:
     parser.add_argument(
         "--plain-noise", action="store_true", help="independent noise per frame (no warping; for comparison)"
     )
+    parser.add_argument(
+        "--no-trajectory-start",
+        action="store_true",
+        help="warped noise only: no first frame carried along the trajectory (for comparison)",
+    )
+    parser.add_argument("--strength", type=float, default=None, help="the trajectory start's strength")
     args = parser.parse_args()
+    if args.strength is not None:
+        from genserve.toymodel import motion_noise
+
+        motion_noise.WarpedNoiseAnimateDiffPipeline.trajectory_strength = args.strength
     if args.threads:
         import torch
 
@@ -377,6 +423,7 @@ def main() -> None:
         motion_dir=args.motion_dir,
         warped_noise=not args.plain_noise,
         device=args.device,
+        trajectory_start=not args.no_trajectory_start,
     )
     if args.verbose:
         for clip, seed, m in results:
