@@ -354,3 +354,34 @@ def test_controlnet_on_a_9_channel_inpainting_model(engine: Engine) -> None:
     )
     assert np.abs(controlled - plain).max() > 0
     assert np.abs(controlled[:8] - plain[:8]).max() <= 1  # outside the mask: pasted back unchanged
+
+
+def test_hires_keeps_the_control_in_its_second_pass(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in the A1111 ControlNet extension's default, a unit acts in both passes of a hires request:
+    its model runs on every step of the first pass with the map at the request's size and on every
+    step of the second with the map at the larger size; such a row batches with a plain hires row and
+    each equals its lone run."""
+    from diffusers import ControlNetModel
+
+    from genserve.schemas.generation import HiresOptions
+
+    hires = HiresOptions(scale=2, steps=4, strength=0.5)
+    controlled = params(seed=2, controlnets=[unit(scale=0.9)], hires=hires)
+    sizes: list[tuple[int, int]] = []
+    forward = ControlNetModel.forward
+
+    def counting(self: ControlNetModel, *args: object, **kwargs: object) -> object:
+        cond = kwargs.get("controlnet_cond", args[3] if len(args) > 3 else None)
+        sizes.append(tuple(cond.shape[-2:]))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", counting)
+    alone = run(engine, controlled)
+    assert sizes == [(64, 64)] * 8 + [(128, 128)] * 4
+
+    plain = params(seed=1, hires=hires)
+    assert batch_key(plain) == batch_key(controlled)
+    batched = engine.generate_batch([BatchItem(p, control_images=IMAGES) for p in (plain, controlled)])
+    assert np.abs(pixels(batched[1].images[0]) - alone).max() <= 1
+    assert np.abs(pixels(batched[0].images[0]) - run(engine, plain)).max() <= 1
+    assert alone.shape == (128, 128, 3)

@@ -46,6 +46,8 @@ from genserve.engine.stages.rows import Encode, build_rows
 # The refiner of a batch: its pipeline and the batch's sampler built on its scheduler config. Called
 # once the base's part is done (loading it may move the base off the device).
 LoadRefiner = Callable[[], tuple[DiffusionPipeline, Any]]
+# Gives rows their requests' control units, with the maps at (width, height)
+AttachControls = Callable[[list[Row], int, int], None]
 
 
 def denoise_batch(
@@ -107,19 +109,17 @@ def denoise_batch(
         device=device,
         dtype=dtype,
     )
+    controls: AttachControls | None = None
     if any(item.params.controlnets for item in items):
         if load_control is None:
             raise ValueError("controlnets need load_control")
-        attach_controls(
-            rows,
-            items,
-            load_control,
-            width=params.width,
-            height=params.height,
-            device=device,
-            annotate=annotate,
-            encode_map=sd3_map_encoder(pipe) if family == "sd3" else None,
-        )
+        encode_map = sd3_map_encoder(pipe) if family == "sd3" else None
+
+        def controls(rows: list[Row], width: int, height: int) -> None:
+            attach_controls(rows, items, load_control, width=width, height=height, device=device,
+                            annotate=annotate, encode_map=encode_map)  # fmt: skip
+
+        controls(rows, params.width, params.height)
     if params.ip_adapter is not None:
         if encode_images is None:
             raise ValueError("an ip_adapter needs encode_images")
@@ -136,7 +136,7 @@ def denoise_batch(
         )
     elif params.hires is not None:
         finished = _first_then_hires(
-            pipe, family, items, rows, cond, timesteps, encode_upscaled, on_batch_step, **common
+            pipe, family, items, rows, cond, timesteps, encode_upscaled, on_batch_step, controls, **common
         )
     else:
         finished = run_rows(
@@ -168,6 +168,7 @@ def _first_then_hires(
     timesteps: torch.Tensor,
     encode_upscaled: Encode,
     on_batch_step: BatchStepCallback | None,
+    controls: AttachControls | None,
     *,
     rgb_map: LatentRgbMap,
     outcomes: list[ItemOutcome],
@@ -176,7 +177,10 @@ def _first_then_hires(
 ) -> list[Row]:
     """The whole first pass, then the hires pass on the rows that finished it.
 
-    A request counts its own first-pass steps, then exactly the second pass's steps.
+    A request counts its own first-pass steps, then exactly the second pass's steps. ControlNets and
+    T2I-Adapters act in both passes, as in the A1111 ControlNet extension's default: `controls`
+    gives the second pass's rows their units again, the maps preprocessed at the larger size, and
+    each unit's start and end are fractions of the second pass's own steps.
     """
     params = items[0].params
     hires = params.hires
@@ -216,6 +220,8 @@ def _first_then_hires(
         device=device,
         dtype=dtype,
     )
+    if controls is not None:
+        controls(upscaled, width, height)
     return run_rows(
         pipe,
         family,
