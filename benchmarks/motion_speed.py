@@ -3,9 +3,11 @@
 
     .venv/bin/python benchmarks/motion_speed.py [--runs 5] [--threads 2] [--out benchmarks/results]
 
-Generates one clip per run with `genserve.toymodel.motion_eval.generate_clip` (a plain diffusers
-AnimateDiffPipeline, bf16 autocast where the CPU has fast bf16), after one warm-up clip, and writes
-`<date>-cpu-motion-speed.json` with the median. Issue 20's target: at most 5 s per clip.
+Generates one clip per run with `genserve.toymodel.motion_eval.generate_clips` (bf16 autocast where
+the CPU has fast bf16) after one warm-up clip each, alternating the default (trajectory start: the
+first frame drawn by genserve-shapes, then the motion model on the last `trajectory_strength` of the
+schedule) with warped noise only (the motion model on the whole schedule), and writes
+`<date>-cpu-motion-speed.json` with the medians. Issue 20's target: at most 5 s per clip.
 This is a benchmark, not a test: the figure depends on the machine and on what else runs on it.
 """
 
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 
 from genserve.engine.speed.optimize import device_name
-from genserve.toymodel.motion_eval import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, generate_clip
+from genserve.toymodel.motion_eval import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, generate_clips
+from genserve.toymodel.motion_noise import TRAJECTORY_STRENGTH
 from genserve.toymodel.train import uses_bf16
 
 TARGET_S = 5.0
@@ -39,14 +42,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    generate_clip(PROMPT, seed=0, num_frames=FRAMES, steps=args.steps)  # warm-up, includes loading
-    first = time.perf_counter() - start
-    timings = []
-    for seed in range(1, args.runs + 1):
+
+    def clip_seconds(seed: int, trajectory_start: bool) -> tuple[float, object]:
         start = time.perf_counter()
-        clip = generate_clip(PROMPT, seed=seed, num_frames=FRAMES, steps=args.steps)
-        timings.append(time.perf_counter() - start)
+        [clip] = generate_clips(
+            [PROMPT], [seed], num_frames=FRAMES, steps=args.steps, trajectory_start=trajectory_start
+        )
+        return time.perf_counter() - start, clip
+
+    first, _ = clip_seconds(0, True)  # warm-up, includes loading
+    first_plain, _ = clip_seconds(0, False)
+    timings, plain = [], []
+    for seed in range(1, args.runs + 1):
+        seconds, clip = clip_seconds(seed, True)
+        timings.append(seconds)
+        plain.append(clip_seconds(seed, False)[0])
     result = {
         "benchmark": "motion_speed",
         "model": "genserve-shapes + genserve-shapes-motion",
@@ -64,8 +74,14 @@ def main() -> None:
         "sampler": DEFAULT_SAMPLER,
         "runs": args.runs,
         "first_call_s_including_load": round(first, 3),
+        "trajectory_strength": TRAJECTORY_STRENGTH,
         "seconds_per_clip": [round(t, 3) for t in timings],
         "median_s_per_clip": round(statistics.median(timings), 3),
+        "warped_noise_only": {
+            "first_call_s_including_load": round(first_plain, 3),
+            "seconds_per_clip": [round(t, 3) for t in plain],
+            "median_s_per_clip": round(statistics.median(plain), 3),
+        },
         "target_s_per_clip": TARGET_S,
         # Other work on the machine slows this down; the 1-minute load average tells if there was any.
         "load_average_1min_before": round(load_before, 2),
