@@ -186,6 +186,29 @@ def generate_clips(
     return [clips[i] for i in range(len(prompts))]
 
 
+def rough_clips(prompts: Sequence[str], seeds: Sequence[int], num_frames: int = motion.DEFAULT_FRAMES,
+                steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG) -> list[np.ndarray]:  # fmt: skip
+    """The trajectory start's rough clips, decoded, without the motion model: each prompt's first
+    frame carried along its trajectory (what the motion model starts from; for comparison)."""
+    import torch
+
+    from genserve.toymodel.train import mixed_precision
+
+    pipe = load_motion_pipeline()
+    clips = []
+    with torch.inference_mode(), mixed_precision("cpu"):
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            generator = torch.Generator("cpu").manual_seed(seed)
+            [clean], _ = pipe.rough_clips([prompt], [generator], num_frames, 64, 64, steps, cfg)
+            frames = pipe.vae.decode(
+                clean.permute(1, 0, 2, 3) / pipe.vae.config.scaling_factor
+            ).sample.float()
+            clips.append(
+                ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            )
+    return clips
+
+
 def generate_clip(
     prompt: str,
     seed: int = 0,
@@ -338,26 +361,32 @@ def evaluate_motion(
     device: str = "cpu",
     batch: int = 4,
     trajectory_start: bool = True,
+    rough_only: bool = False,
 ) -> tuple[MotionReport, list[tuple[motion.Clip, int, ClipMeasurement]]]:
-    """The held-out evaluation: `prompts` held-out prompts x `seeds`, scored clip by clip."""
+    """The held-out evaluation: `prompts` held-out prompts x `seeds`, scored clip by clip.
+    `rough_only` scores the trajectory start's rough clips instead (no motion model)."""
     from genserve.toymodel.shapes_classifier import CLASSIFIER_FILE, classify_shapes, load_classifier
 
     started = time.time()
     classifier = load_classifier(Path(base_dir) / "eval" / CLASSIFIER_FILE)
     jobs = [(clip, seed) for clip in held_out_clips(prompts) for seed in seeds]
-    videos = generate_clips(
-        [motion.canonical_motion_caption(c) for c, _ in jobs],
-        [s for _, s in jobs],
-        num_frames=frames,
-        steps=steps,
-        cfg=cfg,
-        base_dir=base_dir,
-        motion_dir=motion_dir,
-        batch=batch,
-        warped_noise=warped_noise,
-        device=device,
-        trajectory_start=trajectory_start,
-    )
+    captions = [motion.canonical_motion_caption(c) for c, _ in jobs]
+    if rough_only:
+        videos = rough_clips(captions, [s for _, s in jobs], frames, steps, cfg)
+    else:
+        videos = generate_clips(
+            captions,
+            [s for _, s in jobs],
+            num_frames=frames,
+            steps=steps,
+            cfg=cfg,
+            base_dir=base_dir,
+            motion_dir=motion_dir,
+            batch=batch,
+            warped_noise=warped_noise,
+            device=device,
+            trajectory_start=trajectory_start,
+        )
     results = []
     for (clip, seed), video in zip(jobs, videos, strict=True):
         results.append((clip, seed, measure_clip(video, clip, classify_shapes(classifier, list(video)))))
@@ -406,6 +435,9 @@ def main() -> None:
         help="warped noise only: no first frame carried along the trajectory (for comparison)",
     )
     parser.add_argument("--strength", type=float, default=None, help="the trajectory start's strength")
+    parser.add_argument(
+        "--rough-only", action="store_true", help="score the trajectory start's rough clips (no motion model)"
+    )
     args = parser.parse_args()
     if args.strength is not None:
         from genserve.toymodel import motion_noise
@@ -424,6 +456,7 @@ def main() -> None:
         warped_noise=not args.plain_noise,
         device=args.device,
         trajectory_start=not args.no_trajectory_start,
+        rough_only=args.rough_only,
     )
     if args.verbose:
         for clip, seed, m in results:

@@ -289,25 +289,9 @@ class WarpedNoiseAnimateDiffPipeline(AnimateDiffPipeline):
         if negative_prompt is not None:
             per_prompt = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
             negatives = [n for n in per_prompt for _ in range(num_videos_per_prompt or 1)]
-        # 1. The first frames, drawn by the image model.
-        firsts = self.first_frame(
-            [without_motion(p) for p in prompts],
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=negatives,
-            generator=generators,
-            output_type="latent",
-        ).images
-        # 2. Each carried along its trajectory, with the noise warped the same way.
-        clean, noise = [], []
-        for prompt, first, gen in zip(prompts, firsts.float().cpu(), generators, strict=True):
-            subject = foreground_extent(first)
-            path = framed_trajectory(motion_of_prompt(prompt) or "still", num_frames, subject)
-            centre = subject[:2]
-            clean.append(carried_latents(first, path, centre))
-            noise.append(warped_noise(first.shape[0], first.shape[1], first.shape[2], path, gen, centre))
+        clean, noise = self.rough_clips(
+            prompts, generators, num_frames, height, width, num_inference_steps, guidance_scale, negatives
+        )
         # 3. Noised to the start step, then denoised by the motion model from there.
         video_to_video = self._video_to_video()
         scheduler = video_to_video.scheduler
@@ -316,7 +300,7 @@ class WarpedNoiseAnimateDiffPipeline(AnimateDiffPipeline):
             int(num_inference_steps * self.trajectory_strength), num_inference_steps
         )
         timestep = scheduler.timesteps[start * scheduler.order].repeat(len(prompts))
-        latents = scheduler.add_noise(torch.stack(clean), torch.stack(noise), timestep)
+        latents = scheduler.add_noise(clean, noise, timestep)
         return video_to_video(
             prompt=prompts,
             height=height,
@@ -329,6 +313,40 @@ class WarpedNoiseAnimateDiffPipeline(AnimateDiffPipeline):
             latents=latents.to(device=self.device, dtype=self.unet.dtype),
             **kwargs,
         )
+
+    def rough_clips(
+        self,
+        prompts: Sequence[str],
+        generators: Sequence[torch.Generator | None],
+        num_frames: int,
+        height: int,
+        width: int,
+        steps: int,
+        guidance_scale: float,
+        negative_prompts: list[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trajectory start's rough clips and their noise, both (batch, C, frames, h, w) on the CPU:
+        each prompt's first frame drawn by `first_frame` and carried along its framed trajectory, and
+        that clip's warped noise (drawn from its generator after the first frame's)."""
+        assert self.first_frame is not None
+        firsts = self.first_frame(
+            [without_motion(p) for p in prompts],
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompts,
+            generator=list(generators),
+            output_type="latent",
+        ).images
+        clean, noise = [], []
+        for prompt, first, gen in zip(prompts, firsts.float().cpu(), generators, strict=True):
+            subject = foreground_extent(first)
+            path = framed_trajectory(motion_of_prompt(prompt) or "still", num_frames, subject)
+            centre = subject[:2]
+            clean.append(carried_latents(first, path, centre))
+            noise.append(warped_noise(first.shape[0], first.shape[1], first.shape[2], path, gen, centre))
+        return torch.stack(clean), torch.stack(noise)
 
     def _video_to_video(self) -> AnimateDiffVideoToVideoPipeline:
         """This pipeline's modules as an `AnimateDiffVideoToVideoPipeline` (built once)."""
