@@ -1,12 +1,17 @@
-"""Warped initial noise: the motion a caption names, written into the clip's starting noise.
+"""The motion a caption names, written into how the built-in video model's clip starts.
 
 genserve-shapes-motion does not read the motion words with a learned module (its model card tells
 why: 2,800 steps of a text-conditioned head left direction at chance). Instead the caption's motion,
-parsed with the caption grammar (`motion_of_prompt`), sets a trajectory (`trajectory`), and every
-frame's initial latent noise is the first frame's noise carried along it (`warped_noise`), as in
-Go-with-the-Flow (Burgert et al., CVPR 2025) and "How I Warped Your Noise" (Chang et al., ICLR 2024).
-The motion adapter is trained on clips noised the same way (each clip's noise warped along that
-clip's own motion), so it learns to move the shape with its noise.
+parsed with the caption grammar (`motion_of_prompt`), sets a trajectory (`trajectory`), and:
+
+- **warped noise**: every frame's initial latent noise is the first frame's noise carried along it
+  (`warped_noise`), as in Go-with-the-Flow (Burgert et al., CVPR 2025) and "How I Warped Your Noise"
+  (Chang et al., ICLR 2024). The motion adapter is trained on clips noised the same way (each clip's
+  noise warped along that clip's own motion), so it learns to move the shape with its noise;
+- **trajectory start** (the default): genserve-shapes draws the first frame (`without_motion`), its
+  latent is carried along a trajectory that keeps it in the picture (`framed_trajectory`,
+  `carried_latents`), noised with that warped noise part of the way up the schedule, and the motion
+  model denoises the rest (`WarpedNoiseAnimateDiffPipeline`).
 
 Gaussianity: the noise is drawn at `FINE`x the latent resolution on a canvas `CANVAS`x the frame, so
 a warped frame never wraps. A frame's latent pixel is the sum of its FINE x FINE fine pixels' source
