@@ -332,3 +332,24 @@ def test_the_pipeline_starts_a_named_motion_from_the_carried_first_frame():
         carried_latents(first, path, centre)[None], noise[None], pipe.scheduler.timesteps[start : start + 1]
     )
     torch.testing.assert_close(seen[0].float(), expected.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize(("steps", "motion_steps"), [(20, 9), (3, 1), (1, 1)])
+def test_a_trajectory_start_reports_the_steps_the_caller_asked_for(steps: int, motion_steps: int) -> None:
+    """Progress callbacks count the whole schedule: the first frame stands for its first part, the
+    motion model's steps come last (e.g. 12..20 of 20), and even one step runs the motion model."""
+    import torch
+
+    from genserve.toymodel.motion_eval import load_motion_pipeline
+
+    pipe = load_motion_pipeline()
+    reported: list[tuple[int, int]] = []
+
+    def on_step_end(pipeline: object, i: int, t: object, tensors: dict) -> dict:
+        reported.append((i + 1, pipeline._num_timesteps))
+        return {}
+
+    pipe(prompt="a blue square moving up on a gray background", num_frames=16, height=64, width=64,
+         num_inference_steps=steps, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+         output_type="latent", callback_on_step_end=on_step_end)  # fmt: skip
+    assert reported == [(steps - motion_steps + k, steps) for k in range(1, motion_steps + 1)]

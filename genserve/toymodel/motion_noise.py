@@ -297,21 +297,30 @@ class WarpedNoiseAnimateDiffPipeline(AnimateDiffPipeline):
         clean, noise = self.rough_clips(
             prompts, generators, num_frames, height, width, num_inference_steps, guidance_scale, negatives
         )
-        # 3. Noised to the start step, then denoised by the motion model from there.
+        # 3. Noised to the start step, then denoised by the motion model from there (at least one step).
         video_to_video = self._video_to_video()
         scheduler = video_to_video.scheduler
         scheduler.set_timesteps(num_inference_steps)
-        start = num_inference_steps - min(
-            int(num_inference_steps * self.trajectory_strength), num_inference_steps
-        )
+        motion_steps = min(max(1, int(num_inference_steps * self.trajectory_strength)), num_inference_steps)
+        start = num_inference_steps - motion_steps
         timestep = scheduler.timesteps[start * scheduler.order].repeat(len(prompts))
         latents = scheduler.add_noise(clean, noise, timestep)
+        callback = kwargs.pop("callback_on_step_end", None)
+        if callback is not None:
+            # The caller asked for num_inference_steps: the first frame stands for the first `start`
+            # of them, so the motion model's steps are reported as start+1 .. num_inference_steps.
+            def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> Any:
+                pipe._num_timesteps = num_inference_steps
+                return callback(pipe, start + i, t, tensors)
+
+            kwargs["callback_on_step_end"] = on_step_end
         return video_to_video(
             prompt=prompts,
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,
-            strength=self.trajectory_strength,
+            # the same cut as `start`: video_to_video keeps int(steps * strength) steps
+            strength=min(1.0, (motion_steps + 0.5) / num_inference_steps),
             guidance_scale=guidance_scale,
             negative_prompt=negatives,
             generator=generators,
