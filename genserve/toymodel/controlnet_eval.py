@@ -5,6 +5,9 @@ neither position nor size ("a red circle on a black background"); the control ma
 map of the same shape drawn at a chosen position and size. The generated picture is measured with
 the plain pixel statistics (`pixels.measure`) and the shape classifier:
 
+- centred: issue 18's bar: the drawn shape's centroid lies within `CENTRE_PX` pixels of the control
+  shape's centroid (the scene the map was made from, drawn filled) and the shape classifier reads the
+  map's shape;
 - layout: the measured position AND size equal the control scene's (chance is about 1/10: five
   positions, two sizes);
 - prompt: the measured background, foreground and shape equal the prompt's.
@@ -22,7 +25,9 @@ import numpy as np
 
 from genserve.engine.conditioning.preprocess import canny
 from genserve.toymodel import dataset
-from genserve.toymodel.pixels import measure
+from genserve.toymodel.pixels import foreground_centre, measure
+
+CENTRE_PX = 6.0  # issue 18: the drawn shape's centre within 6 px of the control's
 
 # generate(captions, control maps or None, seeds) -> one uint8 (H, W, 3) image per case
 ControlGenerate = Callable[[Sequence[str], Sequence[np.ndarray] | None, Sequence[int]], list[np.ndarray]]
@@ -31,6 +36,7 @@ ControlGenerate = Callable[[Sequence[str], Sequence[np.ndarray] | None, Sequence
 @dataclass(frozen=True)
 class ControlReport:
     images: int
+    centred: float  # centre within CENTRE_PX of the control shape's, and the map's shape class
     layout: float  # position and size both follow the control map
     position: float
     size: float
@@ -40,7 +46,7 @@ class ControlReport:
 
     def summary(self) -> str:
         return (
-            f"layout {self.layout:.3f} pos {self.position:.3f} size {self.size:.3f} | bg {self.background:.3f} "
+            f"centred {self.centred:.3f} layout {self.layout:.3f} pos {self.position:.3f} size {self.size:.3f} | bg {self.background:.3f} "
             f"fg {self.foreground:.3f} shape {self.shape:.3f} (n={self.images})"
         )
 
@@ -67,9 +73,19 @@ def control_map(scene: dataset.Scene, resolution: int = 64) -> np.ndarray:
 def score(
     scenes: Sequence[dataset.Scene], images: Sequence[np.ndarray], shapes: Sequence[str]
 ) -> ControlReport:
-    hits = dict.fromkeys(("layout", "position", "size", "background", "foreground", "shape"), 0)
+    hits = dict.fromkeys(("centred", "layout", "position", "size", "background", "foreground", "shape"), 0)
     for scene, image, shape in zip(scenes, images, shapes, strict=True):
         m = measure(image)
+        drawn, wanted = (
+            foreground_centre(image),
+            foreground_centre(np.asarray(dataset.draw_scene(scene, image.shape[0]))),
+        )
+        near = (
+            drawn is not None
+            and wanted is not None
+            and np.hypot(drawn[0] - wanted[0], drawn[1] - wanted[1]) <= CENTRE_PX
+        )
+        hits["centred"] += near and shape == scene.shape
         hits["position"] += m.position == scene.position
         hits["size"] += m.size == scene.size
         hits["layout"] += m.position == scene.position and m.size == scene.size

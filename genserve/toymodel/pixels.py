@@ -57,10 +57,24 @@ def foreground_map(image: np.ndarray) -> np.ndarray:
     return np.clip(distance / 120.0, 0.0, 1.0).astype(np.float32)
 
 
+def foreground_mask(image: np.ndarray, bg: str | None = None) -> np.ndarray:
+    """The shape's pixels: farther than FOREGROUND_DISTANCE from the (named) background colour."""
+    colour = np.array(dataset.COLORS[bg or background_color(image)], np.float32)
+    return np.sqrt(((image.astype(np.float32) - colour) ** 2).sum(-1)) > FOREGROUND_DISTANCE
+
+
+def foreground_centre(image: np.ndarray) -> tuple[float, float] | None:
+    """(x, y) in pixels of the shape's centroid; None when there is no shape."""
+    mask = foreground_mask(image)
+    if mask.sum() < MIN_SHAPE_PIXELS_FRACTION * mask.size:
+        return None
+    ys, xs = np.nonzero(mask)
+    return float(xs.mean()), float(ys.mean())
+
+
 def measure(image: np.ndarray) -> Measurement:
     bg = background_color(image)
-    distance = np.sqrt(((image.astype(np.float32) - np.array(dataset.COLORS[bg], np.float32)) ** 2).sum(-1))
-    mask = distance > FOREGROUND_DISTANCE
+    mask = foreground_mask(image, bg)
     shape_pixels = int(mask.sum())
     if shape_pixels < MIN_SHAPE_PIXELS_FRACTION * mask.size:
         return Measurement(bg, None, None, None, shape_pixels)
