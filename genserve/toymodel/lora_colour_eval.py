@@ -24,7 +24,6 @@ position and size (40 prompts).
 from __future__ import annotations
 
 import random
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +31,9 @@ import numpy as np
 from genserve.toymodel import dataset, pixels
 
 WORD = "brown"
-RGB = dataset.COLORS[WORD]
 NAME = "shapes-brown"
 HELD_OUT_PAIRS = (("circle", "gray"), ("square", "blue"), ("triangle", "black"), ("star", "white"))
 BROWN_SHARE = 0.5  # of LoRA training scenes; the rest are the base model's own training scenes
-
-
-def palette() -> dict[str, tuple[int, int, int]]:
-    return {**dataset.COLORS, WORD: RGB}
 
 
 def draw(scene: dataset.Scene, rng: random.Random | None = None, resolution: int = 64) -> np.ndarray:
@@ -47,17 +41,9 @@ def draw(scene: dataset.Scene, rng: random.Random | None = None, resolution: int
 
 
 def foreground_colour(image: np.ndarray) -> str | None:
-    """The named colour that most of the shape's pixels are nearest to; None: no shape."""
-    colours = palette()
-    bg = pixels.background_color(image)
-    distance = np.sqrt(((image.astype(np.float32) - np.array(colours[bg], np.float32)) ** 2).sum(-1))
-    mask = distance > pixels.FOREGROUND_DISTANCE
-    if mask.sum() < pixels.MIN_SHAPE_PIXELS_FRACTION * mask.size:
-        return None
-    names = [n for n in colours if n != bg]
-    table = np.array([colours[n] for n in names], np.float32)
-    nearest = ((image[mask].astype(np.float32)[:, None] - table[None]) ** 2).sum(-1).argmin(1)
-    return names[Counter(nearest.tolist()).most_common(1)[0][0]]
+    """The named colour that most of the shape's pixels are nearest to (`pixels.measure`'s vote,
+    the background's colour left out); None: no shape."""
+    return pixels.measure(image).fg
 
 
 def shows_word(image: np.ndarray) -> bool:

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from genserve.toymodel import dataset, motion
-from genserve.toymodel.pixels import FOREGROUND_DISTANCE, background_color, measure
+from genserve.toymodel import motion
+from genserve.toymodel.pixels import foreground_mask, measure
 
 if TYPE_CHECKING:
     from diffusers import AnimateDiffPipeline
@@ -164,8 +164,10 @@ def generate_clips(
     clips: dict[int, np.ndarray] = {}
     # Prompts that name a motion and prompts that do not are batched apart: the pipeline starts a
     # batch from a carried first frame only when every prompt names a motion (trajectory start).
-    named = [i for i, p in enumerate(prompts) if motion_of_prompt(p) is not None]
-    unnamed = [i for i in range(len(prompts)) if motion_of_prompt(prompts[i]) is None]
+    named: list[int] = []
+    unnamed: list[int] = []
+    for i, prompt in enumerate(prompts):
+        (unnamed if motion_of_prompt(prompt) is None else named).append(i)
     # bf16 autocast where the CPU has fast bf16 (the models were trained under it): 3x faster here
     with torch.inference_mode(), mixed_precision(torch.device(device).type):
         for group in (named, unnamed):
@@ -182,14 +184,15 @@ def generate_clips(
                     output_type="np",
                 ).frames
                 for i, f in zip(chunk, frames, strict=True):
-                    clips[i] = (np.clip(np.asarray(f), 0, 1) * 255).round().astype(np.uint8)
+                    clips[i] = _uint8(f)
     return [clips[i] for i in range(len(prompts))]
 
 
 def rough_clips(prompts: Sequence[str], seeds: Sequence[int], num_frames: int = motion.DEFAULT_FRAMES,
                 steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG) -> list[np.ndarray]:  # fmt: skip
     """The trajectory start's rough clips, decoded, without the motion model: each prompt's first
-    frame carried along its trajectory (what the motion model starts from; for comparison)."""
+    frame carried along its trajectory (what the motion model starts from; for comparison). Decoded
+    the way the pipeline decodes its own clips."""
     import torch
 
     from genserve.toymodel.train import mixed_precision
@@ -199,14 +202,15 @@ def rough_clips(prompts: Sequence[str], seeds: Sequence[int], num_frames: int = 
     with torch.inference_mode(), mixed_precision("cpu"):
         for prompt, seed in zip(prompts, seeds, strict=True):
             generator = torch.Generator("cpu").manual_seed(seed)
-            [clean], _ = pipe.rough_clips([prompt], [generator], num_frames, 64, 64, steps, cfg)
-            frames = pipe.vae.decode(
-                clean.permute(1, 0, 2, 3) / pipe.vae.config.scaling_factor
-            ).sample.float()
-            clips.append(
-                ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-            )
+            clean, _ = pipe.rough_clips([prompt], [generator], num_frames, 64, 64, steps, cfg)
+            video = pipe.decode_latents(clean.to(pipe.vae.dtype), decode_chunk_size=num_frames)
+            clips.append(_uint8(pipe.video_processor.postprocess_video(video=video, output_type="np")[0]))
     return clips
+
+
+def _uint8(frames: np.ndarray) -> np.ndarray:
+    """A pipeline's float frames in [0, 1] as uint8."""
+    return (np.clip(np.asarray(frames), 0, 1) * 255).round().astype(np.uint8)
 
 
 def generate_clip(
@@ -246,8 +250,7 @@ def track(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     centroids, areas = [], []
     last = (0.5, 0.5)
     for frame in frames:
-        bg = np.array(dataset.COLORS[background_color(frame)], np.float32)
-        mask = np.sqrt(((frame.astype(np.float32) - bg) ** 2).sum(-1)) > FOREGROUND_DISTANCE
+        mask = foreground_mask(frame)
         if mask.any():
             ys, xs = np.nonzero(mask)
             last = ((xs.mean() + 0.5) / side, (ys.mean() + 0.5) / side)

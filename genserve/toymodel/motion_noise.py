@@ -122,6 +122,13 @@ def clip_trajectory(clip: Clip, frames: int) -> torch.Tensor:
     return torch.cat([track[:, :2] - track[:1, :2], track[:, 2:] / track[:1, 2:]], dim=1)
 
 
+def source_position(position: torch.Tensor, shift: float, centre: float, zoom: float) -> torch.Tensor:
+    """Where the content at `position` (fractions of the side, one axis) comes from when a frame is
+    shifted by `shift` and zoomed by `zoom` about `centre`: the inverse of x -> centre + zoom *
+    (x - centre) + shift."""
+    return centre + (position - shift - centre) / zoom
+
+
 def warped_noise(
     channels: int,
     height: int,
@@ -144,8 +151,8 @@ def warped_noise(
     frames = []
     cx, cy = centre
     for dx, dy, zoom in path.tolist():
-        sx = torch.floor((cx + (u - dx - cx) / zoom) * fine_w).long() + offset_w
-        sy = torch.floor((cy + (v - dy - cy) / zoom) * fine_h).long() + offset_h
+        sx = torch.floor(source_position(u, dx, cx, zoom) * fine_w).long() + offset_w
+        sy = torch.floor(source_position(v, dy, cy, zoom) * fine_h).long() + offset_h
         sx = sx.clamp(0, CANVAS * fine_w - 1)
         sy = sy.clamp(0, CANVAS * fine_h - 1)
         source = sy[:, None] * (CANVAS * fine_w) + sx[None, :]  # (fine_h, fine_w)
@@ -187,8 +194,8 @@ def carried_latents(latent: torch.Tensor, path: torch.Tensor, centre: tuple[floa
     frames = []
     for dx, dy, zoom in path.tolist():
         # the source of each output pixel, in grid_sample's [-1, 1] coordinates
-        sx = (cx + (u - dx - cx) / zoom) * 2 - 1
-        sy = (cy + (v - dy - cy) / zoom) * 2 - 1
+        sx = source_position(u, dx, cx, zoom) * 2 - 1
+        sy = source_position(v, dy, cy, zoom) * 2 - 1
         grid = torch.stack(torch.meshgrid(sy, sx, indexing="ij")[::-1], dim=-1)[None]
         frames.append(
             torch.nn.functional.grid_sample(
